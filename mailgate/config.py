@@ -1,0 +1,375 @@
+"""Settings: read once from a `.env` file with the process environment on top, validated once.
+
+`load_settings(env_file, environ)` is the only place that looks at configuration. Every problem is
+collected and raised together as one `ConfigError`, so an operator fixes them in one go (exit 78).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from dotenv import dotenv_values
+
+from mailgate.errors import ConfigError
+from mailgate.models import BUDGETS
+
+MiB = 1024 * 1024
+AuthMode = Literal["dmarc", "dkim", "none"]
+T = TypeVar("T")
+
+_LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,40}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Worker:
+    alias: str
+    worker_id: str
+    budget: str = "standard"
+
+
+@dataclass(frozen=True)
+class Relay:
+    scheme: Literal["smtp", "smtp+starttls", "smtps"]
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    domain: str
+    workers: Mapping[str, Worker]
+    allowed_senders: tuple[str, ...]
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str = "https://handinger.com"
+    auth: AuthMode = "dmarc"
+    authserv_id: str | None = None
+    listen: Listen = Listen()
+    lmtp_listen: Listen | None = None
+    database: Path = Path("var/mailgate.db")
+    smtp_relay: Relay | None = None
+    relay_verify_tls: bool = True
+    outbox_dir: Path = Path("var/outbox")
+    spool_dir: Path = Path("var/spool")
+    max_message_size: int = 40 * MiB
+    concurrency: int = 64
+    secret: str | None = field(default=None, repr=False)
+    max_budget: str = "high"
+    templates_dir: Path | None = None
+    # API behaviour that the public documentation leaves open (see handinger-api.md)
+    send_triggered_by: bool = True
+    files_field: str = "files"
+    stream: bool = True
+    api_timeout: float = 120.0
+    # retries and recovery
+    retry_horizon: float = 24 * 3600.0
+    max_processing_attempts: int = 5
+    # what the worker's output may attach to a reply
+    output_file_max: int = 10 * MiB
+    output_total_max: int = 20 * MiB
+    # limits against abuse and loops
+    max_new_tasks_per_hour: int = 20
+    max_turns_per_thread_per_hour: int = 12
+    max_notices_per_day: int = 10
+    max_recipients: int = 20
+    max_connections: int = 200
+    smtp_timeout: float = 300.0
+    max_header_size: int = 256 * 1024
+    # transport security of the listener
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_starttls: bool = False
+    log_level: str = "INFO"
+
+    def worker_for(self, alias: str) -> Worker | None:
+        return self.workers.get(alias.lower())
+
+
+def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read `env_file` (if given) with `environ` on top and validate every key.
+
+    Raises `ConfigError` naming every bad key. `environ` defaults to nothing: the caller (the CLI)
+    passes `os.environ` explicitly, so tests never pick up the developer's environment by accident.
+    """
+    raw: dict[str, str] = {}
+    problems: list[str] = []
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError([f"--env-file: {path} does not exist or is not a file"])
+        raw.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    if environ:
+        raw.update({k: v for k, v in environ.items() if k.startswith(("MAILGATE_", "HANDINGER_"))})
+    values = {k: v.strip() for k, v in raw.items() if v.strip() != ""}
+    p = _Parser(values, problems)
+
+    domain = p.get("MAILGATE_DOMAIN", _domain, required=True)
+    workers = p.get("MAILGATE_WORKERS", _workers, required=True)
+    allowed = p.get("MAILGATE_ALLOWED_SENDERS", _senders, required=True)
+    base_url = p.get("HANDINGER_BASE_URL", _url, "https://handinger.com")
+    api_key = p.get("HANDINGER_API_KEY", str, None)
+    if api_key is None and base_url is not None and not _is_loopback_url(base_url):
+        problems.append("HANDINGER_API_KEY: required (only a sandbox on a loopback address runs without one)")
+    auth = p.get("MAILGATE_AUTH", _choice("dmarc", "dkim", "none"), "dmarc")
+    authserv_id = p.get("MAILGATE_AUTHSERV_ID", str, None)
+    if auth == "dmarc" and authserv_id is None:
+        problems.append(
+            "MAILGATE_AUTHSERV_ID: required with MAILGATE_AUTH=dmarc (the authserv-id your own MTA writes "
+            "in Authentication-Results)"
+        )
+    max_budget = p.get("MAILGATE_MAX_BUDGET", _choice(*BUDGETS), "high")
+    if workers and max_budget:
+        cap = BUDGETS.index(max_budget)
+        for w in workers.values():
+            if BUDGETS.index(w.budget) > cap:
+                problems.append(
+                    f"MAILGATE_WORKERS: {w.alias} asks for budget {w.budget}, above MAILGATE_MAX_BUDGET={max_budget}"
+                )
+    tls_cert = p.get("MAILGATE_TLS_CERT", _existing_file, None)
+    tls_key = p.get("MAILGATE_TLS_KEY", _existing_file, None)
+    if (tls_cert is None) != (tls_key is None) and "MAILGATE_TLS_CERT" in values and "MAILGATE_TLS_KEY" in values:
+        pass  # one of them is already reported as missing
+    elif (tls_cert is None) != (tls_key is None):
+        problems.append("MAILGATE_TLS_CERT / MAILGATE_TLS_KEY: set both or neither")
+    require_starttls = p.get("MAILGATE_REQUIRE_STARTTLS", _bool, False)
+    if require_starttls and tls_cert is None:
+        problems.append("MAILGATE_REQUIRE_STARTTLS: needs MAILGATE_TLS_CERT and MAILGATE_TLS_KEY")
+
+    settings = Settings(
+        domain=domain or "",
+        workers=workers or {},
+        allowed_senders=allowed or (),
+        api_key=api_key,
+        base_url=(base_url or "").rstrip("/"),
+        auth=auth or "dmarc",
+        authserv_id=authserv_id,
+        listen=p.get("MAILGATE_LISTEN", _listen, Listen()) or Listen(),
+        lmtp_listen=p.get("MAILGATE_LMTP_LISTEN", _listen_or_unix, None),
+        database=Path(p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"),
+        smtp_relay=p.get("MAILGATE_SMTP_RELAY", _relay, None),
+        relay_verify_tls=p.get("MAILGATE_RELAY_VERIFY_TLS", _bool, True) is not False,
+        outbox_dir=Path(p.get("MAILGATE_OUTBOX_DIR", str, "./var/outbox") or "./var/outbox"),
+        spool_dir=Path(p.get("MAILGATE_SPOOL_DIR", str, "./var/spool") or "./var/spool"),
+        max_message_size=p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB,
+        concurrency=p.get("MAILGATE_CONCURRENCY", _positive_int, 64) or 64,
+        secret=p.get("MAILGATE_SECRET", _secret, None),
+        max_budget=max_budget or "high",
+        templates_dir=p.get("MAILGATE_TEMPLATES_DIR", _existing_dir, None),
+        send_triggered_by=p.get("MAILGATE_SEND_TRIGGERED_BY", _bool, True) is not False,
+        files_field=p.get("MAILGATE_FILES_FIELD", _choice("files", "files[]"), "files") or "files",
+        stream=p.get("MAILGATE_STREAM", _bool, True) is not False,
+        api_timeout=p.get("MAILGATE_API_TIMEOUT", _positive_float, 120.0) or 120.0,
+        retry_horizon=p.get("MAILGATE_RETRY_HORIZON", _positive_float, 86400.0) or 86400.0,
+        max_processing_attempts=p.get("MAILGATE_MAX_PROCESSING_ATTEMPTS", _positive_int, 5) or 5,
+        output_file_max=p.get("MAILGATE_OUTPUT_FILE_MAX", _positive_int, 10 * MiB) or 10 * MiB,
+        output_total_max=p.get("MAILGATE_OUTPUT_TOTAL_MAX", _positive_int, 20 * MiB) or 20 * MiB,
+        max_new_tasks_per_hour=p.get("MAILGATE_MAX_NEW_TASKS_PER_HOUR", _positive_int, 20) or 20,
+        max_turns_per_thread_per_hour=p.get("MAILGATE_MAX_TURNS_PER_THREAD_PER_HOUR", _positive_int, 12) or 12,
+        max_notices_per_day=p.get("MAILGATE_MAX_NOTICES_PER_DAY", _positive_int, 10) or 10,
+        max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
+        max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
+        smtp_timeout=p.get("MAILGATE_SMTP_TIMEOUT", _positive_float, 300.0) or 300.0,
+        max_header_size=p.get("MAILGATE_MAX_HEADER_SIZE", _positive_int, 256 * 1024) or 256 * 1024,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        require_starttls=bool(require_starttls),
+        log_level=p.get("MAILGATE_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO") or "INFO",
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+class _Parser:
+    def __init__(self, values: Mapping[str, str], problems: list[str]) -> None:
+        self.values = values
+        self.problems = problems
+
+    def get(self, key: str, parse: Callable[[str], T], default: T | None = None, *, required: bool = False) -> T | None:
+        value = self.values.get(key)
+        if value is None:
+            if required:
+                self.problems.append(f"{key}: required")
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problems.append(f"{key}: {exc}")
+            return default
+
+
+def _bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"must be positive, got {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return n
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        for option in options:
+            if value.lower() == option.lower():
+                return option
+        raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+
+    return parse
+
+
+def _domain(value: str) -> str:
+    v = value.lower().rstrip(".")
+    if not _DOMAIN.match(v):
+        raise ValueError(f"not a domain name: {value!r}")
+    return v
+
+
+def _workers(value: str) -> dict[str, Worker]:
+    workers: dict[str, Worker] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        alias, sep, rest = item.partition("=")
+        alias = alias.strip().lower()
+        if not sep or not rest.strip():
+            raise ValueError(f"{item!r}: expected alias=wrk_id[:budget]")
+        if not _LOCAL_PART.match(alias) or "+" in alias:
+            raise ValueError(f"{alias!r}: an alias is a plain local part (letters, digits, . _ -)")
+        worker_id, _, budget = rest.strip().partition(":")
+        budget = budget.strip().lower() or "standard"
+        if budget not in BUDGETS:
+            raise ValueError(f"{item!r}: budget must be one of {', '.join(BUDGETS)}")
+        if alias in workers:
+            raise ValueError(f"alias {alias!r} appears twice")
+        workers[alias] = Worker(alias, worker_id.strip(), budget)
+    if not workers:
+        raise ValueError("no workers given")
+    return workers
+
+
+def _senders(value: str) -> tuple[str, ...]:
+    senders = []
+    for item in filter(None, (part.strip().lower() for part in value.split(","))):
+        if item == "*" or (item.startswith("@") and _DOMAIN.match(item[1:])):
+            senders.append(item)
+        elif item.count("@") == 1 and all(item.split("@")) and _DOMAIN.match(item.split("@")[1]):
+            senders.append(item)
+        else:
+            raise ValueError(f"{item!r}: expected user@domain, @domain or *")
+    if not senders:
+        raise ValueError("no senders given")
+    return tuple(senders)
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(value: str) -> Listen:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range: {number}")
+    return Listen(host, number)
+
+
+def _listen_or_unix(value: str) -> Listen:
+    if value.startswith("unix:"):
+        if not value[5:]:
+            raise ValueError("unix: needs a path")
+        return Listen(unix_path=value[5:])
+    return _listen(value)
+
+
+def _relay(value: str) -> Relay:
+    parts = urlsplit(value)
+    if parts.scheme not in ("smtp", "smtp+starttls", "smtps"):
+        raise ValueError(f"scheme must be smtp://, smtp+starttls:// or smtps://, got {parts.scheme or value!r}://")
+    if not parts.hostname:
+        raise ValueError("no host given")
+    try:
+        port = parts.port or (465 if parts.scheme == "smtps" else 587 if parts.scheme == "smtp+starttls" else 25)
+    except ValueError:
+        raise ValueError("bad port") from None
+    return Relay(
+        parts.scheme,  # type: ignore[arg-type]
+        parts.hostname,
+        port,
+        unquote(parts.username) if parts.username else None,
+        unquote(parts.password) if parts.password else None,
+    )
+
+
+def _secret(value: str) -> str:
+    if len(value) < 16:
+        raise ValueError("too short: use at least 16 random characters")
+    return value
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{value}: no such file")
+    return path
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"{value}: no such directory")
+    return path
