@@ -23,7 +23,7 @@ MiB = 1024 * 1024
 AuthMode = Literal["dmarc", "dkim", "none"]
 T = TypeVar("T")
 
-_LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,40}$")
+_LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,23}$")  # room for "+<39-char token>" in 64 octets
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -159,7 +159,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         allowed_senders=allowed or (),
         api_key=api_key,
         base_url=(base_url or "").rstrip("/"),
-        auth=auth or "dmarc",
+        auth=auth or "dmarc",  # type: ignore[arg-type]
         authserv_id=authserv_id,
         listen=p.get("MAILGATE_LISTEN", _listen, Listen()) or Listen(),
         lmtp_listen=p.get("MAILGATE_LMTP_LISTEN", _listen_or_unix, None),
@@ -270,7 +270,7 @@ def _workers(value: str) -> dict[str, Worker]:
         if not sep or not rest.strip():
             raise ValueError(f"{item!r}: expected alias=wrk_id[:budget]")
         if not _LOCAL_PART.match(alias) or "+" in alias:
-            raise ValueError(f"{alias!r}: an alias is a plain local part (letters, digits, . _ -)")
+            raise ValueError(f"{alias!r}: an alias is a plain local part of at most 24 characters (letters, digits, . _ -)")
         worker_id, _, budget = rest.strip().partition(":")
         budget = budget.strip().lower() or "standard"
         if budget not in BUDGETS:

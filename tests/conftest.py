@@ -2,9 +2,71 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+from mailgate.config import Settings, load_settings
+from mailgate.sandbox import RunningSandbox, SandboxOptions, run_sandbox
+from mailgate.service import Gateway
+from tests.relay import RecordingRelay
+
+DOMAIN = "agents.example.com"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[RunningSandbox]:
+    async with run_sandbox(SandboxOptions(api_key="test-key")) as sb:
+        yield sb
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[RecordingRelay]:
+    r = RecordingRelay()
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+def settings_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: str) -> Settings:
+    """Settings on the test's own paths and ports; `env` overrides any MAILGATE_/HANDINGER_ name."""
+    values = {
+        "HANDINGER_BASE_URL": api_url,
+        "HANDINGER_API_KEY": "test-key",
+        "MAILGATE_DOMAIN": DOMAIN,
+        "MAILGATE_WORKERS": "research=wrk_research,writer=wrk_writer:low",
+        "MAILGATE_ALLOWED_SENDERS": "@example.org,boss@example.net",
+        "MAILGATE_AUTH": "none",
+        "MAILGATE_LISTEN": "127.0.0.1:0",
+        "MAILGATE_DATABASE": str(tmp_path / "mailgate.db"),
+        "MAILGATE_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "MAILGATE_SPOOL_DIR": str(tmp_path / "spool"),
+        "MAILGATE_SECRET": "test-secret-0123456789abcdef",
+    }
+    if relay_port is not None:
+        values["MAILGATE_SMTP_RELAY"] = f"smtp://127.0.0.1:{relay_port}"
+    values.update(env)
+    return load_settings(environ=values)
+
+
+@pytest.fixture
+def make_gateway(
+    tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay
+) -> Callable[..., Any]:
+    """`async with make_gateway(**env) as gw:` a gateway wired to the sandbox and the relay."""
+
+    def make(*, with_relay: bool = True, **env: str) -> Gateway:
+        settings = settings_for(tmp_path, sandbox.url, relay.port if with_relay else None, **env)
+        return Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2.0)
+
+    return make

@@ -1,0 +1,246 @@
+"""The `mailgate` command: serve, sandbox, demo, check, and the operator verbs.
+
+Exit codes: 0 clean stop, 1 crash, 2 usage error, 3 start-up failure, 78 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mailgate import __version__, logs
+from mailgate.config import Settings, load_settings
+from mailgate.errors import ConfigError, MailgateError
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailgate", description="Email-triggered task gateway for Handinger workers.")
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_: str, *, env: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if env:
+            p.add_argument("--env-file", metavar="PATH", help="read settings from this .env file (environment wins)")
+        return p
+
+    verb("serve", "run the gateway (SMTP/LMTP in, replies out)")
+    verb("check", "validate the configuration, the store and the API key, then exit")
+    p = verb("sandbox", "run the local Handinger-compatible API (for trying mailgate and for tests)", env=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--api-key", default=None, help="require this bearer key (default: none)")
+    p.add_argument("--era", choices=("seed", "new"), default="seed", help="API behaviour to imitate")
+    p.add_argument("--turn-seconds", type=float, default=0.0, help="how long each echo turn works")
+    p = verb("demo", "run the sandbox and the gateway on the embedded defaults and send a sample email", env=False)
+    p.add_argument("--dir", default="var/demo", help="where the demo keeps its database and Maildir")
+    p.add_argument("--smtp-port", type=int, default=2525)
+    p.add_argument("--api-port", type=int, default=8787)
+    p.add_argument("--once", action="store_true", help="exit after the sample reply instead of running on")
+    for name, help_ in (("messages", "list inbound messages"), ("outbox", "list outbound messages"),
+                        ("tasks", "list tasks")):
+        p = verb(name, help_)
+        if name != "tasks":
+            p.add_argument("--state", default=None)
+        p.add_argument("--limit", type=int, default=50)
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = verb("show", "show one inbound message, outbox row or task by id")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p = verb("replay", "queue a failed message or a dead outbox row again")
+    p.add_argument("id")
+    p = verb("archive", "archive a task at the API (DELETE /api/tasks/{id})")
+    p.add_argument("task_id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help / --version exit 0, usage errors exit 2
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.verb == "sandbox":
+            return _run(_sandbox(args))
+        if args.verb == "demo":
+            from mailgate.demo import demo
+
+            return _run(demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once))
+        settings = load_settings(args.env_file, os.environ)
+        logs.setup(settings.log_level)
+        if args.verb == "serve":
+            return _run(serve(settings))
+        return _run(_operator(args, settings))
+    except ConfigError as exc:
+        print("mailgate: bad configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _run(coro: Any) -> int:
+    return int(asyncio.run(coro))
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT; exit code as documented."""
+    from mailgate.service import Gateway, StartupError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except StartupError as exc:
+        print(f"mailgate: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+    return EXIT_OK
+
+
+async def _sandbox(args: argparse.Namespace) -> int:
+    from mailgate.sandbox import SandboxOptions, serve_sandbox
+
+    logs.setup("INFO")
+    options = SandboxOptions(api_key=args.api_key, era=args.era, turn_seconds=args.turn_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = asyncio.create_task(serve_sandbox(options, args.host, args.port))
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (server, waiter):
+        task.cancel()
+    await asyncio.gather(server, waiter, return_exceptions=True)
+    if server in done and server.exception() is not None:
+        print(f"mailgate: sandbox failed: {server.exception()}", file=sys.stderr)
+        return EXIT_STARTUP
+    return EXIT_OK
+
+
+async def _operator(args: argparse.Namespace, settings: Settings) -> int:
+    from mailgate.store import Store
+
+    try:
+        store = await Store.open(settings.database)
+    except MailgateError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    try:
+        return await _operate(args, settings, store)
+    finally:
+        await store.close()
+
+
+async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> int:
+    verb = args.verb
+    if verb == "check":
+        from mailgate.api import HandingerClient
+
+        api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=15)
+        try:
+            await api.get_task("tsk_mailgate_check")
+        except MailgateError as exc:
+            print(f"mailgate: the API at {settings.base_url} did not answer as expected: {exc}", file=sys.stderr)
+            return EXIT_STARTUP
+        finally:
+            await api.aclose()
+        print(f"ok: configuration valid, store {settings.database} usable, API {settings.base_url} reachable")
+        return EXIT_OK
+    if verb in ("messages", "outbox", "tasks"):
+        if verb == "messages":
+            rows = await store.list_inbound(args.state, args.limit)
+            cols = ("id", "state", "sender", "alias", "task_id", "attempts", "subject", "reason")
+        elif verb == "outbox":
+            rows = await store.list_outbox(args.state, args.limit)
+            cols = ("id", "state", "kind", "notice", "task_id", "attempts", "message_id", "last_error")
+        else:
+            rows = await store.list_tasks(args.limit)
+            cols = ("id", "alias", "owner", "budget", "turns", "subject", "url")
+        _print_rows([_public(r) for r in rows], cols, as_json=args.json)
+        return EXIT_OK
+    if verb == "show":
+        found: dict[str, Any] | None = None
+        if (row := await store.inbound(args.id)) is not None:
+            raw = await store.raw(row.raw_id)
+            head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+            found = {"inbound": _public(row), "headers": head,
+                     "outbox": [_public(o) for o in await store.outbox_for(row.id)]}
+        elif (o := await store.outbox_row(args.id)) is not None:
+            found = {"outbox": _public(o)}
+        elif (t := await store.task_row(args.id)) is not None:
+            found = {"task": _public(t), "participants": await store.participants(t.id),
+                     "messages": [_public(m) for m in await store.messages_of_task(t.id)]}
+        if found is None:
+            print(f"mailgate: no message, outbox row or task {args.id}", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(found, indent=None if args.json else 2, default=str))
+        return EXIT_OK
+    if verb == "replay":
+        if await store.replay_inbound(args.id) or await store.replay_outbox(args.id):
+            print(f"queued again: {args.id} (a running gateway picks it up within seconds)")
+            return EXIT_OK
+        print(f"mailgate: {args.id} is not a failed/ignored message or a dead outbox row", file=sys.stderr)
+        return EXIT_USAGE
+    if verb == "archive":
+        from mailgate.api import HandingerClient
+
+        api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=30)
+        try:
+            archived = await api.delete_task(args.task_id)
+        except MailgateError as exc:
+            print(f"mailgate: could not archive {args.task_id}: {exc}", file=sys.stderr)
+            return EXIT_CRASH
+        finally:
+            await api.aclose()
+        if archived:
+            await store.write([("UPDATE task SET archived=1 WHERE id=?", (args.task_id,))])
+        print(f"{args.task_id}: {'archived' if archived else 'not archived'}")
+        return EXIT_OK
+    return EXIT_USAGE  # pragma: no cover (argparse allows only the verbs above)
+
+
+def _public(row: Any) -> dict[str, Any]:
+    data = asdict(row)
+    data.pop("data", None)
+    for key in ("received_at", "updated_at", "created_at", "sent_at", "next_attempt_at"):
+        if isinstance(data.get(key), float) and data[key] > 0:
+            data[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(data[key]))
+    return data
+
+
+def _print_rows(rows: list[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return
+    if not rows:
+        print("(none)")
+        return
+    table = [[str(row.get(c) if row.get(c) is not None else "-")[:60] for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))

@@ -1,0 +1,105 @@
+"""Turn a parsed message into what the worker receives: the input text and the files. Pure.
+
+The input says who asked (the authenticated sender) and keeps their own words apart from quoted or
+forwarded material, so the worker can tell a request from the context that came with it. A follow-up
+carries only the new text. Files are taken in message order while they fit the API's limits (5 files,
+10 MB each, 30 MB in all); the rest are skipped with a reason the reply shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from mailgate.models import Attachment, InboundMail
+
+MAX_FILES = 5
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_TOTAL_BYTES = 30 * 1024 * 1024
+MAX_INPUT_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class Skipped:
+    filename: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Composed:
+    input: str  # empty: nothing to send (a reply with no new text and no files)
+    files: tuple[Attachment, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def human_size(size: int) -> str:
+    """`14 MB`, `512 KB`, `37 bytes`: sizes as a person reads them (binary units, as the limits are)."""
+    if size >= 1024 * 1024:
+        value = size / (1024 * 1024)
+        return f"{value:.0f} MB" if value >= 10 else f"{value:.1f} MB"
+    if size >= 1024:
+        return f"{size // 1024} KB"
+    return f"{size} bytes"
+
+
+def pick_files(
+    attachments: Sequence[Attachment], *, already_sent: Collection[str] = ()
+) -> tuple[list[Attachment], list[Skipped]]:
+    """Files that fit the API limits, in order; `already_sent` are sha256s the task already has."""
+    chosen: list[Attachment] = []
+    skipped: list[Skipped] = []
+    total = 0
+    for att in attachments:
+        if hashlib.sha256(att.data).hexdigest() in already_sent:
+            continue  # already in the task's workspace from an earlier turn
+        if att.size > MAX_FILE_BYTES:
+            skipped.append(Skipped(att.filename, f"{human_size(att.size)}, over the 10 MB limit per file"))
+        elif len(chosen) >= MAX_FILES:
+            skipped.append(Skipped(att.filename, "over the limit of 5 files per message"))
+        elif total + att.size > MAX_TOTAL_BYTES:
+            skipped.append(Skipped(att.filename, f"{human_size(att.size)}, over the 30 MB limit per message"))
+        else:
+            chosen.append(att)
+            total += att.size
+    return chosen, skipped
+
+
+def compose(
+    mail: InboundMail,
+    *,
+    sender: str,
+    new_task: bool,
+    already_sent: Collection[str] = (),
+) -> Composed:
+    """The turn for `mail` from the authenticated `sender`."""
+    files, skipped = pick_files(mail.attachments, already_sent=already_sent)
+    skipped += [Skipped(name, reason) for name, reason in mail.unreadable]
+    own = mail.reply_text.strip()
+    context = ""
+    if new_task:
+        whole = mail.text.strip()
+        if own and whole.startswith(own):
+            context = whole[len(own) :].strip()
+        elif not own:
+            context = whole
+        elif own != whole:
+            context = whole
+    if not own and not context and not files and not (new_task and mail.subject):
+        return Composed("", (), tuple(skipped))
+    name = mail.from_.name if mail.from_ and mail.from_.name else ""
+    who = f"{name} <{sender}>" if name else sender
+    parts = [f"Email from {who}", f"Subject: {mail.subject or '(no subject)'}", ""]
+    parts.append(own if own else "(no new text in this message)")
+    if context:
+        parts += [
+            "",
+            "----- Quoted or forwarded material that came with the message (context, not the sender's request) -----",
+            context,
+        ]
+    if files:
+        parts += ["", "Attached files: " + ", ".join(f.filename for f in files)]
+    text = "\n".join(parts)
+    if len(text) > MAX_INPUT_CHARS:
+        text = text[:MAX_INPUT_CHARS] + "\n[... the rest of the message was cut: it is over 100,000 characters]"
+    return Composed(text, tuple(files), tuple(skipped))

@@ -1,0 +1,133 @@
+"""The SMTP and LMTP listeners: aiosmtpd protocol objects on the main event loop.
+
+The handler translates between SMTP and `Intake`: RCPT checks, DATA decisions, one reply per recipient
+for LMTP. Any unexpected failure answers `451 4.3.0` so the sending MTA keeps the message and retries;
+no exception text ever reaches the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailgate.errors import StoreBusy
+from mailgate.intake import Intake, Reply, combine
+
+log = logging.getLogger("mailgate.ingress")
+
+TRY_LATER = "451 4.3.0 Temporary failure, please try again later"
+
+
+class Handler:
+    """aiosmtpd handler hooks. `is_lmtp` selects one DATA reply per recipient."""
+
+    def __init__(
+        self, intake: Intake, *, max_recipients: int, is_lmtp: bool = False, on_accepted: Callable[[], None] = lambda: None
+    ) -> None:
+        self.intake = intake
+        self.on_accepted = on_accepted
+        self.max_recipients = max_recipients
+        self.is_lmtp = is_lmtp
+
+    async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        reply = await self.intake.check_recipient(address)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+        return str(reply)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        raw = envelope.original_content or b""
+        if isinstance(raw, str):  # pragma: no cover (we never set decode_data)
+            raw = raw.encode("utf-8", "surrogateescape")
+        rcpts = list(envelope.rcpt_tos)
+        try:
+            replies = await self.intake.accept(envelope.mail_from or "", rcpts, raw)
+        except StoreBusy:
+            log.exception("store_commit_failed", extra={"rcpts": len(rcpts)})
+            replies = [Reply(451, "4.3.0 Temporary storage failure, please try again later")] * len(rcpts)
+        except Exception:
+            log.exception("data_failed")
+            replies = [Reply(451, "4.3.0 Temporary failure, please try again later")] * len(rcpts)
+        if any(r.ok for r in replies):
+            self.on_accepted()
+        for rcpt, reply in zip(rcpts, replies, strict=True):
+            log.info("data", extra={"peer": session.peer, "mail_from": envelope.mail_from, "rcpt": rcpt, "reply": str(reply)})
+        if self.is_lmtp:
+            return "\r\n".join(str(r) for r in replies)
+        return str(combine(replies))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp_session_error", exc_info=error)
+        return TRY_LATER
+
+
+class _Limited:
+    """Counts open sessions across a listener and turns away the ones over the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class GatewaySMTP(SMTP):
+    """SMTP with a connection limit (421 when full)."""
+
+    limiter: _Limited
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.limiter.open += 1
+        if self.limiter.open > self.limiter.limit:
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.limiter.open -= 1
+        super().connection_lost(error)
+
+
+class GatewayLMTP(LMTP, GatewaySMTP):
+    pass
+
+
+def protocol_factory(
+    handler: Handler,
+    *,
+    hostname: str,
+    data_size_limit: int,
+    timeout: float,
+    max_connections: int,
+    tls_context: ssl.SSLContext | None = None,
+    require_starttls: bool = False,
+    lmtp: bool = False,
+) -> Any:
+    """A factory for `loop.create_server`, sharing one connection limit."""
+    limiter = _Limited(max_connections)
+    cls = GatewayLMTP if lmtp else GatewaySMTP
+
+    def make() -> SMTP:
+        proto = cls(
+            handler,
+            data_size_limit=data_size_limit,
+            enable_SMTPUTF8=True,
+            hostname=hostname,
+            ident="mailgate ESMTP",
+            tls_context=tls_context,
+            require_starttls=require_starttls and tls_context is not None,
+            timeout=timeout,
+        )
+        proto.limiter = limiter
+        return proto
+
+    return make

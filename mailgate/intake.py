@@ -1,0 +1,257 @@
+"""What happens between RCPT and the 250: every decision that can refuse mail, then the durable commit.
+
+Order at the end of DATA: header size; mail that must never be answered (accepted and recorded as
+ignored, so bounces are not bounced); sender authentication (550); the allow-list (550); the thread
+and the rate limits (450, so the sender's MTA retries later); duplicates (250, nothing new); then the
+raw message and its rows are committed with an fsync and only then answered 250.
+
+`Intake` speaks to the store and the policy modules; it knows nothing of SMTP sessions (see ingress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from ulid import ULID
+
+from mailgate import authn, parsing, policy, threads
+from mailgate.config import Settings
+from mailgate.errors import MessageRejected
+from mailgate.models import InboundState
+from mailgate.store import Statement, Store, insert
+
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP/LMTP reply line for one recipient."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def ok(self) -> bool:
+        return self.code < 300
+
+
+@dataclass
+class _Plan:
+    rcpt: str
+    reply: Reply
+    statements: list[Statement] = field(default_factory=list)
+
+
+class Intake:
+    """Decides on each message and commits the ones it accepts. One per running gateway."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        secret: bytes,
+        *,
+        dkim_dns: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.secret = secret
+        self.dkim_dns = dkim_dns
+        self.clock = clock
+
+    async def check_recipient(self, address: str) -> Reply:
+        """RCPT TO: a worker address (with a budget word or a valid reply token), or a refusal."""
+        split = threads.split_recipient(address, self.settings.domain)
+        if split is None:
+            return Reply(550, "5.7.1 Relaying denied: this server only accepts mail for its own workers")
+        alias, tag = split
+        if self.settings.worker_for(alias) is None:
+            return Reply(550, "5.1.1 No such worker here")
+        if tag is not None and threads.looks_like_token(tag):
+            task_id = threads.task_id_of_token(tag)
+            ref = await self.store.task(task_id) if task_id else None
+            if ref is None or ref.alias != alias or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner):
+                return Reply(550, "5.1.1 This reply address is not valid (altered or unknown); write to the worker")
+        return Reply(250, "2.1.5 Ok")
+
+    async def accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[Reply]:
+        """Decide on `raw` for each recipient; commit what is accepted. One reply per recipient.
+
+        Raises `StoreBusy` when the commit fails (the caller answers 451 4.3.0 and keeps nothing).
+        """
+        try:
+            return await self._accept(mail_from, rcpts, raw)
+        except MessageRejected as exc:
+            return [Reply(exc.code, f"{exc.status} {exc.reason}")] * len(rcpts)
+
+    async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[Reply]:
+        settings = self.settings
+        end = raw.find(b"\r\n\r\n")
+        if (end if end >= 0 else len(raw)) > settings.max_header_size:
+            raise MessageRejected(552, "5.3.4", "Message header too large")
+        headers = parsing.read_headers(raw)
+        now = self.clock()
+        raw_id = str(ULID())
+        digest = hashlib.sha256(raw).hexdigest()
+        message_id = _first(parsing.msgid_list(_header(headers, "message-id")))
+        subject = _clean(_header(headers, "subject"))[:500]
+
+        reason = policy.automatic_reason(headers, mail_from, own_domain=settings.domain)
+        verdict: authn.AuthVerdict | None = None
+        if reason is None:
+            verdict = await self._authenticate(raw, headers)
+            if verdict.sender is None and verdict.temporary:
+                raise MessageRejected(451, "4.7.0", f"Sender authentication could not complete: {verdict.reason}")
+            if verdict.sender is None:
+                raise MessageRejected(550, "5.7.1", f"Sender not authenticated: {verdict.reason}")
+            if not policy.sender_allowed(verdict.sender, settings.allowed_senders):
+                raise MessageRejected(550, "5.7.1", f"{verdict.sender} may not send to this gateway")
+        sender = verdict.sender if verdict else None
+
+        plans: list[_Plan] = []
+        new_tasks_here = 0
+        for rcpt in rcpts:
+            alias, tag = threads.split_recipient(rcpt, settings.domain) or ("", None)
+            key = hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
+            duplicate = await self.store.duplicate_of(key)
+            if duplicate is not None:
+                plans.append(_Plan(rcpt, Reply(250, f"2.0.0 Ok: already queued as {duplicate}")))
+                continue
+            queue_id = str(ULID())
+            row: dict[str, Any] = {
+                "id": queue_id, "raw_id": raw_id, "received_at": now, "updated_at": now, "mail_from": mail_from,
+                "rcpt": rcpt.lower(), "alias": alias, "sender": sender, "message_id": message_id,
+                "subject": subject, "dedupe_key": key,
+            }
+            if reason is not None or sender is None:
+                row |= {"state": InboundState.IGNORED, "reason": reason}
+                plans.append(_Plan(rcpt, Reply(250, f"2.0.0 Ok: queued as {queue_id}"), [insert("inbound", row)]))
+                continue
+            try:
+                plan = await self._plan_task(rcpt, alias, tag, sender, headers, row, now, new_tasks_here)
+            except MessageRejected as exc:
+                plan = _Plan(rcpt, Reply(exc.code, f"{exc.status} {exc.reason}"))
+            new_tasks_here += bool(row.get("new_task"))
+            plans.append(plan)
+
+        if not any(p.statements for p in plans):
+            return [p.reply for p in plans]
+        statements: list[Statement] = [
+            insert("raw_message", {"id": raw_id, "sha256": digest, "size": len(raw), "data": raw})
+        ]
+        for plan in plans:
+            statements += plan.statements
+        await self.store.write(statements)
+        return [p.reply for p in plans]
+
+    async def _authenticate(self, raw: bytes, headers: EmailMessage) -> authn.AuthVerdict:
+        mode = self.settings.auth
+        if mode == "none":
+            return authn.trust_from_header(headers)
+        if mode == "dkim":
+            return await asyncio.to_thread(authn.verify_dkim, raw, headers, dnsfunc=self.dkim_dns)
+        return authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
+
+    async def _plan_task(
+        self,
+        rcpt: str,
+        alias: str,
+        tag: str | None,
+        sender: str,
+        headers: EmailMessage,
+        row: dict[str, Any],
+        now: float,
+        new_tasks_here: int,
+    ) -> _Plan:
+        settings = self.settings
+        try:
+            found = await threads.resolve(
+                self.store,
+                self.secret,
+                alias=alias,
+                tag=tag,
+                sender=sender,
+                in_reply_to=parsing.msgid_list(_header(headers, "in-reply-to")),
+                references=parsing.msgid_list(_header(headers, "references")),
+            )
+        except threads.BadToken:
+            raise MessageRejected(550, "5.1.1", "This reply address is not valid (altered or unknown)") from None
+        statements: list[Statement] = []
+        if found.task is not None:
+            task_id = found.task.task_id
+            turns = await self.store.count_turns(task_id, now - HOUR)
+            if turns >= settings.max_turns_per_thread_per_hour:
+                raise MessageRejected(450, "4.7.1", "Too many messages in this conversation in the last hour; try later")
+        else:
+            worker = settings.worker_for(alias)
+            assert worker is not None  # checked at RCPT
+            recent = await self.store.count_new_tasks(sender, now - HOUR) + new_tasks_here
+            if recent >= settings.max_new_tasks_per_hour:
+                raise MessageRejected(450, "4.7.1", "Too many new tasks from you in the last hour; try later")
+            task_id = threads.new_task_id()
+            budget = policy.requested_budget(found.budget_tag, worker.budget, settings.max_budget)
+            statements.append(
+                insert(
+                    "task",
+                    {
+                        "id": task_id, "alias": alias, "worker_id": worker.worker_id, "owner": sender,
+                        "budget": budget, "subject": row["subject"], "created_at": now,
+                    },
+                )
+            )
+            row["new_task"] = 1
+        row |= {"task_id": task_id, "state": InboundState.RECEIVED, "note": found.note}
+        statements.append(insert("inbound", row))
+        people = {sender} | {
+            a.addr
+            for name in ("to", "cc")
+            for a in parsing.address_list(headers, name)
+            if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
+        }
+        statements += [insert("participant", {"task_id": task_id, "addr": p}, or_ignore=True) for p in sorted(people)]
+        if row["message_id"]:
+            statements.append(
+                insert(
+                    "thread_message",
+                    {"message_id": row["message_id"], "task_id": task_id, "direction": "in"},
+                    or_ignore=True,
+                )
+            )
+        return _Plan(rcpt, Reply(250, f"2.0.0 Ok: queued as {row['id']}"), statements)
+
+
+def combine(replies: Sequence[Reply]) -> Reply:
+    """One SMTP reply for several recipients: a temporary failure wins, then a permanent one."""
+    for reply in replies:
+        if 400 <= reply.code < 500:
+            return reply
+    for reply in replies:
+        if reply.code >= 500:
+            return reply
+    return replies[0]
+
+
+def _header(msg: EmailMessage, name: str) -> str:
+    try:
+        value = msg.get(name)
+    except Exception:  # noqa: BLE001 (a malformed header must not fail the session)
+        return ""
+    return "" if value is None else str(value)
+
+
+def _clean(value: str) -> str:
+    return " ".join(value.replace("\x00", " ").split())
+
+
+def _first(items: Sequence[str]) -> str | None:
+    return items[0] if items else None

@@ -1,0 +1,226 @@
+"""Deliver one rendered message: to the SMTP relay (aiosmtplib) or into a local Maildir.
+
+`make_delivery(settings)` picks one. `deliver()` either returns a `DeliveryReport` (the relay took the
+message for at least one recipient) or raises:
+- `DeliveryDeferred`: 4xx replies, connection errors, timeouts, TLS or AUTH failures (all worth retrying
+  after an operator or the relay fixes something); the relay's reply is in the message.
+- `DeliveryFailed`: 5xx to MAIL FROM or DATA, or to every recipient.
+Recipients refused while others were accepted are reported per recipient in `DeliveryReport.refused`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, Protocol
+
+import aiosmtplib
+
+from mailgate.config import Relay, Settings
+from mailgate.errors import DeliveryDeferred, DeliveryFailed
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What the relay did with one message."""
+
+    accepted: tuple[str, ...]  # recipients the relay took
+    refused: dict[str, str] = field(default_factory=dict)  # recipient -> the relay's reply, "550 5.1.1 ..."
+    response: str = ""  # the relay's final reply, e.g. "250 2.0.0 Ok: queued as X"
+
+    @property
+    def deferred(self) -> tuple[str, ...]:
+        """Refused recipients whose refusal was temporary (4xx): worth another attempt on their own."""
+        return tuple(rcpt for rcpt, reply in self.refused.items() if reply.startswith("4"))
+
+
+class Delivery(Protocol):
+    async def deliver(
+        self, message: bytes, *, mail_from: str, recipients: Sequence[str]
+    ) -> DeliveryReport: ...
+
+
+class RelayDelivery:
+    """One SMTP connection per delivery to the configured relay.
+
+    `smtp://` never upgrades (opportunistic STARTTLS off), `smtp+starttls://` requires STARTTLS, `smtps://`
+    is implicit TLS. AUTH (PLAIN/LOGIN/CRAM-MD5, whatever the relay offers) when the relay URL has
+    credentials. `tls_context` overrides certificate handling (e.g. a private CA); `verify_tls=False`
+    accepts any certificate.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        verify_tls: bool = True,
+        tls_context: ssl.SSLContext | None = None,
+        timeout: float = 60.0,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.relay = relay
+        self.verify_tls = verify_tls
+        self.tls_context = tls_context
+        self.timeout = timeout
+        self.local_hostname = local_hostname
+
+    def __repr__(self) -> str:
+        return f"RelayDelivery({self.relay.scheme}://{self.relay.host}:{self.relay.port})"
+
+    async def deliver(self, message: bytes, *, mail_from: str, recipients: Sequence[str]) -> DeliveryReport:
+        if not recipients:
+            raise ValueError("deliver() needs at least one recipient")
+        relay = self.relay
+        where = f"relay {relay.host}:{relay.port}"
+        smtp = aiosmtplib.SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            username=relay.username,
+            password=relay.password,
+            local_hostname=self.local_hostname,
+            timeout=self.timeout,
+            use_tls=relay.scheme == "smtps",
+            start_tls=relay.scheme == "smtp+starttls",
+            validate_certs=self.verify_tls,
+            tls_context=self.tls_context,
+        )
+        try:
+            await smtp.connect()
+            report = await _transaction(smtp, message, mail_from, recipients, where)
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await smtp.quit()  # the message is already accepted
+            return report
+        except aiosmtplib.SMTPResponseException as exc:
+            # Greeting, EHLO, STARTTLS or AUTH refused: about this gateway or the relay, not the message.
+            raise DeliveryDeferred(f"{where}: {exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:  # OSError: also ssl.SSLError, TimeoutError
+            raise DeliveryDeferred(f"{where}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            smtp.close()
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP, message: bytes, mail_from: str, recipients: Sequence[str], where: str
+) -> DeliveryReport:
+    """MAIL, RCPT per recipient, DATA. Replies to these name the message, so 5xx here is permanent."""
+    if smtp.is_ehlo_or_helo_needed:  # learn the extensions before choosing MAIL FROM parameters
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await smtp.helo()
+    options = []
+    if smtp.supports_extension("size"):  # the size on the wire, with every line ending as CRLF
+        size = len(message) + message.count(b"\n") - message.count(b"\r\n")
+        options.append(f"SIZE={size}")
+    if smtp.supports_extension("8bitmime") and not message.isascii():
+        options.append("BODY=8BITMIME")
+    addresses = [mail_from, *recipients]
+    utf8 = not all(a.isascii() for a in addresses)
+    if utf8 and not smtp.supports_extension("smtputf8"):
+        raise DeliveryFailed(f"{where}: an address is not ASCII and the relay does not offer SMTPUTF8")
+    if utf8:
+        options.append("SMTPUTF8")
+    encoding = "utf-8" if utf8 else "ascii"
+    try:
+        await smtp.mail(mail_from, options=options, encoding=encoding)
+    except aiosmtplib.SMTPSenderRefused as exc:
+        _raise_for(exc.code, f"{where}: MAIL FROM refused: {exc.code} {exc.message}")
+    accepted: list[str] = []
+    refused: dict[str, str] = {}
+    for rcpt in recipients:
+        try:
+            await smtp.rcpt(rcpt, encoding=encoding)
+            accepted.append(rcpt)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            refused[rcpt] = f"{exc.code} {exc.message}"
+    if not accepted:
+        replies = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in refused.items())
+        if all(reply.startswith("5") for reply in refused.values()):
+            raise DeliveryFailed(f"{where}: every recipient refused: {replies}")
+        raise DeliveryDeferred(f"{where}: no recipient accepted: {replies}")
+    try:
+        response = await smtp.data(message)
+    except aiosmtplib.SMTPDataError as exc:
+        _raise_for(exc.code, f"{where}: DATA refused: {exc.code} {exc.message}")
+    return DeliveryReport(tuple(accepted), refused, f"{response.code} {response.message}")
+
+
+def _raise_for(code: int, text: str) -> NoReturn:
+    # 530/538: the relay wants AUTH or TLS first, a configuration problem rather than the message's.
+    if 500 <= code < 600 and code not in (530, 538):
+        raise DeliveryFailed(text)
+    raise DeliveryDeferred(text)
+
+
+class MaildirDelivery:
+    """Writes each message into a Maildir's `new/` (tmp/ first, fsynced, then renamed), per the spec.
+
+    The file is the message with LF line endings and `Return-Path` and `X-Envelope-To` headers in front,
+    as a local delivery agent writes it. All file I/O runs in a worker thread.
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"MaildirDelivery({str(self.path)!r})"
+
+    async def deliver(self, message: bytes, *, mail_from: str, recipients: Sequence[str]) -> DeliveryReport:
+        if not recipients:
+            raise ValueError("deliver() needs at least one recipient")
+        try:
+            name = await asyncio.to_thread(self._write, message, mail_from, recipients)
+        except OSError as exc:
+            raise DeliveryDeferred(f"maildir {self.path}: {exc.strerror or exc}") from exc
+        return DeliveryReport(tuple(recipients), {}, f"250 2.0.0 Ok: written to {name}")
+
+    def _write(self, message: bytes, mail_from: str, recipients: Sequence[str]) -> str:
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        envelope = f"Return-Path: <{mail_from}>\nX-Envelope-To: {', '.join(recipients)}\n".encode()
+        name = self._unique_name()
+        tmp = self.path / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(envelope)
+                file.write(message.replace(b"\r\n", b"\n"))
+                file.flush()
+                os.fsync(file.fileno())
+            os.rename(tmp, self.path / "new" / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path / "new")
+        return name
+
+    def _unique_name(self) -> str:
+        """time.M<usec>P<pid>Q<n>.<host>: unique per the Maildir spec ("/" and ":" escaped in the host)."""
+        now = time.time()
+        host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+        return f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(self._counter)}.{host}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_delivery(settings: Settings) -> Delivery:
+    """The relay from MAILGATE_SMTP_RELAY, or the Maildir at MAILGATE_OUTBOX_DIR when none is set."""
+    if settings.smtp_relay is not None:
+        return RelayDelivery(settings.smtp_relay, verify_tls=settings.relay_verify_tls)
+    return MaildirDelivery(settings.outbox_dir)

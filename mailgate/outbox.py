@@ -1,0 +1,116 @@
+"""The outbox: delivers committed replies through the relay (or into the Maildir), with retries.
+
+`pending -> sent`, or `retry` (relay 4xx, connection errors) with backoff until the horizon, then
+`dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row. The
+message bytes, and so the Message-ID, never change between attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from mailgate.errors import DeliveryDeferred, DeliveryFailed
+from mailgate.models import OutboxState
+from mailgate.outbound import Delivery
+from mailgate.runner import backoff
+from mailgate.store import OutboxRow, Store
+
+log = logging.getLogger("mailgate.outbox")
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        delivery: Delivery,
+        *,
+        horizon: float,
+        parallel: int = 8,
+        clock: Callable[[], float] = time.time,
+        retry_base: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.delivery = delivery
+        self.horizon = horizon
+        self.parallel = parallel
+        self.clock = clock
+        self.retry_base = retry_base
+        self._wake = asyncio.Event()
+        self._busy: dict[str, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            free = self.parallel - len(self._busy)
+            if free > 0:
+                for row in await self.store.outbox_due(self.clock(), free, set(self._busy)):
+                    self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
+            due = await self.store.next_due("outbox")
+            timeout = 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def drain(self, timeout: float) -> int:
+        jobs = list(self._busy.values())
+        if not jobs:
+            return 0
+        _, pending = await asyncio.wait(jobs, timeout=timeout)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    async def _send(self, row: OutboxRow) -> None:
+        try:
+            await self._attempt(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never lose the row: treat as a deferral
+            log.exception("outbox_crashed", extra={"outbox": row.id})
+            await self._defer(row, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._busy.pop(row.id, None)
+            self._wake.set()
+
+    async def _attempt(self, row: OutboxRow) -> None:
+        attempts = row.attempts + 1
+        try:
+            report = await self.delivery.deliver(row.data, mail_from=row.mail_from, recipients=row.recipient_list)
+        except DeliveryDeferred as exc:
+            await self._defer(row, str(exc))
+            return
+        except DeliveryFailed as exc:
+            log.error("outbox_dead", extra={"outbox": row.id, "error": str(exc)})
+            await self.store.set_outbox(row.id, state=OutboxState.DEAD, attempts=attempts, last_error=str(exc)[:1000])
+            return
+        now = self.clock()
+        await self.store.set_outbox(
+            row.id,
+            state=OutboxState.SENT,
+            attempts=attempts,
+            sent_at=now,
+            last_error=report.response[:1000],
+            refused=json.dumps(report.refused) if report.refused else None,
+        )
+        log.info("outbox_sent", extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)})
+
+    async def _defer(self, row: OutboxRow, error: str) -> None:
+        attempts = row.attempts + 1
+        if self.clock() - row.created_at > self.horizon:
+            log.error("outbox_dead", extra={"outbox": row.id, "error": error, "why": "retry horizon"})
+            await self.store.set_outbox(row.id, state=OutboxState.DEAD, attempts=attempts, last_error=error[:1000])
+            return
+        delay = backoff(attempts, base=self.retry_base, cap=1800.0)
+        log.warning("outbox_deferred", extra={"outbox": row.id, "error": error, "retry_in": round(delay, 1)})
+        await self.store.set_outbox(
+            row.id, state=OutboxState.RETRY, attempts=attempts, next_attempt_at=self.clock() + delay,
+            last_error=error[:1000],
+        )

@@ -1,0 +1,378 @@
+"""The runner: turns committed messages into turns, one at a time per task, many tasks at once.
+
+Each message moves `received -> queued -> submitting -> running -> answered` (or `failed`), and every
+step is committed before the next begins, so after a crash the row's state says where to resume:
+
+- `received`: parse, trim, pick the files, spool them; the input is stored (it identifies the turn).
+- `queued`/`submitting`: if an earlier POST may have reached the API, ask `GET /api/tasks/{id}` whether
+  the turn is there before posting; record `submitting` with the expected turn number; POST.
+- `running`: reconcile with `GET /api/tasks/{id}` until the turn has ended, then render the answer and
+  commit it to the outbox with the `answered` state in one transaction.
+
+Transient API failures back off (exponential, jitter, `Retry-After` honoured) until the retry horizon;
+a 401 holds all API work until a call succeeds again; permanent refusals end in a notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mailgate import compose, parsing
+from mailgate.api import HandingerClient, TooLarge
+from mailgate.config import Settings
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, MailgateError
+from mailgate.models import InboundState, RunResult, TaskSnapshot, Turn, UploadFile
+from mailgate.render import AttachedFile, LinkedFile, SkippedFile
+from mailgate.replies import Replies
+from mailgate.spool import Spool
+from mailgate.store import InboundRow, Statement, Store, update
+
+log = logging.getLogger("mailgate.runner")
+
+DONE_STATUSES = {"completed", "complete", "done", "succeeded", "success"}
+FAILED_STATUSES = {"error", "failed", "aborted", "cancelled", "canceled"}
+HOLD_SECONDS = 30.0
+LOUD_EVERY = 300.0
+
+
+def backoff(attempt: int, *, base: float = 2.0, cap: float = 600.0, hint: float | None = None) -> float:
+    """Seconds to wait before attempt `attempt + 1`: exponential with full jitter, at least `hint`."""
+    delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))  # noqa: S311 (jitter)
+    return max(delay, hint or 0.0)
+
+
+class Runner:
+    """Schedules message jobs. `wake()` after committing new work; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        api: HandingerClient,
+        replies: Replies,
+        spool: Spool,
+        *,
+        on_outbox: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+        poll_base: float = 1.0,
+        retry_base: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.api = api
+        self.replies = replies
+        self.spool = spool
+        self.on_outbox = on_outbox
+        self.clock = clock
+        self.poll_base = poll_base
+        self.retry_base = retry_base
+        self._wake = asyncio.Event()
+        self._busy: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._hold_until = 0.0
+        self._last_loud = 0.0
+        self._results: dict[str, RunResult] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._busy)
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            free = self.settings.concurrency - len(self._busy)
+            if free > 0 and now >= self._hold_until:
+                for row in await self.store.runnable(now, free, set(self._busy)):
+                    self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
+            due = await self.store.next_due("inbound")
+            timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
+            if now < self._hold_until:
+                timeout = max(timeout, self._hold_until - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout if timeout > 0 else 0.05)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
+        jobs = list(self._busy.values())
+        if not jobs:
+            return 0
+        _, pending = await asyncio.wait(jobs, timeout=timeout)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    async def _job(self, row: InboundRow) -> None:
+        try:
+            await self._step(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a poison message: count it, quarantine after a few
+            await self._crashed(row, exc)
+        finally:
+            self._busy.pop(row.id, None)
+            self._wake.set()
+
+    async def _step(self, row: InboundRow) -> None:
+        if row.state == InboundState.RECEIVED:
+            fresh = await self._compose(row)
+            if fresh is None:
+                return
+            row = fresh
+        try:
+            if row.state in (InboundState.QUEUED, InboundState.SUBMITTING):
+                fresh = await self._submit(row)
+                if fresh is None:
+                    return
+                row = fresh
+            await self._reconcile(row)
+        except ApiUnauthorized as exc:
+            self._hold(str(exc))
+            await self.store.set_inbound(row.id, next_attempt_at=self.clock() + HOLD_SECONDS, last_error="401")
+        except ApiUnavailable as exc:
+            await self._retry_later(row, exc)
+        except ApiRejected as exc:
+            await self._rejected(row, exc)
+
+    # --- received -> queued -------------------------------------------------------------------
+
+    async def _compose(self, row: InboundRow) -> InboundRow | None:
+        await self.store.set_inbound(row.id, crashes=row.crashes + 1)  # counts a crash while parsing, too
+        raw = await self.store.raw(row.raw_id)
+        mail = await asyncio.to_thread(parsing.parse_message, raw)
+        del raw
+        already: set[str] = set()
+        assert row.task_id is not None and row.sender is not None
+        if not row.new_task:
+            for earlier in await self.store.messages_of_task(row.task_id):
+                if earlier.id != row.id and earlier.files:
+                    already |= {f["sha256"] for f in json.loads(earlier.files)}
+        turn = compose.compose(mail, sender=row.sender, new_task=bool(row.new_task), already_sent=already)
+        skipped = [{"filename": s.filename, "reason": s.reason} for s in turn.skipped]
+        if not turn.input:
+            statements = await self.replies.notice(row, "empty_reply", skipped=_skipped(json.dumps(skipped)))
+            await self._finish(row, InboundState.FAILED, "nothing new after removing quoted text", statements)
+            return None
+        files = await self.spool.write(row.id, turn.files)
+        del mail
+        values = {
+            "state": InboundState.QUEUED, "input": turn.input, "crashes": 0, "skipped": json.dumps(skipped),
+            "files": json.dumps([{"filename": f.filename, "content_type": f.content_type, "path": str(f.path),
+                                  "size": f.size, "sha256": f.sha256} for f in files]),
+        }
+        await self.store.set_inbound(row.id, **values)
+        return await self.store.inbound(row.id)
+
+    # --- queued/submitting -> running ---------------------------------------------------------
+
+    async def _submit(self, row: InboundRow) -> InboundRow | None:
+        assert row.task_id is not None and row.input is not None
+        task = await self.store.task_row(row.task_id)
+        assert task is not None
+        snapshot: TaskSnapshot | None = None
+        if row.attempts > 0 or row.state == InboundState.SUBMITTING or not row.new_task:
+            snapshot = await self.api.get_task(row.task_id)
+            if snapshot is not None and row.attempts > 0:
+                turn = find_turn(snapshot, row)
+                if turn is not None:  # the earlier POST did reach the API: never post it twice
+                    log.info("turn_recovered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq})
+                    await self.store.set_inbound(row.id, state=InboundState.RUNNING, turn_seq=turn.seq)
+                    return await self.store.inbound(row.id)
+            if snapshot is None and not row.new_task:
+                raise ApiRejected(404, "the task no longer exists")
+        expected = len(snapshot.turns) if snapshot is not None else 0
+        await self.store.set_inbound(
+            row.id, state=InboundState.SUBMITTING, turn_seq=expected, attempts=row.attempts + 1
+        )
+        uploads = [
+            UploadFile(f["filename"], f["content_type"], Path(f["path"]), f["size"], f["sha256"])
+            for f in json.loads(row.files or "[]")
+        ]
+        log.info("turn_post", extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)})
+        result = await self.api.create_turn(
+            task_id=row.task_id, worker_id=task.worker_id, input=row.input, budget=task.budget, files=uploads
+        )
+        self._hold_until = 0.0
+        self._results[row.id] = result
+        await self.store.set_inbound(row.id, state=InboundState.RUNNING, last_error=None)
+        return await self.store.inbound(row.id)
+
+    # --- running -> answered -------------------------------------------------------------------
+
+    async def _reconcile(self, row: InboundRow) -> None:
+        assert row.task_id is not None
+        snapshot = await self.api.get_task(row.task_id)
+        if snapshot is None:
+            raise ApiRejected(404, "the task no longer exists")
+        turn = find_turn(snapshot, row)
+        if turn is None:
+            if row.attempts == 0:  # nothing was ever posted (state came from an operator edit)
+                await self.store.set_inbound(row.id, state=InboundState.QUEUED, next_attempt_at=0)
+                return
+            await self._poll_later(row)
+            return
+        status = turn.status.lower()
+        if status not in DONE_STATUSES | FAILED_STATUSES and not (snapshot.finished and turn.output_text):
+            await self._poll_later(row)
+            return
+        result = self._results.pop(row.id, None) or RunResult()
+        if status in FAILED_STATUSES or snapshot.status in ("error", "aborted"):
+            ended = snapshot.status if snapshot.status in ("error", "aborted") else status
+            statements = await self.replies.notice(row, "task_failed", reason=ended, task_url=snapshot.url)
+            await self._finish(row, InboundState.FAILED, f"task {snapshot.status}", statements, snapshot, turn)
+            return
+        if not result.sources and not result.files:
+            with contextlib.suppress(MailgateError):
+                recovered = await self.api.worker_run(await self._worker_id(row), row.task_id)
+                # older servers ignore ?taskId= and answer the worker's latest run: use it only if it is ours
+                if recovered is not None and recovered.text.strip() == turn.output_text.strip():
+                    result = recovered
+        text = turn.output_text or result.text
+        attached, linked = await self._collect_files(list(turn.files) or result.files)
+        statements = await self.replies.answer(
+            row, text=text, sources=result.sources, task_url=snapshot.url or result.url, attached=attached,
+            linked=linked, skipped=_skipped(row.skipped),
+        )
+        await self._finish(row, InboundState.ANSWERED, None, statements, snapshot, turn)
+        log.info("turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq})
+
+    async def _worker_id(self, row: InboundRow) -> str:
+        assert row.task_id is not None
+        task = await self.store.task_row(row.task_id)
+        return task.worker_id if task else ""
+
+    async def _collect_files(self, files: list) -> tuple[list[AttachedFile], list[LinkedFile]]:  # type: ignore[type-arg]
+        attached: list[AttachedFile] = []
+        linked: list[LinkedFile] = []
+        room = self.settings.output_total_max
+        for f in files:
+            name = f.filename or f.url.rstrip("/").rpartition("/")[2] or "file"
+            cap = min(self.settings.output_file_max, room)
+            if f.size is not None and f.size > cap:
+                linked.append(LinkedFile(name, f.url, f"{compose.human_size(f.size)}, too large to attach"))
+                continue
+            try:
+                data, ctype = await self.api.download(f.url, max_bytes=cap)
+            except TooLarge:
+                linked.append(LinkedFile(name, f.url, "too large to attach"))
+                continue
+            except MailgateError:
+                linked.append(LinkedFile(name, f.url, "could not be downloaded"))
+                continue
+            room -= len(data)
+            attached.append(AttachedFile(name, f.media_type or ctype or "application/octet-stream", data))
+        return attached, linked
+
+    async def _poll_later(self, row: InboundRow) -> None:
+        """The turn is still running: look again later (sooner for young turns), up to the horizon."""
+        if self.clock() - row.received_at > self.settings.retry_horizon:
+            statements = await self.replies.notice(row, "gave_up")
+            await self._finish(row, InboundState.FAILED, "the turn did not finish within the retry horizon", statements)
+            return
+        waited = self.clock() - row.updated_at
+        delay = min(30.0, max(self.poll_base, waited / 4))
+        await self.store.write([update("inbound", row.id, next_attempt_at=self.clock() + delay)])
+
+    # --- endings -------------------------------------------------------------------------------
+
+    async def _finish(
+        self,
+        row: InboundRow,
+        state: InboundState,
+        reason: str | None,
+        statements: list[Statement],
+        snapshot: TaskSnapshot | None = None,
+        turn: Turn | None = None,
+    ) -> None:
+        now = self.clock()
+        todo = [*statements, update("inbound", row.id, state=state, reason=reason, updated_at=now, next_attempt_at=0,
+                                    turn_seq=turn.seq if turn else row.turn_seq)]
+        if snapshot is not None and row.task_id:
+            todo.append(update("task", row.task_id, url=snapshot.url, turns=len(snapshot.turns)))
+        await self.store.write(todo)
+        self.spool.remove(row.id)
+        if statements:
+            self.on_outbox()
+        log.info("message_done", extra={"inbound": row.id, "state": str(state), "reason": reason})
+
+    async def _retry_later(self, row: InboundRow, exc: ApiUnavailable) -> None:
+        fresh = await self.store.inbound(row.id) or row
+        if self.clock() - fresh.received_at > self.settings.retry_horizon:
+            statements = await self.replies.notice(fresh, "gave_up")
+            await self._finish(fresh, InboundState.FAILED, f"gave up after the retry horizon: {exc}", statements)
+            return
+        delay = backoff(max(1, fresh.attempts), base=self.retry_base, hint=exc.retry_after)
+        state = InboundState.RUNNING if fresh.state == InboundState.RUNNING else InboundState.QUEUED
+        log.warning("api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)})
+        await self.store.set_inbound(row.id, state=state, next_attempt_at=self.clock() + delay, last_error=str(exc))
+
+    async def _rejected(self, row: InboundRow, exc: ApiRejected) -> None:
+        fresh = await self.store.inbound(row.id) or row
+        once = False
+        if exc.status == 402:
+            kind, once = "out_of_credits", True
+            log.error("api_out_of_credits", extra={"inbound": row.id, "task": row.task_id})
+        elif exc.status == 403 and not fresh.new_task:
+            kind = "wrong_worker"
+        elif exc.status == 404:
+            kind = "task_not_found"
+        else:
+            kind = "api_rejected"
+        # nothing was created: the next try (after an operator's replay) posts again
+        statements = await self.replies.notice(fresh, kind, reason=exc.reason, once_per_thread_per_day=once)
+        await self._finish(fresh, InboundState.FAILED, f"API {exc.status}: {exc.reason}", statements)
+
+    async def _crashed(self, row: InboundRow, exc: Exception) -> None:
+        log.exception("message_crashed", extra={"inbound": row.id})
+        fresh = await self.store.inbound(row.id) or row
+        crashes = fresh.crashes + (0 if fresh.state == InboundState.RECEIVED else 1)
+        if crashes >= self.settings.max_processing_attempts:
+            statements = await self.replies.notice(fresh, "gave_up")
+            await self._finish(
+                fresh, InboundState.FAILED, f"quarantined after {crashes} failed attempts: {type(exc).__name__}", statements
+            )
+            return
+        delay = backoff(crashes, base=self.retry_base)
+        await self.store.set_inbound(
+            row.id, crashes=crashes, next_attempt_at=self.clock() + delay, last_error=f"{type(exc).__name__}: {exc}"[:500]
+        )
+
+    def _hold(self, error: str) -> None:
+        now = self.clock()
+        self._hold_until = now + HOLD_SECONDS
+        if now - self._last_loud >= LOUD_EVERY:
+            self._last_loud = now
+            log.error(
+                "api_key_rejected: HANDINGER_API_KEY is missing, wrong or revoked; all messages are held and "
+                "will be retried",
+                extra={"error": error},
+            )
+
+
+def find_turn(snapshot: TaskSnapshot, row: InboundRow) -> Turn | None:
+    """The turn `row` created, if the API has it: matched by input, else by its expected number."""
+    want = (row.input or "").strip()
+    start = row.turn_seq or 0
+    for turn in snapshot.turns:
+        if turn.seq >= start and turn.input.strip() == want:
+            return turn
+    if row.turn_seq is not None and row.attempts > 0:
+        for turn in snapshot.turns:
+            if turn.seq == row.turn_seq:
+                return turn
+    return None
+
+
+def _skipped(data: str | None) -> list[SkippedFile]:
+    return [SkippedFile(s["filename"], s["reason"]) for s in json.loads(data or "[]")]

@@ -1,0 +1,181 @@
+"""Wiring: the one place that builds the components, starts them, and stops them in order.
+
+Start-up: the store (and the reply-token secret), the API client, the renderer, the runner, the outbox,
+then the listeners. Shutdown: stop the listeners, let jobs in hand finish within a deadline, cancel the
+rest (their rows say where to resume), then close the client and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from mailgate.api import HandingerClient
+from mailgate.config import Listen, Settings
+from mailgate.ingress import Handler, protocol_factory
+from mailgate.intake import Intake
+from mailgate.outbound import Delivery, make_delivery
+from mailgate.outbox import Outbox
+from mailgate.render import Renderer
+from mailgate.replies import Replies
+from mailgate.runner import Runner
+from mailgate.spool import Spool
+from mailgate.store import Store
+
+log = logging.getLogger("mailgate.service")
+
+
+class StartupError(Exception):
+    """The gateway cannot start (port in use, store unusable): exit 3."""
+
+
+class Gateway:
+    """The running daemon. `async with Gateway(settings) as gw:` starts it; leaving stops it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        api_transport: httpx.AsyncBaseTransport | None = None,
+        delivery: Delivery | None = None,
+        dkim_dns: Callable[..., Any] | None = None,
+        shutdown_deadline: float = 10.0,
+        poll_base: float = 1.0,
+        retry_base: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self._api_transport = api_transport
+        self._delivery = delivery
+        self._dkim_dns = dkim_dns
+        self.shutdown_deadline = shutdown_deadline
+        self._poll_base = poll_base
+        self._retry_base = retry_base
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.store: Store
+        self.runner: Runner
+        self.outbox: Outbox
+        self.api: HandingerClient
+
+    @property
+    def smtp_port(self) -> int:
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def lmtp_address(self) -> Any:
+        return self._servers[1].sockets[0].getsockname() if len(self._servers) > 1 else None
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            self.store = await Store.open(s.database)
+        except Exception as exc:
+            raise StartupError(f"the store at {s.database} is unusable: {exc}") from exc
+        secret = (s.secret or await self.store.secret()).encode()
+        self.api = HandingerClient(
+            s.base_url, s.api_key, concurrency=s.concurrency, timeout=s.api_timeout,
+            send_triggered_by=s.send_triggered_by, files_field=s.files_field, stream=s.stream,
+            transport=self._api_transport,
+        )
+        renderer = Renderer(s.templates_dir)
+        delivery = self._delivery or make_delivery(s)
+        self.outbox = Outbox(self.store, delivery, horizon=s.retry_horizon)
+        self.runner = Runner(
+            s, self.store, self.api, Replies(s, self.store, renderer, secret), Spool(s.spool_dir),
+            on_outbox=self.outbox.wake, poll_base=self._poll_base, retry_base=self._retry_base,
+        )
+        intake = Intake(s, self.store, secret, dkim_dns=self._dkim_dns)
+        await self.store.reset_for_restart()
+        self._tasks = [
+            asyncio.create_task(self._supervise(self.runner.run, "runner"), name="runner"),
+            asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
+        ]
+        tls = self._tls_context()
+        loop = asyncio.get_running_loop()
+        hostname = s.domain
+        try:
+            for listen, lmtp in ((s.listen, False), (s.lmtp_listen, True)):
+                if listen is None:
+                    continue
+                handler = Handler(intake, max_recipients=s.max_recipients, is_lmtp=lmtp, on_accepted=self.runner.wake)
+                factory = protocol_factory(
+                    handler, hostname=hostname, data_size_limit=s.max_message_size, timeout=s.smtp_timeout,
+                    max_connections=s.max_connections, tls_context=tls, require_starttls=s.require_starttls,
+                    lmtp=lmtp,
+                )
+                self._servers.append(await _listen(loop, factory, listen))
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(f"cannot listen: {exc}") from exc
+        log.info("started", extra={"smtp": f"{s.listen.host}:{self.smtp_port}", "lmtp": str(s.lmtp_listen or "off"),
+                                   "api": s.base_url, "auth": s.auth})
+        if s.auth == "none":
+            log.warning("MAILGATE_AUTH=none: the From header is trusted as is; use only for demos and trusted networks")
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        return context
+
+    async def _supervise(self, run: Callable[[], Any], name: str) -> None:
+        """Keep a background loop alive: a failing iteration is logged and the loop restarts."""
+        while True:
+            try:
+                await run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("loop_failed", extra={"loop": name})
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=self.shutdown_deadline)
+        self._servers.clear()
+        cancelled = 0
+        if hasattr(self, "runner"):
+            cancelled += await self.runner.drain(self.shutdown_deadline)
+            cancelled += await self.outbox.drain(self.shutdown_deadline)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if hasattr(self, "api"):
+            await self.api.aclose()
+        if hasattr(self, "store"):
+            await self.store.close()
+        log.info("stopped", extra={"cancelled": cancelled})
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def _listen(loop: asyncio.AbstractEventLoop, factory: Any, listen: Listen) -> asyncio.base_events.Server:
+    if listen.unix_path:
+        with contextlib.suppress(FileNotFoundError):
+            import os
+
+            os.unlink(listen.unix_path)
+        return await loop.create_unix_server(factory, listen.unix_path)
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    return await loop.create_server(factory, listen.host, listen.port, family=family, reuse_address=True)
