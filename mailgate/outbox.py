@@ -17,7 +17,7 @@ from collections.abc import Callable
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
 from mailgate.models import OutboxState
 from mailgate.outbound import Delivery
-from mailgate.runner import backoff
+from mailgate.runner import _wait, backoff
 from mailgate.store import OutboxRow, Store
 
 log = logging.getLogger("mailgate.outbox")
@@ -55,8 +55,7 @@ class Outbox:
                     self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
             due = await self.store.next_due("outbox")
             timeout = 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await _wait(self._wake, timeout)
 
     async def drain(self, timeout: float) -> int:
         jobs = list(self._busy.values())

@@ -99,8 +99,7 @@ class Runner:
             timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
             if now < self._hold_until:
                 timeout = max(timeout, self._hold_until - now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout if timeout > 0 else 0.05)
+            await _wait(self._wake, timeout)
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
@@ -358,6 +357,14 @@ class Runner:
                 "will be retried",
                 extra={"error": error},
             )
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for `event` at most `timeout` seconds. `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for`
+    can swallow a cancellation that races with the event, and a loop would then never stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(timeout, 0.01)):
+            await event.wait()
 
 
 def find_turn(snapshot: TaskSnapshot, row: InboundRow) -> Turn | None:

@@ -109,24 +109,34 @@ async def test_replies_go_to_the_maildir_without_a_relay(make_gateway: Any, tmp_
 
 async def test_lmtp_answers_per_recipient(make_gateway: Any, tmp_path: Path, sandbox: Any, relay: Any) -> None:
     """LMTP gives one reply per recipient after DATA, and both workers get their own task."""
-    import aiosmtplib
+    import asyncio
 
     sock = tmp_path / "lmtp.sock"
     async with make_gateway(MAILGATE_LMTP_LISTEN=f"unix:{sock}") as gw:
         assert gw.lmtp_address is not None
-        client = aiosmtplib.SMTP(hostname=None, port=None, socket_path=str(sock), timeout=10)
-        await client.connect()
-        reply = await client.execute_command(b"LHLO", b"test.example")
-        assert reply.code == 250
-        await client.mail("alice@example.org")
-        await client.rcpt("research@agents.example.com")
-        await client.rcpt("writer@agents.example.com")
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+
+        async def reply() -> bytes:
+            lines = []
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 10)
+                lines.append(line)
+                if line[3:4] != b"-":
+                    return b"".join(lines)
+
+        assert (await reply()).startswith(b"220")
         mail = make_mail(to=["research@agents.example.com", "writer@agents.example.com"])
-        await client.execute_command(b"DATA")
-        client.transport.write(mail.as_bytes().replace(b"\n", b"\r\n") + b"\r\n.\r\n")  # type: ignore[union-attr]
-        first = await client.protocol.read_response(timeout=10)  # type: ignore[union-attr]
-        second = await client.protocol.read_response(timeout=10)  # type: ignore[union-attr]
-        assert first.code == 250 and second.code == 250
-        client.close()
+        for command in (b"LHLO test.example", b"MAIL FROM:<alice@example.org>",
+                        b"RCPT TO:<research@agents.example.com>", b"RCPT TO:<writer@agents.example.com>", b"DATA"):
+            writer.write(command + b"\r\n")
+            assert (await reply())[:1] in (b"2", b"3")
+        writer.write(mail.as_bytes().replace(b"\n", b"\r\n") + b".\r\n")
+        first, second = await reply(), await reply()
+        assert first.startswith(b"250 2.0.0") and second.startswith(b"250 2.0.0")
+        assert first != second  # each recipient has its own queue id
+        writer.write(b"QUIT\r\n")
+        await reply()
+        writer.close()
+        await writer.wait_closed()
         await relay.wait_for(2, timeout=15)
     assert sorted(r.worker_id for r in sandbox.state.requests) == ["wrk_research", "wrk_writer"]

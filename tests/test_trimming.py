@@ -126,7 +126,7 @@ def test_mobile_footers_are_cut(footer: str) -> None:
         "-----Ursprüngliche Nachricht-----\nVon: Bob\nGesendet: Montag\nAn: Ann\nBetreff: Hallo\n\nalt",
         "De : Bob\nEnvoyé : lundi\nÀ : Ann\nObjet : Salut\n\nancien",
         "Från: Bob\nSkickat: den 5 juni 2017\nTill: ann@example.com\nÄmne: Hej\n\ngammal",
-        "---------- Forwarded message ---------\nFrom: Bob <bob@example.com>\nDate: Tue\nSubject: x\nTo: <a@b>",
+        "---------- Forwarded message ---------\nFrom: Bob <b@x.org>\nDate: Tue\nSubject: x\nTo: <a@b>",
     ],
     ids=["original", "original-spaced", "outlook-headers", "outlook-rule", "bold", "de", "fr", "sv", "fwd"],
 )
