@@ -25,31 +25,42 @@ EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailgate", description="Email-triggered task gateway for Handinger workers.")
+    parser = argparse.ArgumentParser(
+        prog="mailgate", description="Email-triggered task gateway for Handinger workers."
+    )
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_: str, *, env: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if env:
-            p.add_argument("--env-file", metavar="PATH", help="read settings from this .env file (environment wins)")
+            p.add_argument(
+                "--env-file", metavar="PATH", help="read settings from this .env file (environment wins)"
+            )
         return p
 
     verb("serve", "run the gateway (SMTP/LMTP in, replies out)")
     verb("check", "validate the configuration, the store and the API key, then exit")
-    p = verb("sandbox", "run the local Handinger-compatible API (for trying mailgate and for tests)", env=False)
+    p = verb(
+        "sandbox", "run the local Handinger-compatible API (for trying mailgate and for tests)", env=False
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8787)
     p.add_argument("--api-key", default=None, help="require this bearer key (default: none)")
     p.add_argument("--era", choices=("seed", "new"), default="seed", help="API behaviour to imitate")
     p.add_argument("--turn-seconds", type=float, default=0.0, help="how long each echo turn works")
-    p = verb("demo", "run the sandbox and the gateway on the embedded defaults and send a sample email", env=False)
+    p = verb(
+        "demo", "run the sandbox and the gateway on the embedded defaults and send a sample email", env=False
+    )
     p.add_argument("--dir", default="var/demo", help="where the demo keeps its database and Maildir")
     p.add_argument("--smtp-port", type=int, default=2525)
     p.add_argument("--api-port", type=int, default=8787)
     p.add_argument("--once", action="store_true", help="exit after the sample reply instead of running on")
-    for name, help_ in (("messages", "list inbound messages"), ("outbox", "list outbound messages"),
-                        ("tasks", "list tasks")):
+    for name, help_ in (
+        ("messages", "list inbound messages"),
+        ("outbox", "list outbound messages"),
+        ("tasks", "list tasks"),
+    ):
         p = verb(name, help_)
         if name != "tasks":
             p.add_argument("--state", default=None)
@@ -77,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "demo":
             from mailgate.demo import demo
 
-            return _run(demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once))
+            return _run(
+                demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once)
+            )
         settings = load_settings(args.env_file, os.environ)
         logs.setup(settings.log_level)
         if args.verb == "serve":
@@ -163,7 +176,9 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         try:
             await api.get_task("tsk_mailgate_check")
         except MailgateError as exc:
-            print(f"mailgate: the API at {settings.base_url} did not answer as expected: {exc}", file=sys.stderr)
+            print(
+                f"mailgate: the API at {settings.base_url} did not answer as expected: {exc}", file=sys.stderr
+            )
             return EXIT_STARTUP
         finally:
             await api.aclose()
@@ -186,13 +201,19 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         if (row := await store.inbound(args.id)) is not None:
             raw = await store.raw(row.raw_id)
             head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-            found = {"inbound": _public(row), "headers": head,
-                     "outbox": [_public(o) for o in await store.outbox_for(row.id)]}
+            found = {
+                "inbound": _public(row),
+                "headers": head,
+                "outbox": [_public(o) for o in await store.outbox_for(row.id)],
+            }
         elif (o := await store.outbox_row(args.id)) is not None:
             found = {"outbox": _public(o)}
         elif (t := await store.task_row(args.id)) is not None:
-            found = {"task": _public(t), "participants": await store.participants(t.id),
-                     "messages": [_public(m) for m in await store.messages_of_task(t.id)]}
+            found = {
+                "task": _public(t),
+                "participants": await store.participants(t.id),
+                "messages": [_public(m) for m in await store.messages_of_task(t.id)],
+            }
         if found is None:
             print(f"mailgate: no message, outbox row or task {args.id}", file=sys.stderr)
             return EXIT_USAGE

@@ -81,9 +81,7 @@ def compose(
         whole = mail.text.strip()
         if own and whole.startswith(own):
             context = whole[len(own) :].strip()
-        elif not own:
-            context = whole
-        elif own != whole:
+        elif not own or own != whole:
             context = whole
     if not own and not context and not files and not (new_task and mail.subject):
         return Composed("", (), tuple(skipped))
@@ -101,5 +99,7 @@ def compose(
         parts += ["", "Attached files: " + ", ".join(f.filename for f in files)]
     text = "\n".join(parts)
     if len(text) > MAX_INPUT_CHARS:
-        text = text[:MAX_INPUT_CHARS] + "\n[... the rest of the message was cut: it is over 100,000 characters]"
+        text = (
+            text[:MAX_INPUT_CHARS] + "\n[... the rest of the message was cut: it is over 100,000 characters]"
+        )
     return Composed(text, tuple(files), tuple(skipped))

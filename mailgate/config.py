@@ -24,7 +24,9 @@ AuthMode = Literal["dmarc", "dkim", "none"]
 T = TypeVar("T")
 
 _LOCAL_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,23}$")  # room for "+<39-char token>" in 64 octets
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,11 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
                 )
     tls_cert = p.get("MAILGATE_TLS_CERT", _existing_file, None)
     tls_key = p.get("MAILGATE_TLS_KEY", _existing_file, None)
-    if (tls_cert is None) != (tls_key is None) and "MAILGATE_TLS_CERT" in values and "MAILGATE_TLS_KEY" in values:
+    if (
+        (tls_cert is None) != (tls_key is None)
+        and "MAILGATE_TLS_CERT" in values
+        and "MAILGATE_TLS_KEY" in values
+    ):
         pass  # one of them is already reported as missing
     elif (tls_cert is None) != (tls_key is None):
         problems.append("MAILGATE_TLS_CERT / MAILGATE_TLS_KEY: set both or neither")
@@ -182,7 +188,8 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         output_file_max=p.get("MAILGATE_OUTPUT_FILE_MAX", _positive_int, 10 * MiB) or 10 * MiB,
         output_total_max=p.get("MAILGATE_OUTPUT_TOTAL_MAX", _positive_int, 20 * MiB) or 20 * MiB,
         max_new_tasks_per_hour=p.get("MAILGATE_MAX_NEW_TASKS_PER_HOUR", _positive_int, 20) or 20,
-        max_turns_per_thread_per_hour=p.get("MAILGATE_MAX_TURNS_PER_THREAD_PER_HOUR", _positive_int, 12) or 12,
+        max_turns_per_thread_per_hour=p.get("MAILGATE_MAX_TURNS_PER_THREAD_PER_HOUR", _positive_int, 12)
+        or 12,
         max_notices_per_day=p.get("MAILGATE_MAX_NOTICES_PER_DAY", _positive_int, 10) or 10,
         max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
         max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
@@ -203,7 +210,9 @@ class _Parser:
         self.values = values
         self.problems = problems
 
-    def get(self, key: str, parse: Callable[[str], T], default: T | None = None, *, required: bool = False) -> T | None:
+    def get(
+        self, key: str, parse: Callable[[str], T], default: T | None = None, *, required: bool = False
+    ) -> T | None:
         value = self.values.get(key)
         if value is None:
             if required:
@@ -270,7 +279,9 @@ def _workers(value: str) -> dict[str, Worker]:
         if not sep or not rest.strip():
             raise ValueError(f"{item!r}: expected alias=wrk_id[:budget]")
         if not _LOCAL_PART.match(alias) or "+" in alias:
-            raise ValueError(f"{alias!r}: an alias is a plain local part of at most 24 characters (letters, digits, . _ -)")
+            raise ValueError(
+                f"{alias!r}: an alias is a plain local part of at most 24 characters (letters, digits, . _ -)"
+            )
         worker_id, _, budget = rest.strip().partition(":")
         budget = budget.strip().lower() or "standard"
         if budget not in BUDGETS:
@@ -286,9 +297,7 @@ def _workers(value: str) -> dict[str, Worker]:
 def _senders(value: str) -> tuple[str, ...]:
     senders = []
     for item in filter(None, (part.strip().lower() for part in value.split(","))):
-        if item == "*" or (item.startswith("@") and _DOMAIN.match(item[1:])):
-            senders.append(item)
-        elif item.count("@") == 1 and all(item.split("@")) and _DOMAIN.match(item.split("@")[1]):
+        if item == "*" or (item.startswith("@") and _DOMAIN.match(item[1:])) or (item.count("@") == 1 and all(item.split("@")) and _DOMAIN.match(item.split("@")[1])):
             senders.append(item)
         else:
             raise ValueError(f"{item!r}: expected user@domain, @domain or *")
@@ -339,11 +348,15 @@ def _listen_or_unix(value: str) -> Listen:
 def _relay(value: str) -> Relay:
     parts = urlsplit(value)
     if parts.scheme not in ("smtp", "smtp+starttls", "smtps"):
-        raise ValueError(f"scheme must be smtp://, smtp+starttls:// or smtps://, got {parts.scheme or value!r}://")
+        raise ValueError(
+            f"scheme must be smtp://, smtp+starttls:// or smtps://, got {parts.scheme or value!r}://"
+        )
     if not parts.hostname:
         raise ValueError("no host given")
     try:
-        port = parts.port or (465 if parts.scheme == "smtps" else 587 if parts.scheme == "smtp+starttls" else 25)
+        port = parts.port or (
+            465 if parts.scheme == "smtps" else 587 if parts.scheme == "smtp+starttls" else 25
+        )
     except ValueError:
         raise ValueError("bad port") from None
     return Relay(

@@ -110,8 +110,21 @@ async def _wait_for_new(box: mailbox.Maildir, before: set[str], *, timeout: floa
             from email import message_from_bytes
 
             parsed = message_from_bytes(data, policy=default)
-            head = "\n".join(f"{k}: {v}" for k, v in parsed.items() if k in (
-                "From", "To", "Reply-To", "Subject", "Message-ID", "In-Reply-To", "References", "Auto-Submitted"))
+            head = "\n".join(
+                f"{k}: {v}"
+                for k, v in parsed.items()
+                if k
+                in (
+                    "From",
+                    "To",
+                    "Reply-To",
+                    "Subject",
+                    "Message-ID",
+                    "In-Reply-To",
+                    "References",
+                    "Auto-Submitted",
+                )
+            )
             body = parsed.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
             del msg
             return head + "\n\n" + (body.get_content() if body is not None else "")

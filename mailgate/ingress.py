@@ -28,14 +28,19 @@ class Handler:
     """aiosmtpd handler hooks. `is_lmtp` selects one DATA reply per recipient."""
 
     def __init__(
-        self, intake: Intake, *, max_recipients: int, is_lmtp: bool = False, on_accepted: Callable[[], None] = lambda: None
+        self,
+        intake: Intake,
+        *,
+        max_recipients: int,
+        is_lmtp: bool = False,
+        on_accepted: Callable[[], None] = lambda: None,
     ) -> None:
         self.intake = intake
         self.on_accepted = on_accepted
         self.max_recipients = max_recipients
         self.is_lmtp = is_lmtp
 
-    async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
@@ -45,7 +50,7 @@ class Handler:
             envelope.rcpt_tos.append(address)
         return str(reply)
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         if isinstance(raw, str):  # pragma: no cover (we never set decode_data)
             raw = raw.encode("utf-8", "surrogateescape")
@@ -61,7 +66,15 @@ class Handler:
         if any(r.ok for r in replies):
             self.on_accepted()
         for rcpt, reply in zip(rcpts, replies, strict=True):
-            log.info("data", extra={"peer": session.peer, "mail_from": envelope.mail_from, "rcpt": rcpt, "reply": str(reply)})
+            log.info(
+                "data",
+                extra={
+                    "peer": session.peer,
+                    "mail_from": envelope.mail_from,
+                    "rcpt": rcpt,
+                    "reply": str(reply),
+                },
+            )
         if self.is_lmtp:
             return "\r\n".join(str(r) for r in replies)
         return str(combine(replies))

@@ -80,8 +80,14 @@ class Intake:
         if tag is not None and threads.looks_like_token(tag):
             task_id = threads.task_id_of_token(tag)
             ref = await self.store.task(task_id) if task_id else None
-            if ref is None or ref.alias != alias or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner):
-                return Reply(550, "5.1.1 This reply address is not valid (altered or unknown); write to the worker")
+            if (
+                ref is None
+                or ref.alias != alias
+                or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner)
+            ):
+                return Reply(
+                    550, "5.1.1 This reply address is not valid (altered or unknown); write to the worker"
+                )
         return Reply(250, "2.1.5 Ok")
 
     async def accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[Reply]:
@@ -111,7 +117,9 @@ class Intake:
         if reason is None:
             verdict = await self._authenticate(raw, headers)
             if verdict.sender is None and verdict.temporary:
-                raise MessageRejected(451, "4.7.0", f"Sender authentication could not complete: {verdict.reason}")
+                raise MessageRejected(
+                    451, "4.7.0", f"Sender authentication could not complete: {verdict.reason}"
+                )
             if verdict.sender is None:
                 raise MessageRejected(550, "5.7.1", f"Sender not authenticated: {verdict.reason}")
             if not policy.sender_allowed(verdict.sender, settings.allowed_senders):
@@ -129,13 +137,23 @@ class Intake:
                 continue
             queue_id = str(ULID())
             row: dict[str, Any] = {
-                "id": queue_id, "raw_id": raw_id, "received_at": now, "updated_at": now, "mail_from": mail_from,
-                "rcpt": rcpt.lower(), "alias": alias, "sender": sender, "message_id": message_id,
-                "subject": subject, "dedupe_key": key,
+                "id": queue_id,
+                "raw_id": raw_id,
+                "received_at": now,
+                "updated_at": now,
+                "mail_from": mail_from,
+                "rcpt": rcpt.lower(),
+                "alias": alias,
+                "sender": sender,
+                "message_id": message_id,
+                "subject": subject,
+                "dedupe_key": key,
             }
             if reason is not None or sender is None:
                 row |= {"state": InboundState.IGNORED, "reason": reason}
-                plans.append(_Plan(rcpt, Reply(250, f"2.0.0 Ok: queued as {queue_id}"), [insert("inbound", row)]))
+                plans.append(
+                    _Plan(rcpt, Reply(250, f"2.0.0 Ok: queued as {queue_id}"), [insert("inbound", row)])
+                )
                 continue
             try:
                 plan = await self._plan_task(rcpt, alias, tag, sender, headers, row, now, new_tasks_here)
@@ -185,13 +203,17 @@ class Intake:
                 references=parsing.msgid_list(_header(headers, "references")),
             )
         except threads.BadToken:
-            raise MessageRejected(550, "5.1.1", "This reply address is not valid (altered or unknown)") from None
+            raise MessageRejected(
+                550, "5.1.1", "This reply address is not valid (altered or unknown)"
+            ) from None
         statements: list[Statement] = []
         if found.task is not None:
             task_id = found.task.task_id
             turns = await self.store.count_turns(task_id, now - HOUR)
             if turns >= settings.max_turns_per_thread_per_hour:
-                raise MessageRejected(450, "4.7.1", "Too many messages in this conversation in the last hour; try later")
+                raise MessageRejected(
+                    450, "4.7.1", "Too many messages in this conversation in the last hour; try later"
+                )
         else:
             worker = settings.worker_for(alias)
             assert worker is not None  # checked at RCPT
@@ -204,8 +226,13 @@ class Intake:
                 insert(
                     "task",
                     {
-                        "id": task_id, "alias": alias, "worker_id": worker.worker_id, "owner": sender,
-                        "budget": budget, "subject": row["subject"], "created_at": now,
+                        "id": task_id,
+                        "alias": alias,
+                        "worker_id": worker.worker_id,
+                        "owner": sender,
+                        "budget": budget,
+                        "subject": row["subject"],
+                        "created_at": now,
                     },
                 )
             )
@@ -218,7 +245,9 @@ class Intake:
             for a in parsing.address_list(headers, name)
             if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
         }
-        statements += [insert("participant", {"task_id": task_id, "addr": p}, or_ignore=True) for p in sorted(people)]
+        statements += [
+            insert("participant", {"task_id": task_id, "addr": p}, or_ignore=True) for p in sorted(people)
+        ]
         if row["message_id"]:
             statements.append(
                 insert(
@@ -244,7 +273,7 @@ def combine(replies: Sequence[Reply]) -> Reply:
 def _header(msg: EmailMessage, name: str) -> str:
     try:
         value = msg.get(name)
-    except Exception:  # noqa: BLE001 (a malformed header must not fail the session)
+    except Exception:
         return ""
     return "" if value is None else str(value)
 

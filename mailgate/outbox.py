@@ -8,7 +8,6 @@ message bytes, and so the Message-ID, never change between attempts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -82,13 +81,17 @@ class Outbox:
     async def _attempt(self, row: OutboxRow) -> None:
         attempts = row.attempts + 1
         try:
-            report = await self.delivery.deliver(row.data, mail_from=row.mail_from, recipients=row.recipient_list)
+            report = await self.delivery.deliver(
+                row.data, mail_from=row.mail_from, recipients=row.recipient_list
+            )
         except DeliveryDeferred as exc:
             await self._defer(row, str(exc))
             return
         except DeliveryFailed as exc:
             log.error("outbox_dead", extra={"outbox": row.id, "error": str(exc)})
-            await self.store.set_outbox(row.id, state=OutboxState.DEAD, attempts=attempts, last_error=str(exc)[:1000])
+            await self.store.set_outbox(
+                row.id, state=OutboxState.DEAD, attempts=attempts, last_error=str(exc)[:1000]
+            )
             return
         now = self.clock()
         await self.store.set_outbox(
@@ -99,17 +102,25 @@ class Outbox:
             last_error=report.response[:1000],
             refused=json.dumps(report.refused) if report.refused else None,
         )
-        log.info("outbox_sent", extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)})
+        log.info(
+            "outbox_sent",
+            extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)},
+        )
 
     async def _defer(self, row: OutboxRow, error: str) -> None:
         attempts = row.attempts + 1
         if self.clock() - row.created_at > self.horizon:
             log.error("outbox_dead", extra={"outbox": row.id, "error": error, "why": "retry horizon"})
-            await self.store.set_outbox(row.id, state=OutboxState.DEAD, attempts=attempts, last_error=error[:1000])
+            await self.store.set_outbox(
+                row.id, state=OutboxState.DEAD, attempts=attempts, last_error=error[:1000]
+            )
             return
         delay = backoff(attempts, base=self.retry_base, cap=1800.0)
         log.warning("outbox_deferred", extra={"outbox": row.id, "error": error, "retry_in": round(delay, 1)})
         await self.store.set_outbox(
-            row.id, state=OutboxState.RETRY, attempts=attempts, next_attempt_at=self.clock() + delay,
+            row.id,
+            state=OutboxState.RETRY,
+            attempts=attempts,
+            next_attempt_at=self.clock() + delay,
             last_error=error[:1000],
         )

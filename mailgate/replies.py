@@ -72,15 +72,29 @@ class Replies:
         return headers, [row.sender, *cc]
 
     def _statements(
-        self, row: InboundRow, msg: EmailMessage, headers: ReplyHeaders, recipients: list[str], kind: str,
+        self,
+        row: InboundRow,
+        msg: EmailMessage,
+        headers: ReplyHeaders,
+        recipients: list[str],
+        kind: str,
         notice: str | None,
     ) -> list[Statement]:
         now = time.time()
         data = msg.as_bytes(policy=SMTP)
         outbox = {
-            "id": str(ULID()), "inbound_id": row.id, "task_id": row.task_id, "kind": kind, "notice": notice,
-            "message_id": headers.message_id, "mail_from": headers.from_addr, "recipients": json.dumps(recipients),
-            "data": data, "state": OutboxState.PENDING, "created_at": now, "updated_at": now,
+            "id": str(ULID()),
+            "inbound_id": row.id,
+            "task_id": row.task_id,
+            "kind": kind,
+            "notice": notice,
+            "message_id": headers.message_id,
+            "mail_from": headers.from_addr,
+            "recipients": json.dumps(recipients),
+            "data": data,
+            "state": OutboxState.PENDING,
+            "created_at": now,
+            "updated_at": now,
         }
         statements = [insert("outbox", outbox)]
         if row.task_id:
@@ -106,8 +120,14 @@ class Replies:
     ) -> list[Statement]:
         headers, recipients = await self._headers(row)
         msg = self.renderer.answer(
-            headers, answer_markdown=text, sources=sources, task_url=task_url, attached=attached, linked=linked,
-            skipped=skipped, note=row.note,
+            headers,
+            answer_markdown=text,
+            sources=sources,
+            task_url=task_url,
+            attached=attached,
+            linked=linked,
+            skipped=skipped,
+            note=row.note,
         )
         return self._statements(row, msg, headers, recipients, "answer", None)
 
@@ -126,10 +146,18 @@ class Replies:
             return []
         since = time.time() - DAY
         if await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
-            log.warning("notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "daily notice limit"})
+            log.warning(
+                "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "daily notice limit"}
+            )
             return []
-        if once_per_thread_per_day and row.task_id and await self.store.count_notices_for_task(row.task_id, kind, since):
-            log.info("notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "already told today"})
+        if (
+            once_per_thread_per_day
+            and row.task_id
+            and await self.store.count_notices_for_task(row.task_id, kind, since)
+        ):
+            log.info(
+                "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "already told today"}
+            )
             return []
         headers, recipients = await self._headers(row)
         msg = self.renderer.notice(headers, kind, reason=reason, task_url=task_url, skipped=skipped)
@@ -139,6 +167,6 @@ class Replies:
 def _get(msg: EmailMessage, name: str) -> str:
     try:
         value = msg.get(name)
-    except Exception:  # noqa: BLE001 (malformed header)
+    except Exception:
         return ""
     return "" if value is None else str(value)

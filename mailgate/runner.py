@@ -44,7 +44,7 @@ LOUD_EVERY = 300.0
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 600.0, hint: float | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`: exponential with full jitter, at least `hint`."""
-    delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))  # noqa: S311 (jitter)
+    delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))
     return max(delay, hint or 0.0)
 
 
@@ -138,7 +138,9 @@ class Runner:
             await self._reconcile(row)
         except ApiUnauthorized as exc:
             self._hold(str(exc))
-            await self.store.set_inbound(row.id, next_attempt_at=self.clock() + HOLD_SECONDS, last_error="401")
+            await self.store.set_inbound(
+                row.id, next_attempt_at=self.clock() + HOLD_SECONDS, last_error="401"
+            )
         except ApiUnavailable as exc:
             await self._retry_later(row, exc)
         except ApiRejected as exc:
@@ -166,9 +168,22 @@ class Runner:
         files = await self.spool.write(row.id, turn.files)
         del mail
         values = {
-            "state": InboundState.QUEUED, "input": turn.input, "crashes": 0, "skipped": json.dumps(skipped),
-            "files": json.dumps([{"filename": f.filename, "content_type": f.content_type, "path": str(f.path),
-                                  "size": f.size, "sha256": f.sha256} for f in files]),
+            "state": InboundState.QUEUED,
+            "input": turn.input,
+            "crashes": 0,
+            "skipped": json.dumps(skipped),
+            "files": json.dumps(
+                [
+                    {
+                        "filename": f.filename,
+                        "content_type": f.content_type,
+                        "path": str(f.path),
+                        "size": f.size,
+                        "sha256": f.sha256,
+                    }
+                    for f in files
+                ]
+            ),
         }
         await self.store.set_inbound(row.id, **values)
         return await self.store.inbound(row.id)
@@ -185,7 +200,9 @@ class Runner:
             if snapshot is not None and row.attempts > 0:
                 turn = find_turn(snapshot, row)
                 if turn is not None:  # the earlier POST did reach the API: never post it twice
-                    log.info("turn_recovered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq})
+                    log.info(
+                        "turn_recovered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq}
+                    )
                     await self.store.set_inbound(row.id, state=InboundState.RUNNING, turn_seq=turn.seq)
                     return await self.store.inbound(row.id)
             if snapshot is None and not row.new_task:
@@ -198,7 +215,10 @@ class Runner:
             UploadFile(f["filename"], f["content_type"], Path(f["path"]), f["size"], f["sha256"])
             for f in json.loads(row.files or "[]")
         ]
-        log.info("turn_post", extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)})
+        log.info(
+            "turn_post",
+            extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)},
+        )
         result = await self.api.create_turn(
             task_id=row.task_id, worker_id=task.worker_id, input=row.input, budget=task.budget, files=uploads
         )
@@ -229,7 +249,9 @@ class Runner:
         if status in FAILED_STATUSES or snapshot.status in ("error", "aborted"):
             ended = snapshot.status if snapshot.status in ("error", "aborted") else status
             statements = await self.replies.notice(row, "task_failed", reason=ended, task_url=snapshot.url)
-            await self._finish(row, InboundState.FAILED, f"task {snapshot.status}", statements, snapshot, turn)
+            await self._finish(
+                row, InboundState.FAILED, f"task {snapshot.status}", statements, snapshot, turn
+            )
             return
         if not result.sources and not result.files:
             with contextlib.suppress(MailgateError):
@@ -240,8 +262,13 @@ class Runner:
         text = turn.output_text or result.text
         attached, linked = await self._collect_files(list(turn.files) or result.files)
         statements = await self.replies.answer(
-            row, text=text, sources=result.sources, task_url=snapshot.url or result.url, attached=attached,
-            linked=linked, skipped=_skipped(row.skipped),
+            row,
+            text=text,
+            sources=result.sources,
+            task_url=snapshot.url or result.url,
+            attached=attached,
+            linked=linked,
+            skipped=_skipped(row.skipped),
         )
         await self._finish(row, InboundState.ANSWERED, None, statements, snapshot, turn)
         log.info("turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq})
@@ -277,7 +304,9 @@ class Runner:
         """The turn is still running: look again later (sooner for young turns), up to the horizon."""
         if self.clock() - row.received_at > self.settings.retry_horizon:
             statements = await self.replies.notice(row, "gave_up")
-            await self._finish(row, InboundState.FAILED, "the turn did not finish within the retry horizon", statements)
+            await self._finish(
+                row, InboundState.FAILED, "the turn did not finish within the retry horizon", statements
+            )
             return
         waited = self.clock() - row.updated_at
         delay = min(30.0, max(self.poll_base, waited / 4))
@@ -295,8 +324,18 @@ class Runner:
         turn: Turn | None = None,
     ) -> None:
         now = self.clock()
-        todo = [*statements, update("inbound", row.id, state=state, reason=reason, updated_at=now, next_attempt_at=0,
-                                    turn_seq=turn.seq if turn else row.turn_seq)]
+        todo = [
+            *statements,
+            update(
+                "inbound",
+                row.id,
+                state=state,
+                reason=reason,
+                updated_at=now,
+                next_attempt_at=0,
+                turn_seq=turn.seq if turn else row.turn_seq,
+            ),
+        ]
         if snapshot is not None and row.task_id:
             todo.append(update("task", row.task_id, url=snapshot.url, turns=len(snapshot.turns)))
         await self.store.write(todo)
@@ -309,12 +348,18 @@ class Runner:
         fresh = await self.store.inbound(row.id) or row
         if self.clock() - fresh.received_at > self.settings.retry_horizon:
             statements = await self.replies.notice(fresh, "gave_up")
-            await self._finish(fresh, InboundState.FAILED, f"gave up after the retry horizon: {exc}", statements)
+            await self._finish(
+                fresh, InboundState.FAILED, f"gave up after the retry horizon: {exc}", statements
+            )
             return
         delay = backoff(max(1, fresh.attempts), base=self.retry_base, hint=exc.retry_after)
         state = InboundState.RUNNING if fresh.state == InboundState.RUNNING else InboundState.QUEUED
-        log.warning("api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)})
-        await self.store.set_inbound(row.id, state=state, next_attempt_at=self.clock() + delay, last_error=str(exc))
+        log.warning(
+            "api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)}
+        )
+        await self.store.set_inbound(
+            row.id, state=state, next_attempt_at=self.clock() + delay, last_error=str(exc)
+        )
 
     async def _rejected(self, row: InboundRow, exc: ApiRejected) -> None:
         fresh = await self.store.inbound(row.id) or row
@@ -339,12 +384,18 @@ class Runner:
         if crashes >= self.settings.max_processing_attempts:
             statements = await self.replies.notice(fresh, "gave_up")
             await self._finish(
-                fresh, InboundState.FAILED, f"quarantined after {crashes} failed attempts: {type(exc).__name__}", statements
+                fresh,
+                InboundState.FAILED,
+                f"quarantined after {crashes} failed attempts: {type(exc).__name__}",
+                statements,
             )
             return
         delay = backoff(crashes, base=self.retry_base)
         await self.store.set_inbound(
-            row.id, crashes=crashes, next_attempt_at=self.clock() + delay, last_error=f"{type(exc).__name__}: {exc}"[:500]
+            row.id,
+            crashes=crashes,
+            next_attempt_at=self.clock() + delay,
+            last_error=f"{type(exc).__name__}: {exc}"[:500],
         )
 
     def _hold(self, error: str) -> None:

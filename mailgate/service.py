@@ -81,16 +81,27 @@ class Gateway:
             raise StartupError(f"the store at {s.database} is unusable: {exc}") from exc
         secret = (s.secret or await self.store.secret()).encode()
         self.api = HandingerClient(
-            s.base_url, s.api_key, concurrency=s.concurrency, timeout=s.api_timeout,
-            send_triggered_by=s.send_triggered_by, files_field=s.files_field, stream=s.stream,
+            s.base_url,
+            s.api_key,
+            concurrency=s.concurrency,
+            timeout=s.api_timeout,
+            send_triggered_by=s.send_triggered_by,
+            files_field=s.files_field,
+            stream=s.stream,
             transport=self._api_transport,
         )
         renderer = Renderer(s.templates_dir)
         delivery = self._delivery or make_delivery(s)
         self.outbox = Outbox(self.store, delivery, horizon=s.retry_horizon)
         self.runner = Runner(
-            s, self.store, self.api, Replies(s, self.store, renderer, secret), Spool(s.spool_dir),
-            on_outbox=self.outbox.wake, poll_base=self._poll_base, retry_base=self._retry_base,
+            s,
+            self.store,
+            self.api,
+            Replies(s, self.store, renderer, secret),
+            Spool(s.spool_dir),
+            on_outbox=self.outbox.wake,
+            poll_base=self._poll_base,
+            retry_base=self._retry_base,
         )
         intake = Intake(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
@@ -105,20 +116,36 @@ class Gateway:
             for listen, lmtp in ((s.listen, False), (s.lmtp_listen, True)):
                 if listen is None:
                     continue
-                handler = Handler(intake, max_recipients=s.max_recipients, is_lmtp=lmtp, on_accepted=self.runner.wake)
+                handler = Handler(
+                    intake, max_recipients=s.max_recipients, is_lmtp=lmtp, on_accepted=self.runner.wake
+                )
                 factory = protocol_factory(
-                    handler, hostname=hostname, data_size_limit=s.max_message_size, timeout=s.smtp_timeout,
-                    max_connections=s.max_connections, tls_context=tls, require_starttls=s.require_starttls,
+                    handler,
+                    hostname=hostname,
+                    data_size_limit=s.max_message_size,
+                    timeout=s.smtp_timeout,
+                    max_connections=s.max_connections,
+                    tls_context=tls,
+                    require_starttls=s.require_starttls,
                     lmtp=lmtp,
                 )
                 self._servers.append(await _listen(loop, factory, listen))
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
-        log.info("started", extra={"smtp": f"{s.listen.host}:{self.smtp_port}", "lmtp": str(s.lmtp_listen or "off"),
-                                   "api": s.base_url, "auth": s.auth})
+        log.info(
+            "started",
+            extra={
+                "smtp": f"{s.listen.host}:{self.smtp_port}",
+                "lmtp": str(s.lmtp_listen or "off"),
+                "api": s.base_url,
+                "auth": s.auth,
+            },
+        )
         if s.auth == "none":
-            log.warning("MAILGATE_AUTH=none: the From header is trusted as is; use only for demos and trusted networks")
+            log.warning(
+                "MAILGATE_AUTH=none: the From header is trusted as is; use only for demos and trusted networks"
+            )
 
     def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -170,7 +197,9 @@ class Gateway:
         await self.stop()
 
 
-async def _listen(loop: asyncio.AbstractEventLoop, factory: Any, listen: Listen) -> asyncio.base_events.Server:
+async def _listen(
+    loop: asyncio.AbstractEventLoop, factory: Any, listen: Listen
+) -> asyncio.base_events.Server:
     if listen.unix_path:
         with contextlib.suppress(FileNotFoundError):
             import os

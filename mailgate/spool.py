@@ -33,7 +33,11 @@ class Spool:
         for n, att in enumerate(files, 1):
             path = folder / f"{n:02d}.bin"
             path.write_bytes(att.data)
-            out.append(UploadFile(att.filename, att.content_type, path, att.size, hashlib.sha256(att.data).hexdigest()))
+            out.append(
+                UploadFile(
+                    att.filename, att.content_type, path, att.size, hashlib.sha256(att.data).hexdigest()
+                )
+            )
         return out
 
     def remove(self, message_id: str) -> None:

@@ -149,7 +149,7 @@ def insert(table: str, values: dict[str, Any], *, or_ignore: bool = False) -> St
     cols = ",".join(values)
     marks = ",".join("?" * len(values))
     verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
-    return f"{verb} INTO {table} ({cols}) VALUES ({marks})", list(values.values())  # noqa: S608
+    return f"{verb} INTO {table} ({cols}) VALUES ({marks})", list(values.values())
 
 
 def update(table: str, key: str, **values: Any) -> Statement:
@@ -173,7 +173,12 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             writer = await aiosqlite.connect(path, isolation_level=None)
             try:
-                for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000", "foreign_keys=ON"):
+                for pragma in (
+                    "journal_mode=WAL",
+                    "synchronous=FULL",
+                    "busy_timeout=10000",
+                    "foreign_keys=ON",
+                ):
                     await writer.execute(f"PRAGMA {pragma}")
                 await writer.executescript(SCHEMA)
                 reader = await aiosqlite.connect(path, isolation_level=None)
@@ -268,7 +273,9 @@ class Store:
         row = await self._one("SELECT value FROM meta WHERE key='secret'")
         if row is not None:
             return str(row["value"])
-        await self.write([insert("meta", {"key": "secret", "value": secrets.token_urlsafe(32)}, or_ignore=True)])
+        await self.write(
+            [insert("meta", {"key": "secret", "value": secrets.token_urlsafe(32)}, or_ignore=True)]
+        )
         row = await self._one("SELECT value FROM meta WHERE key='secret'")
         assert row is not None
         return str(row["value"])
@@ -302,7 +309,9 @@ class Store:
         return [str(r["addr"]) for r in rows]
 
     async def count_new_tasks(self, owner: str, since: float) -> int:
-        row = await self._one("SELECT count(*) AS n FROM task WHERE owner=? AND created_at>=?", (owner, since))
+        row = await self._one(
+            "SELECT count(*) AS n FROM task WHERE owner=? AND created_at>=?", (owner, since)
+        )
         return int(row["n"]) if row else 0
 
     async def count_turns(self, task_id: str, since: float) -> int:
@@ -334,7 +343,9 @@ class Store:
         return bytes(row["data"])
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
-        row: InboundRow | None = _row(InboundRow, await self._one("SELECT * FROM inbound WHERE id=?", (inbound_id,)))
+        row: InboundRow | None = _row(
+            InboundRow, await self._one("SELECT * FROM inbound WHERE id=?", (inbound_id,))
+        )
         return row
 
     async def task_row(self, task_id: str) -> TaskRow | None:
@@ -342,7 +353,9 @@ class Store:
         return row
 
     async def outbox_row(self, outbox_id: str) -> OutboxRow | None:
-        row: OutboxRow | None = _row(OutboxRow, await self._one("SELECT * FROM outbox WHERE id=?", (outbox_id,)))
+        row: OutboxRow | None = _row(
+            OutboxRow, await self._one("SELECT * FROM outbox WHERE id=?", (outbox_id,))
+        )
         return row
 
     async def runnable(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
@@ -403,7 +416,10 @@ class Store:
         now = time.time()
         await self.write(
             [
-                (f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at>?", (now, now)),  # noqa: S608
+                (
+                    f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at>?",
+                    (now, now),
+                ),
             ]
         )
 
@@ -414,7 +430,12 @@ class Store:
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
         await self.set_inbound(
             # attempts are kept: a turn that may have reached the API is looked for before any new POST
-            inbound_id, state=state, reason=None, crashes=0, next_attempt_at=0, last_error=None,
+            inbound_id,
+            state=state,
+            reason=None,
+            crashes=0,
+            next_attempt_at=0,
+            last_error=None,
             received_at=time.time(),
         )
         return True
@@ -423,8 +444,14 @@ class Store:
         row = await self.outbox_row(outbox_id)
         if row is None or row.state != OutboxState.DEAD:
             return False
-        await self.set_outbox(outbox_id, state=OutboxState.RETRY, attempts=0, next_attempt_at=0, last_error=None,
-                              created_at=time.time())
+        await self.set_outbox(
+            outbox_id,
+            state=OutboxState.RETRY,
+            attempts=0,
+            next_attempt_at=0,
+            last_error=None,
+            created_at=time.time(),
+        )
         return True
 
 

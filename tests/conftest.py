@@ -60,9 +60,7 @@ def settings_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: st
 
 
 @pytest.fixture
-def make_gateway(
-    tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay
-) -> Callable[..., Any]:
+def make_gateway(tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay) -> Callable[..., Any]:
     """`async with make_gateway(**env) as gw:` a gateway wired to the sandbox and the relay."""
 
     def make(*, with_relay: bool = True, **env: str) -> Gateway:

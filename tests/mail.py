@@ -58,7 +58,11 @@ class Transcript:
 
 
 async def smtp_send(
-    port: int, data: bytes | EmailMessage, *, mail_from: str = "alice@example.org", rcpts: Sequence[str] | None = None
+    port: int,
+    data: bytes | EmailMessage,
+    *,
+    mail_from: str = "alice@example.org",
+    rcpts: Sequence[str] | None = None,
 ) -> Transcript:
     """One SMTP transaction against 127.0.0.1:`port`; never raises for a refusal, reports it."""
     if isinstance(data, EmailMessage):
@@ -92,7 +96,9 @@ async def smtp_send(
     return out
 
 
-async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, what: str = "") -> None:
+async def until(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, what: str = ""
+) -> None:
     """Poll `predicate` until true (a deadline, not a sleep-and-hope); fail with `what` otherwise."""
     deadline = time.monotonic() + timeout
     while True:

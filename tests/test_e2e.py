@@ -24,7 +24,9 @@ def body_text(msg: Any) -> str:
     return str(part.get_content())
 
 
-async def test_mail_starts_a_task_and_the_answer_comes_back(make_gateway: Any, sandbox: Any, relay: Any) -> None:
+async def test_mail_starts_a_task_and_the_answer_comes_back(
+    make_gateway: Any, sandbox: Any, relay: Any
+) -> None:
     """A plain email creates one task (triggeredBy=email, the alias's worker) and one threaded reply."""
     async with make_gateway() as gw:
         mail = make_mail(subject="Quarterly numbers", body="What were the numbers in Q3?")
@@ -67,7 +69,9 @@ async def test_mail_starts_a_task_and_the_answer_comes_back(make_gateway: Any, s
         ("research@agents.example.com.evil.example", 550, "5.7.1"),
     ],
 )
-async def test_recipients_that_are_not_workers_are_refused(make_gateway: Any, rcpt: str, code: int, status: str) -> None:
+async def test_recipients_that_are_not_workers_are_refused(
+    make_gateway: Any, rcpt: str, code: int, status: str
+) -> None:
     """Unknown local parts get 550 5.1.1; other domains are a relay attempt, 550 5.7.1."""
     async with make_gateway() as gw:
         seen = await smtp_send(gw.smtp_port, make_mail(to=rcpt), rcpts=[rcpt])
@@ -78,7 +82,9 @@ async def test_recipients_that_are_not_workers_are_refused(make_gateway: Any, rc
 async def test_disallowed_sender_is_refused_with_a_reason(make_gateway: Any, sandbox: Any) -> None:
     """A From address outside MAILGATE_ALLOWED_SENDERS gets 550 5.7.1 at DATA and no task."""
     async with make_gateway() as gw:
-        seen = await smtp_send(gw.smtp_port, make_mail(sender="mallory@evil.example"), mail_from="mallory@evil.example")
+        seen = await smtp_send(
+            gw.smtp_port, make_mail(sender="mallory@evil.example"), mail_from="mallory@evil.example"
+        )
     assert seen.data is not None
     assert seen.data[0] == 550
     assert seen.data[1].startswith("5.7.1") and "mallory@evil.example" in seen.data[1]
@@ -94,7 +100,9 @@ async def test_oversize_message_is_refused(make_gateway: Any, sandbox: Any) -> N
     assert sandbox.state.requests == []
 
 
-async def test_replies_go_to_the_maildir_without_a_relay(make_gateway: Any, tmp_path: Path, sandbox: Any) -> None:
+async def test_replies_go_to_the_maildir_without_a_relay(
+    make_gateway: Any, tmp_path: Path, sandbox: Any
+) -> None:
     """With no MAILGATE_SMTP_RELAY the reply is written to the MAILGATE_OUTBOX_DIR Maildir."""
     async with make_gateway(with_relay=False) as gw:
         seen = await smtp_send(gw.smtp_port, make_mail(subject="Maildir please"))
@@ -107,7 +115,9 @@ async def test_replies_go_to_the_maildir_without_a_relay(make_gateway: Any, tmp_
     assert reply["To"] == "alice@example.org"
 
 
-async def test_lmtp_answers_per_recipient(make_gateway: Any, tmp_path: Path, sandbox: Any, relay: Any) -> None:
+async def test_lmtp_answers_per_recipient(
+    make_gateway: Any, tmp_path: Path, sandbox: Any, relay: Any
+) -> None:
     """LMTP gives one reply per recipient after DATA, and both workers get their own task."""
     import asyncio
 
@@ -126,8 +136,13 @@ async def test_lmtp_answers_per_recipient(make_gateway: Any, tmp_path: Path, san
 
         assert (await reply()).startswith(b"220")
         mail = make_mail(to=["research@agents.example.com", "writer@agents.example.com"])
-        for command in (b"LHLO test.example", b"MAIL FROM:<alice@example.org>",
-                        b"RCPT TO:<research@agents.example.com>", b"RCPT TO:<writer@agents.example.com>", b"DATA"):
+        for command in (
+            b"LHLO test.example",
+            b"MAIL FROM:<alice@example.org>",
+            b"RCPT TO:<research@agents.example.com>",
+            b"RCPT TO:<writer@agents.example.com>",
+            b"DATA",
+        ):
             writer.write(command + b"\r\n")
             assert (await reply())[:1] in (b"2", b"3")
         writer.write(mail.as_bytes().replace(b"\n", b"\r\n") + b".\r\n")
