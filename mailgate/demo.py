@@ -29,7 +29,7 @@ async def demo(folder: Path, *, smtp_port: int, api_port: int, once: bool = Fals
     from mailgate.sandbox import SandboxOptions, run_sandbox
     from mailgate.service import Gateway, StartupError
 
-    logs.setup("WARNING")
+    logs.setup("ERROR")  # the demo runs with MAILGATE_AUTH=none on purpose: no warning about it
     folder.mkdir(parents=True, exist_ok=True)
     try:
         sandbox_cm = run_sandbox(SandboxOptions(), port=api_port)

@@ -1,8 +1,9 @@
 """The outbox: delivers committed replies through the relay (or into the Maildir), with retries.
 
 `pending -> sent`, or `retry` (relay 4xx, connection errors) with backoff until the horizon, then
-`dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row. The
-message bytes, and so the Message-ID, never change between attempts.
+`dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row (`refused`,
+recipient -> the relay's reply); those refused with a 4xx are retried on their own (the row goes back to
+`retry`). The message bytes, and so the Message-ID, never change between attempts.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ class Outbox:
 
     async def _attempt(self, row: OutboxRow) -> None:
         attempts = row.attempts + 1
+        earlier: dict[str, str] = json.loads(row.refused) if row.refused else {}
+        # a retry after a partial delivery goes only to the recipients the relay deferred (4xx)
+        waiting = [r for r in row.recipient_list if earlier.get(r, "").startswith("4")]
+        recipients = waiting if row.state == OutboxState.RETRY and waiting else row.recipient_list
         try:
-            report = await self.delivery.deliver(
-                row.data, mail_from=row.mail_from, recipients=row.recipient_list
-            )
+            report = await self.delivery.deliver(row.data, mail_from=row.mail_from, recipients=recipients)
         except DeliveryDeferred as exc:
             await self._defer(row, str(exc))
             return
@@ -94,18 +97,27 @@ class Outbox:
             )
             return
         now = self.clock()
-        await self.store.set_outbox(
-            row.id,
-            state=OutboxState.SENT,
-            attempts=attempts,
-            sent_at=now,
-            last_error=report.response[:1000],
-            refused=json.dumps(report.refused) if report.refused else None,
-        )
+        refused = {r: why for r, why in earlier.items() if r not in report.accepted} | report.refused
+        deferred = [r for r, why in refused.items() if why.startswith("4")]
         log.info(
             "outbox_sent",
             extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)},
         )
+        values: dict[str, object] = {
+            "state": OutboxState.SENT,
+            "attempts": attempts,
+            "sent_at": row.sent_at or now,
+            "last_error": report.response[:1000],
+            "refused": json.dumps(refused) if refused else None,
+        }
+        if deferred:  # delivered to some; the deferred recipients are tried again on their own
+            error = f"deferred for {', '.join(deferred)}: {refused[deferred[0]]}"[:1000]
+            if now - row.created_at > self.horizon:
+                values |= {"state": OutboxState.DEAD, "last_error": error}
+            else:
+                delay = backoff(attempts, base=self.retry_base, cap=1800.0)
+                values |= {"state": OutboxState.RETRY, "next_attempt_at": now + delay, "last_error": error}
+        await self.store.set_outbox(row.id, **values)
 
     async def _defer(self, row: OutboxRow, error: str) -> None:
         attempts = row.attempts + 1

@@ -63,6 +63,7 @@ class Runner:
         clock: Callable[[], float] = time.time,
         poll_base: float = 1.0,
         retry_base: float = 2.0,
+        hold_seconds: float = HOLD_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -73,10 +74,12 @@ class Runner:
         self.clock = clock
         self.poll_base = poll_base
         self.retry_base = retry_base
+        self.hold_seconds = hold_seconds
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._hold_until = 0.0
+        self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
         self._results: dict[str, RunResult] = {}
 
@@ -124,6 +127,11 @@ class Runner:
             self._wake.set()
 
     async def _step(self, row: InboundRow) -> None:
+        if row.crashes >= self.settings.max_processing_attempts:
+            # crashes are counted before the work they guard, so a message that takes the whole process
+            # down (not only this job) is caught here on the next start instead of being retried forever
+            await self._quarantine(row, "its processing kept failing")
+            return
         if row.state == InboundState.RECEIVED:
             fresh = await self._compose(row)
             if fresh is None:
@@ -139,8 +147,12 @@ class Runner:
         except ApiUnauthorized as exc:
             self._hold(str(exc))
             await self.store.set_inbound(
-                row.id, next_attempt_at=self.clock() + HOLD_SECONDS, last_error="401"
+                row.id,
+                next_attempt_at=self.clock() + self.hold_seconds,
+                last_error="401: the API key was refused; held until it works again",
             )
+            return
+        self._resumed()
         except ApiUnavailable as exc:
             await self._retry_later(row, exc)
         except ApiRejected as exc:
@@ -205,7 +217,7 @@ class Runner:
                     )
                     await self.store.set_inbound(row.id, state=InboundState.RUNNING, turn_seq=turn.seq)
                     return await self.store.inbound(row.id)
-            if snapshot is None and not row.new_task:
+            if snapshot is None and not row.new_task and task.turns > 0:
                 raise ApiRejected(404, "the task no longer exists")
         expected = len(snapshot.turns) if snapshot is not None else 0
         await self.store.set_inbound(
@@ -223,6 +235,7 @@ class Runner:
             task_id=row.task_id, worker_id=task.worker_id, input=row.input, budget=task.budget, files=uploads
         )
         self._hold_until = 0.0
+        self._resumed()
         self._results[row.id] = result
         await self.store.set_inbound(row.id, state=InboundState.RUNNING, last_error=None)
         return await self.store.inbound(row.id)
@@ -382,13 +395,7 @@ class Runner:
         fresh = await self.store.inbound(row.id) or row
         crashes = fresh.crashes + (0 if fresh.state == InboundState.RECEIVED else 1)
         if crashes >= self.settings.max_processing_attempts:
-            statements = await self.replies.notice(fresh, "gave_up")
-            await self._finish(
-                fresh,
-                InboundState.FAILED,
-                f"quarantined after {crashes} failed attempts: {type(exc).__name__}",
-                statements,
-            )
+            await self._quarantine(fresh, f"{type(exc).__name__}: {exc}"[:300], crashes=crashes)
             return
         delay = backoff(crashes, base=self.retry_base)
         await self.store.set_inbound(
@@ -398,9 +405,24 @@ class Runner:
             last_error=f"{type(exc).__name__}: {exc}"[:500],
         )
 
+    async def _quarantine(self, row: InboundRow, why: str, *, crashes: int | None = None) -> None:
+        """Stop trying a message that keeps failing: `failed` with the error, and a notice."""
+        count = row.crashes if crashes is None else crashes
+        log.error("message_quarantined", extra={"inbound": row.id, "crashes": count, "error": why})
+        statements = await self.replies.notice(row, "gave_up")
+        await self._finish(
+            row, InboundState.FAILED, f"quarantined after {count} failed attempts: {why}", statements
+        )
+
+    def _resumed(self) -> None:
+        if self._held:
+            self._held = False
+            log.warning("api_key_accepted: the API answers again; held messages resume")
+
     def _hold(self, error: str) -> None:
         now = self.clock()
-        self._hold_until = now + HOLD_SECONDS
+        self._held = True
+        self._hold_until = now + self.hold_seconds
         if now - self._last_loud >= LOUD_EVERY:
             self._last_loud = now
             log.error(

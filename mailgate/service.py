@@ -50,6 +50,7 @@ class Gateway:
         shutdown_deadline: float = 10.0,
         poll_base: float = 1.0,
         retry_base: float = 2.0,
+        hold_seconds: float = 30.0,
     ) -> None:
         self.settings = settings
         self._api_transport = api_transport
@@ -58,6 +59,7 @@ class Gateway:
         self.shutdown_deadline = shutdown_deadline
         self._poll_base = poll_base
         self._retry_base = retry_base
+        self._hold_seconds = hold_seconds
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.store: Store
@@ -92,7 +94,8 @@ class Gateway:
         )
         renderer = Renderer(s.templates_dir)
         delivery = self._delivery or make_delivery(s)
-        self.outbox = Outbox(self.store, delivery, horizon=s.retry_horizon)
+        # the relay is retried a little more patiently than the API (5 s base with the default 2 s)
+        self.outbox = Outbox(self.store, delivery, horizon=s.retry_horizon, retry_base=self._retry_base * 2.5)
         self.runner = Runner(
             s,
             self.store,
@@ -102,6 +105,7 @@ class Gateway:
             on_outbox=self.outbox.wake,
             poll_base=self._poll_base,
             retry_base=self._retry_base,
+            hold_seconds=self._hold_seconds,
         )
         intake = Intake(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()

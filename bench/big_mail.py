@@ -1,0 +1,185 @@
+"""How much memory a big message costs mailgate, and how long its upload takes.
+
+Runs the real gateway (`python -m mailgate serve`) in a subprocess against an in-process sandbox, with
+replies going to a Maildir, then sends one ~40 MB message (5 attachments of ~6 MB, base64) over SMTP and
+prints:
+
+- mailgate's peak RSS growth (the kernel's high-water mark, VmHWM, minus the idle RSS just before the
+  message), as a multiple of the message size, up to the upload and up to the reply;
+- the seconds from the 250 reply to the sandbox having received the whole upload.
+
+    .venv/bin/python bench/big_mail.py [--files 5] [--size 6000000] [--keep]
+
+Needs `psutil` (the `bench` extra) and Linux (/proc for the high-water mark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import mailbox
+import os
+import socket
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout: `python bench/big_mail.py`
+
+from mailgate.sandbox import SandboxOptions, run_sandbox  # noqa: E402
+MB = 1_000_000
+
+
+def build_message(count: int, size: int) -> tuple[bytes, list[str]]:
+    """A message with `count` random attachments of `size` bytes, and their sha256s."""
+    msg = EmailMessage()
+    msg["From"] = "alice@example.org"
+    msg["To"] = "research@agents.example.com"
+    msg["Subject"] = "Big attachments"
+    msg["Message-ID"] = "<big-mail-bench@example.org>"
+    msg.set_content("Please look at these files.")
+    digests = []
+    for n in range(count):
+        data = os.urandom(size)
+        digests.append(hashlib.sha256(data).hexdigest())
+        msg.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=f"part-{n + 1}.bin"
+        )
+    return msg.as_bytes(), digests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def high_water_mark(pid: int) -> int:
+    """VmHWM of `pid` in bytes: the peak resident set size since the process started."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc (not Linux?)")
+
+
+def reset_high_water_mark(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False when not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+async def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def wait_for_port(port: int, proc: asyncio.subprocess.Process, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.returncode is not None:
+            raise SystemExit(f"mailgate exited early with {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("mailgate did not start listening") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+async def bench(count: int, size: int, workdir: Path) -> None:
+    raw, digests = build_message(count, size)
+    print(f"message: {len(raw) / MB:.1f} MB ({count} attachments of {size / MB:.1f} MB, base64)")
+    async with run_sandbox(SandboxOptions(api_key="bench-key")) as sandbox:
+        port = free_port()
+        env = {
+            **os.environ,
+            "HANDINGER_BASE_URL": sandbox.url,
+            "HANDINGER_API_KEY": "bench-key",
+            "MAILGATE_DOMAIN": "agents.example.com",
+            "MAILGATE_WORKERS": "research=wrk_research",
+            "MAILGATE_ALLOWED_SENDERS": "@example.org",
+            "MAILGATE_AUTH": "none",
+            "MAILGATE_LISTEN": f"127.0.0.1:{port}",
+            "MAILGATE_DATABASE": str(workdir / "mailgate.db"),
+            "MAILGATE_OUTBOX_DIR": str(workdir / "outbox"),
+            "MAILGATE_SPOOL_DIR": str(workdir / "spool"),
+            "MAILGATE_SECRET": "bench-secret-0123456789abcdef",
+            "MAILGATE_LOG_LEVEL": "WARNING",
+        }
+        env.pop("MAILGATE_SMTP_RELAY", None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailgate", "serve", cwd=str(ROOT), env=env
+        )
+        try:
+            await wait_for_port(port, proc)
+            pid = proc.pid
+            idle = psutil.Process(pid).memory_info().rss
+            reset = reset_high_water_mark(pid)
+            print(f"mailgate idle RSS: {idle / MB:.1f} MB (high-water mark reset: {reset})")
+
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120, start_tls=False)
+            await client.connect()
+            started = time.monotonic()
+            await client.sendmail("alice@example.org", ["research@agents.example.com"], raw)
+            accepted = time.monotonic()
+            await client.quit()
+            print(f"SMTP DATA -> 250: {accepted - started:.2f} s")
+
+            await wait_until(lambda: sandbox.state.requests, 120, "the upload to reach the sandbox")
+            uploaded = time.monotonic()
+            peak_upload = high_water_mark(pid)
+            [request] = sandbox.state.requests
+            received = [f.sha256 for f in request.files]
+            same = "identical" if received == digests else f"DIFFERENT ({len(received)} files)"
+            print(f"250 -> upload received: {uploaded - accepted:.2f} s; bytes at the API: {same}")
+
+            box = mailbox.Maildir(workdir / "outbox", create=True)
+            await wait_until(lambda: len(box.keys()) > 0, 120, "the reply in the Maildir")
+            peak_reply = high_water_mark(pid)
+            for label, peak in (("to the upload", peak_upload), ("to the reply", peak_reply)):
+                growth = peak - idle
+                print(
+                    f"peak RSS growth {label}: {growth / MB:.1f} MB = "
+                    f"{growth / len(raw):.2f}x the message size"
+                )
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--files", type=int, default=5, help="attachments (default 5)")
+    parser.add_argument("--size", type=int, default=6 * MB, help="bytes per attachment (default 6 MB)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = parser.parse_args()
+    if args.keep:
+        tmp = tempfile.mkdtemp(prefix="mailgate-bench-")
+        print(f"working directory: {tmp}")
+        asyncio.run(bench(args.files, args.size, Path(tmp)))
+        return
+    with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmp:
+        asyncio.run(bench(args.files, args.size, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
