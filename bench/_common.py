@@ -448,3 +448,21 @@ def mean(values: Sequence[float]) -> float:
 
 def run_py(script: str) -> int:
     return subprocess.call([sys.executable, str(ROOT / "bench" / script)], cwd=ROOT)
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: str | None, *, idle: bool = False) -> Iterator[None]:
+    """With `out`: py-spy samples `pid` (all threads) meanwhile and writes collapsed stacks to `out`."""
+    if not out:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args = [spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", out, "--nonblocking"]
+    proc = subprocess.Popen([*args, *(["--idle"] if idle else [])], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        proc.send_signal(2)
+        proc.wait(30)
+        print(f"   profile of pid {pid}: {out} (collapsed stacks; bench/profile_top.py {out})")

@@ -28,12 +28,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
-import psutil
+import psutil  # type: ignore[import-untyped, unused-ignore]
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout: `python bench/big_mail.py`
 
 from mailgate.sandbox import SandboxOptions, run_sandbox  # noqa: E402
+
 MB = 1_000_000
 
 
@@ -49,9 +50,7 @@ def build_message(count: int, size: int) -> tuple[bytes, list[str]]:
     for n in range(count):
         data = os.urandom(size)
         digests.append(hashlib.sha256(data).hexdigest())
-        msg.add_attachment(
-            data, maintype="application", subtype="octet-stream", filename=f"part-{n + 1}.bin"
-        )
+        msg.add_attachment(data, maintype="application", subtype="octet-stream", filename=f"part-{n + 1}.bin")
     return msg.as_bytes(), digests
 
 
@@ -140,6 +139,7 @@ async def bench(count: int, size: int, workdir: Path) -> None:
             started = time.monotonic()
             await client.sendmail("alice@example.org", ["research@agents.example.com"], raw)
             accepted = time.monotonic()
+            peak_accept = high_water_mark(pid)
             await client.quit()
             print(f"SMTP DATA -> 250: {accepted - started:.2f} s")
 
@@ -154,7 +154,12 @@ async def bench(count: int, size: int, workdir: Path) -> None:
             box = mailbox.Maildir(workdir / "outbox", create=True)
             await wait_until(lambda: len(box.keys()) > 0, 120, "the reply in the Maildir")
             peak_reply = high_water_mark(pid)
-            for label, peak in (("to the upload", peak_upload), ("to the reply", peak_reply)):
+            peaks = (
+                ("to the 250", peak_accept),
+                ("to the upload", peak_upload),
+                ("to the reply", peak_reply),
+            )
+            for label, peak in peaks:
                 growth = peak - idle
                 print(
                     f"peak RSS growth {label}: {growth / MB:.1f} MB = "

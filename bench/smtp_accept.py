@@ -20,6 +20,7 @@ from _common import (
     gateway_main,
     header,
     make_mail,
+    profiled,
     sink_main,
     smtp_load,
     smtp_source,
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--python-client", action="store_true", help="ignore smtp-source")
+    parser.add_argument("--profile", help="py-spy the gateway's last round into this file")
     args = parser.parse_args()
     tool = None if args.python_client else smtp_source_path()
     header("SMTP acceptance rate (4 KB mails, fsync before 250)")
@@ -62,7 +64,9 @@ def main() -> int:
         with workdir() as tmp:
             env = gateway_env(tmp, "http://127.0.0.1:9", None)
             with child(gateway_main, env, str(tmp / "gateway.log"), True) as gate:
-                gate_rates.append(measure(gate.info, args, tool, f"g{r}"))
+                last = r == args.rounds - 1
+                with profiled(gate.pid, args.profile if last else None):
+                    gate_rates.append(measure(gate.info, args, tool, f"g{r}"))
                 batches.append(gate.call("stats")["batches"])
         print(
             f"   round {r + 1}: sink {sink_rates[-1]:7.0f} mails/s   mailgate {gate_rates[-1]:7.0f} mails/s"

@@ -185,6 +185,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         print(f"ok: configuration valid, store {settings.database} usable, API {settings.base_url} reachable")
         return EXIT_OK
     if verb in ("messages", "outbox", "tasks"):
+        cols: tuple[str, ...]
         if verb == "messages":
             rows = await store.list_inbound(args.state, args.limit)
             cols = ("id", "state", "sender", "alias", "task_id", "attempts", "subject", "reason")
@@ -201,8 +202,10 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         if (row := await store.inbound(args.id)) is not None:
             raw = await store.raw(row.raw_id)
             head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+            task = await store.task_row(row.task_id) if row.task_id else None
             found = {
                 "inbound": _public(row),
+                "task": {"id": task.id, "url": task.url, "turns": task.turns} if task else None,
                 "headers": head,
                 "outbox": [_public(o) for o in await store.outbox_for(row.id)],
             }
@@ -217,7 +220,10 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         if found is None:
             print(f"mailgate: no message, outbox row or task {args.id}", file=sys.stderr)
             return EXIT_USAGE
-        print(json.dumps(found, indent=None if args.json else 2, default=str))
+        if args.json:
+            print(json.dumps(found, default=str))
+        else:
+            _print_found(found)
         return EXIT_OK
     if verb == "replay":
         if await store.replay_inbound(args.id) or await store.replay_outbox(args.id):
@@ -250,6 +256,32 @@ def _public(row: Any) -> dict[str, Any]:
         if isinstance(data.get(key), float) and data[key] > 0:
             data[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(data[key]))
     return data
+
+
+_SHOW_COLS = {
+    "outbox": ("id", "state", "kind", "notice", "attempts", "message_id", "refused", "last_error"),
+    "messages": ("id", "state", "sender", "attempts", "subject", "reason"),
+}
+
+
+def _print_found(found: dict[str, Any]) -> None:
+    """`show` for a terminal: one section per part, `key  value` lines, tables for lists of rows."""
+    for section, value in found.items():
+        if value is None:
+            continue
+        print(f"== {section}")
+        if isinstance(value, dict):
+            width = max(map(len, value), default=0)
+            for key, item in value.items():
+                if item is not None and item != "":
+                    print(f"  {key.ljust(width)}  {item}")
+        elif isinstance(value, str):
+            print("\n".join("  " + line for line in value.splitlines()))
+        elif value and isinstance(value[0], dict):
+            _print_rows(value, _SHOW_COLS.get(section, tuple(value[0])), as_json=False)
+        else:
+            print("\n".join(f"  {item}" for item in value) or "  (none)")
+        print()
 
 
 def _print_rows(rows: list[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:

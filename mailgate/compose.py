@@ -92,7 +92,8 @@ def compose(
     if context:
         parts += [
             "",
-            "----- Quoted or forwarded material that came with the message (context, not the sender's request) -----",
+            "----- Quoted or forwarded material that came with the message"
+            " (context, not the sender's request) -----",
             context,
         ]
     if files:

@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailgate.errors import StoreBusy
 from mailgate.intake import Intake, Reply, combine
+from mailgate.smtpdata import StreamingData
 
 log = logging.getLogger("mailgate.ingress")
 
@@ -92,20 +93,38 @@ class _Limited:
         self.open = 0
 
 
-class GatewaySMTP(SMTP):
-    """SMTP with a connection limit (421 when full)."""
+class GatewaySMTP(StreamingData):  # DATA read into one buffer, not a list of lines (see smtpdata)
+    """SMTP with a connection limit: a session over it is greeted with 421 and closed.
+
+    Only admitted sessions count against the limit. A turned-away session never reaches aiosmtpd
+    (its `connection_lost` asserts a session that `connection_made` would have created).
+    """
 
     limiter: _Limited
+    _admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.limiter.open += 1
-        if self.limiter.open > self.limiter.limit:
+        if self.limiter.open >= self.limiter.limit:
+            log.warning(
+                "connection_refused", extra={"why": "too many connections", "limit": self.limiter.limit}
+            )
             transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
+        self.limiter.open += 1
+        self._admitted = True
         super().connection_made(transport)
 
+    def _timeout_cb(self) -> None:
+        """Idle past MAILGATE_SMTP_TIMEOUT (between commands, or in all of DATA): say 421, then close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")  # type: ignore[attr-defined]
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
         self.limiter.open -= 1
         super().connection_lost(error)
 

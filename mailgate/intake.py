@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from mailgate.models import InboundState
 from mailgate.store import Statement, Store, insert
 
 HOUR = 3600.0
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # the end of the header block, CRLF or bare LF
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,8 @@ class Intake:
 
     async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[Reply]:
         settings = self.settings
-        end = raw.find(b"\r\n\r\n")
-        if (end if end >= 0 else len(raw)) > settings.max_header_size:
+        blank = _BLANK_LINE.search(raw, 0, settings.max_header_size + 4)
+        if (blank.start() if blank else len(raw)) > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large")
         headers = parsing.read_headers(raw)
         now = self.clock()
@@ -128,6 +130,7 @@ class Intake:
 
         plans: list[_Plan] = []
         new_tasks_here = 0
+        continued: dict[str, str] = {}  # task id -> the queue id of this message's turn for it
         for rcpt in rcpts:
             alias, tag = threads.split_recipient(rcpt, settings.domain) or ("", None)
             key = hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
@@ -159,6 +162,13 @@ class Intake:
                 plan = await self._plan_task(rcpt, alias, tag, sender, headers, row, now, new_tasks_here)
             except MessageRejected as exc:
                 plan = _Plan(rcpt, Reply(exc.code, f"{exc.status} {exc.reason}"))
+            else:
+                first = continued.setdefault(row["task_id"], row["id"])
+                if first != row["id"]:  # one task reached through two addresses (token and plain): one turn
+                    row |= {"state": InboundState.IGNORED, "reason": f"same task as {first}", "task_id": None}
+                    plan = _Plan(
+                        rcpt, Reply(250, f"2.0.0 Ok: already queued as {first}"), [insert("inbound", row)]
+                    )
             new_tasks_here += bool(row.get("new_task"))
             plans.append(plan)
 

@@ -23,6 +23,7 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from inscriptis import get_text
 from inscriptis.model.config import ParserConfig
 
+from mailgate.mime import LargeBodies, header_block
 from mailgate.models import Address, Attachment, InboundMail
 from mailgate.trimming import trim_reply
 
@@ -79,7 +80,7 @@ _BROKEN_PAYLOAD = (email_errors.InvalidBase64LengthDefect,)
 
 def read_headers(raw: bytes) -> EmailMessage:
     """Parse only the header block (cheap; for policy checks while the SMTP client waits)."""
-    return BytesHeaderParser(policy=policy.default).parsebytes(raw)
+    return BytesHeaderParser(policy=policy.default).parsebytes(header_block(raw))
 
 
 def html_to_text(html: str) -> str:
@@ -140,10 +141,11 @@ def address_list(msg: Message, header_name: str) -> tuple[Address, ...]:
 def parse_message(raw: bytes) -> InboundMail:
     """Everything mailgate needs from one message; never raises on malformed mail."""
     msg = read_headers(raw)
-    walker = _Walker()
+    bodies = LargeBodies(raw)  # big base64 bodies stay in `raw`: the parser reads a small skeleton
+    walker = _Walker(bodies)
     # the MIME tree with compat32: several times faster than policy.default on deep or wide trees, and
     # its lazy header handling never raises on garbage; decoded headers come from `msg` above
-    walker.walk(_parse_tree(raw))
+    walker.walk(_parse_tree(bodies.skeleton))
     text = "\n\n".join(t for t in walker.texts if t.strip())
     from_ = address_list(msg, "from")
     return InboundMail(
@@ -261,7 +263,8 @@ def _filename(part: Message) -> str:
 class _Walker:
     """Collects body text and files from a message tree, in message order."""
 
-    def __init__(self) -> None:
+    def __init__(self, bodies: LargeBodies) -> None:
+        self.bodies = bodies
         self.texts: list[str] = []
         self.files: list[Attachment] = []
         self.unreadable: list[tuple[str, str]] = []
@@ -305,12 +308,21 @@ class _Walker:
             text_here = want_text and (ctype != "multipart/related" or index == 0)
             self.walk(child, want_text=text_here, depth=depth + 1)
 
-    def _text(self, part: Message, ctype: str) -> None:
+    def _decoded(self, part: Message) -> bytes | None:
+        """The part's decoded body; None when it cannot be decoded."""
+        index = self.bodies.index(part)
+        if index is not None and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
+            return self.bodies.decode(index)
+        self.bodies.restore(part)
         try:
             data = part.get_payload(decode=True)
         except Exception:
-            return
-        if not isinstance(data, bytes):
+            return None
+        return data if isinstance(data, bytes) else None
+
+    def _text(self, part: Message, ctype: str) -> None:
+        data = self._decoded(part)
+        if data is None:
             return
         text = _decode_text(data, part.get_content_charset())
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -323,6 +335,7 @@ class _Walker:
             self._file(part, "message/rfc822", filename)
             return
         name = filename or f"{_clean_header(_header(inner_msg, 'subject') or '') or 'message'}.eml"
+        self.bodies.restore(inner_msg)
         try:
             data = inner_msg.as_bytes()
         except Exception:
@@ -334,11 +347,8 @@ class _Walker:
 
     def _file(self, part: Message, ctype: str, filename: str) -> None:
         index = len(self.files) + 1
-        try:
-            data = part.get_payload(decode=True)
-        except Exception:
-            data = None
-        if not isinstance(data, bytes) or any(isinstance(d, _BROKEN_PAYLOAD) for d in part.defects):
+        data = self._decoded(part)
+        if data is None or any(isinstance(d, _BROKEN_PAYLOAD) for d in part.defects):
             self.unreadable.append((_safe_filename(filename, ctype, index), "the encoded content is broken"))
             return
         is_tnef = ctype == "application/ms-tnef" or filename.lower() == "winmail.dat"

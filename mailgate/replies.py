@@ -24,6 +24,7 @@ from mailgate.store import InboundRow, Statement, Store, insert
 
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
+_CHAIN_MESSAGES = 6  # earlier inbound messages read to rebuild a References chain
 
 
 class Replies:
@@ -53,6 +54,8 @@ class Replies:
             and policy.sender_allowed(addr, settings.allowed_senders)
         ]
         references = list(parsing.msgid_list(_get(head, "references")))
+        if not references:  # Outlook sends In-Reply-To alone; a token-only message sends neither
+            references = [*await self._task_chain(row), *parsing.msgid_list(_get(head, "in-reply-to"))]
         if row.message_id:
             references.append(row.message_id)
         alias = row.alias
@@ -70,6 +73,23 @@ class Replies:
             loop_header_value=settings.domain,
         )
         return headers, [row.sender, *cc]
+
+    async def _task_chain(self, row: InboundRow) -> list[str]:
+        """The Message-IDs of the task's earlier messages, both directions, oldest first.
+
+        Only the root and the newest few are read: `render` keeps the first id and the last ten anyway.
+        """
+        if row.new_task or row.task_id is None:
+            return []
+        earlier = [m for m in await self.store.messages_of_task(row.task_id) if m.id < row.id]
+        if len(earlier) > _CHAIN_MESSAGES:
+            earlier = [earlier[0], *earlier[1 - _CHAIN_MESSAGES :]]
+        chain: list[str] = []
+        for message in earlier:
+            if message.message_id:
+                chain.append(message.message_id)
+            chain += [out.message_id for out in await self.store.outbox_for(message.id)]
+        return chain
 
     def _statements(
         self,

@@ -151,12 +151,13 @@ class Runner:
                 next_attempt_at=self.clock() + self.hold_seconds,
                 last_error="401: the API key was refused; held until it works again",
             )
-            return
-        self._resumed()
         except ApiUnavailable as exc:
             await self._retry_later(row, exc)
         except ApiRejected as exc:
+            self._resumed()  # the API read the request, so it took the key
             await self._rejected(row, exc)
+        else:
+            self._resumed()
 
     # --- received -> queued -------------------------------------------------------------------
 

@@ -148,7 +148,8 @@ class Gateway:
         )
         if s.auth == "none":
             log.warning(
-                "MAILGATE_AUTH=none: the From header is trusted as is; use only for demos and trusted networks"
+                "MAILGATE_AUTH=none: the From header is trusted as is; "
+                "use only for demos and trusted networks"
             )
 
     def _tls_context(self) -> ssl.SSLContext | None:

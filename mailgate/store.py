@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS raw_message (
     id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS inbound (
-    id TEXT PRIMARY KEY,                 -- the queue id given in the 250 reply; a ULID, so it sorts by arrival
+    id TEXT PRIMARY KEY,                 -- the queue id of the 250 reply; a ULID: sorts by arrival
     raw_id TEXT NOT NULL REFERENCES raw_message(id),
     received_at REAL NOT NULL, updated_at REAL NOT NULL,
     mail_from TEXT NOT NULL, rcpt TEXT NOT NULL, alias TEXT NOT NULL,
@@ -264,7 +264,7 @@ class Store:
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
             rows = await self._reader.execute_fetchall(sql, params)
-            return list(rows)  # type: ignore[arg-type]
+            return list(rows)
         except sqlite3.Error as exc:
             raise StoreBusy(f"read failed: {exc}") from exc
 
@@ -376,7 +376,8 @@ class Store:
 
     async def outbox_due(self, now: float, limit: int, busy: set[str]) -> list[OutboxRow]:
         rows = await self._all(
-            "SELECT * FROM outbox WHERE state IN ('pending','retry') AND next_attempt_at<=? ORDER BY id LIMIT ?",
+            "SELECT * FROM outbox WHERE state IN ('pending','retry') AND next_attempt_at<=? "
+            "ORDER BY id LIMIT ?",
             (now, limit + len(busy)),
         )
         return [_row(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
@@ -417,7 +418,8 @@ class Store:
         await self.write(
             [
                 (
-                    f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at>?",
+                    f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({_ACTIVE_SQL}) "  # noqa: S608 (constants)
+                    "AND next_attempt_at>?",
                     (now, now),
                 ),
             ]

@@ -208,7 +208,7 @@ async def test_re_subject_that_matches_nothing_starts_a_new_task(
 ) -> None:
     """A "Re:" subject with unknown In-Reply-To is a new task that keeps the whole body."""
     async with make_gateway() as gw:
-        _, answer = await start_task(gw, relay)
+        await start_task(gw, relay)
         body = "See below.\n\nOn Mon, 3 Jun 2024, Bob <bob@example.org> wrote:\n> The forwarded figures: 42."
         mail = make_mail(subject="Re: Quarterly numbers", body=body, in_reply_to="<elsewhere@example.org>")
         await send(gw, mail)
@@ -217,6 +217,25 @@ async def test_re_subject_that_matches_nothing_starts_a_new_task(
     first, second = sandbox.state.requests
     assert second.task_id != first.task_id and second.seq == 0
     assert "The forwarded figures: 42." in second.input
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("Re: Re: RE: Quarterly numbers", "Re: Quarterly numbers"),
+        ("AW: SV: Quarterly numbers", "Re: Quarterly numbers"),
+        ("Fwd: Quarterly numbers", "Re: Fwd: Quarterly numbers"),
+        ("Re: Fwd: Quarterly numbers", "Re: Fwd: Quarterly numbers"),
+        ("", "Re: (no subject)"),
+    ],
+)
+async def test_reply_subjects_are_not_stacked(
+    make_gateway: Any, relay: Any, subject: str, expected: str
+) -> None:
+    """However many reply prefixes came in, the answer has one "Re: " (a forward stays visible)."""
+    async with make_gateway() as gw:
+        _, answer = await start_task(gw, relay, subject=subject)
+    assert answer["Subject"] == expected
 
 
 # --- who may continue --------------------------------------------------------------------------------
@@ -365,7 +384,7 @@ async def test_replies_during_a_running_turn_wait_their_turn(
         (f"research+HIGH@{DOMAIN}", {}, "high"),
         (f"research+unlimited@{DOMAIN}", {}, "high"),
         (f"research+unlimited@{DOMAIN}", {"MAILGATE_MAX_BUDGET": "unlimited"}, "unlimited"),
-        (f"research+high@{DOMAIN}", {"MAILGATE_MAX_BUDGET": "low"}, "low"),
+        (f"research+high@{DOMAIN}", {"MAILGATE_MAX_BUDGET": "standard"}, "standard"),
         (f"writer@{DOMAIN}", {}, "low"),
         (f"writer+standard@{DOMAIN}", {}, "standard"),
     ],
@@ -452,3 +471,21 @@ async def test_api_refusals_of_a_continuation_are_explained(
     assert says in " ".join(body_text(notice).split())
     assert row.state == InboundState.FAILED
     assert row.reason is not None and row.reason.startswith(f"API {status}")
+
+
+async def test_reply_to_both_the_token_and_the_plain_address_is_one_turn(
+    make_gateway: Any, sandbox: Any, relay: Any
+) -> None:
+    """A reply-all reaching the worker twice (token and plain address) still adds a single turn."""
+    async with make_gateway() as gw:
+        _, answer = await start_task(gw, relay)
+        token_addr = str(answer["Reply-To"])
+        mail = reply_to(answer, to=[token_addr, WORKER], body="Just once, please.")
+        seen = await smtp_send(gw.smtp_port, mail, rcpts=[token_addr, WORKER])
+        assert seen.accepted
+        await relay.wait_for(2, timeout=15)
+        rows = [r for r in await gw.store.list_inbound() if r.message_id == mail["Message-ID"]]
+
+    assert [(r.seq, "Just once" in r.input) for r in sandbox.state.requests] == [(0, False), (1, True)]
+    assert len(relay.messages) == 2
+    assert sorted(r.state for r in rows) == [InboundState.ANSWERED, InboundState.IGNORED]

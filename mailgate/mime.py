@@ -1,0 +1,128 @@
+"""Large base64 bodies kept out of the email parser's way. Pure: no I/O.
+
+Python's email parser keeps every line of a body as its own string (about 50 bytes of overhead on 76
+characters) and joins them again when the body is read: a 40 MB message with big attachments peaks at
+about 8x its size. `LargeBodies` finds each run of base64-looking lines that starts right after a blank
+line (where a part's body starts) and is at least `LARGE` bytes long, and hands the parser a skeleton in
+which each run is one marker line. The runs stay where they are, in the raw bytes:
+
+- a part whose whole body is one marker is decoded from the raw bytes when it is read, one part at a
+  time, with the same leniency as the email package (missing padding is added, a broken length is
+  reported as broken);
+- anywhere else (a marker inside a text body, or in a message attached as .eml) the original text is put
+  back before the part is used, so the skeleton never changes what the parser would have seen.
+
+The marker carries a random token, so a sender cannot forge one.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import secrets
+from email.message import Message
+
+__all__ = ["LARGE", "LargeBodies", "header_block"]
+
+LARGE = 64 * 1024
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# a character class repeated: the regex engine keeps no state per line, however long the run
+_RUN = re.compile(rb"[A-Za-z0-9+/=][A-Za-z0-9+/=\r\n]*")
+_HEADER_END = (b"\n\n", b"\n\r\n", b"\r\r")
+
+
+def header_block(raw: bytes) -> bytes:
+    """The header block of `raw` and its blank line: what a header-only parse needs to see."""
+    ends = [found + len(sep) for sep in _HEADER_END if (found := raw.find(sep)) >= 0]
+    return raw[: min(ends)] if ends else raw
+
+
+class LargeBodies:
+    """The big base64 runs of one raw message, and the skeleton the parser reads instead."""
+
+    def __init__(self, raw: bytes, *, large: int | None = None) -> None:
+        large = LARGE if large is None else large
+        self.raw = raw
+        self.spans: list[tuple[int, int]] = []
+        self._token = f"mailgate-body-{secrets.token_hex(8)}-"
+        self._marker = re.compile(re.escape(self._token) + r"(\d+)")
+        pieces: list[bytes] = []
+        done = 0
+        for blank in _BLANK_LINE.finditer(raw):
+            start = blank.end()
+            if start < done:
+                continue
+            run = _RUN.match(raw, start)
+            if run is None or run.end() - start < large:
+                continue
+            end = raw.rfind(b"\n", start, run.end()) + 1  # whole lines only
+            if end - start < large:
+                continue
+            newline = b"\r\n" if raw[end - 2 : end] == b"\r\n" else b"\n"
+            pieces += [raw[done:start], f"{self._token}{len(self.spans)}".encode(), newline]
+            self.spans.append((start, end))
+            done = end
+        if self.spans:
+            pieces.append(raw[done:])
+            self.skeleton = b"".join(pieces)
+        else:
+            self.skeleton = raw
+
+    def index(self, part: Message) -> int | None:
+        """The run that is the whole body of `part`, if it is exactly one marker."""
+        if not self.spans:
+            return None
+        payload = _raw_payload(part)
+        if not isinstance(payload, str):
+            return None
+        found = self._marker.fullmatch(payload.strip())
+        return int(found.group(1)) if found and int(found.group(1)) < len(self.spans) else None
+
+    def decode(self, index: int) -> bytes | None:
+        """Run `index` decoded from base64 (lenient, like the email package); None when it is broken."""
+        start, end = self.spans[index]
+        view = memoryview(self.raw)[start:end]
+        try:
+            return binascii.a2b_base64(view)
+        except binascii.Error:
+            pass
+        try:  # padding left off: the email package adds it, with a defect, and decodes
+            return binascii.a2b_base64(bytes(view) + b"==")
+        except binascii.Error:
+            return None
+
+    def text(self, index: int) -> str:
+        """Run `index` as the text the parser would have held."""
+        start, end = self.spans[index]
+        return self.raw[start:end].decode("ascii")
+
+    def restore(self, part: Message) -> None:
+        """Put the original text back wherever a marker stands in `part`'s body (and its sub-parts)."""
+        if not self.spans:
+            return
+        for name in ("preamble", "epilogue"):
+            value = getattr(part, name, None)
+            if isinstance(value, str) and self._token in value:
+                setattr(part, name, self._marker.sub(self._replacement, value))
+        payload = _raw_payload(part)
+        if isinstance(payload, list):
+            for child in payload:
+                if isinstance(child, Message):
+                    self.restore(child)
+        elif isinstance(payload, Message):
+            self.restore(payload)
+        elif isinstance(payload, str) and self._token in payload:
+            part.set_payload(self._marker.sub(self._replacement, payload))
+
+    def _replacement(self, found: re.Match[str]) -> str:
+        # the skeleton kept the run's last line ending after the marker: leave it out here
+        index = int(found.group(1))
+        if index >= len(self.spans):
+            return found.group(0)
+        text = self.text(index)
+        return text[:-2] if text.endswith("\r\n") else text[:-1]
+
+
+def _raw_payload(part: Message) -> object:
+    """The body as the parser stored it: `get_payload()` would decode 8-bit text with the charset."""
+    return part.__dict__.get("_payload")
