@@ -2,7 +2,9 @@
 
 The handler translates between SMTP and `Intake`: RCPT checks, DATA decisions, one reply per recipient
 for LMTP. Any unexpected failure answers `451 4.3.0` so the sending MTA keeps the message and retries;
-no exception text ever reaches the peer.
+no exception text ever reaches the peer. Sessions over MAILGATE_MAX_CONNECTIONS get `421 4.7.0`; a
+session quiet for MAILGATE_SMTP_TIMEOUT (aiosmtpd restarts the clock at each command, so DATA as a whole
+must finish within it) gets `421 4.4.2` and is closed.
 """
 
 from __future__ import annotations
