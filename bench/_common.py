@@ -77,7 +77,9 @@ def make_mail(tag: str, size: int = 4096, body_line: str = "") -> bytes:
         f"Message-ID: <{tag}@example.org>\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
     )
-    text = f"Please look at item {tag}.\r\n{body_line}\r\n" if body_line else f"Please look at item {tag}.\r\n"
+    text = (
+        f"Please look at item {tag}.\r\n{body_line}\r\n" if body_line else f"Please look at item {tag}.\r\n"
+    )
     filler = ("The quick brown fox jumps over the lazy dog. " * 2)[:70] + "\r\n"
     out = head + text
     while len(out) + len(filler) < size:

@@ -1,6 +1,6 @@
 """Summarise a py-spy collapsed-stack file: the functions with the most samples, self and inclusive.
 
-    .venv/bin/python bench/profile_top.py PROFILE [--top 25] [--filter mailgate]
+.venv/bin/python bench/profile_top.py PROFILE [--top 25] [--filter mailgate]
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ class Store:
     async def _transaction(self, statements: list[Statement]) -> None:
         # One hop to the writer's thread for the whole transaction, not one per statement: the hops
         # (queue, GIL hand-off, loop wake-up) cost more than the inserts (bench/smtp_accept.py).
-        await self._writer._execute(_run_transaction, self._writer._conn, statements)
+        await self._writer._execute(_run_transaction, self._writer._conn, statements)  # type: ignore[no-untyped-call]
         self.batches += 1
 
     # --- reading ---------------------------------------------------------------------------------
