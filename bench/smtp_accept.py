@@ -16,6 +16,7 @@ import sys
 
 from _common import (
     child,
+    cpu_seconds,
     gateway_env,
     gateway_main,
     header,
@@ -60,17 +61,22 @@ def main() -> int:
     batches: list[int] = []
     for r in range(args.rounds):
         with child(sink_main) as sink:
+            cpu0 = cpu_seconds(sink.pid)
             sink_rates.append(measure(sink.info, args, tool, f"s{r}"))
+            sink_cpu = (cpu_seconds(sink.pid) - cpu0) / args.messages
         with workdir() as tmp:
             env = gateway_env(tmp, "http://127.0.0.1:9", None)
             with child(gateway_main, env, str(tmp / "gateway.log"), True) as gate:
                 last = r == args.rounds - 1
+                cpu0 = cpu_seconds(gate.pid)
                 with profiled(gate.pid, args.profile if last else None):
                     gate_rates.append(measure(gate.info, args, tool, f"g{r}"))
+                gate_cpu = (cpu_seconds(gate.pid) - cpu0) / args.messages
                 batches.append(gate.call("stats")["batches"])
         print(
             f"   round {r + 1}: sink {sink_rates[-1]:7.0f} mails/s   mailgate {gate_rates[-1]:7.0f} mails/s"
-            f"   ({args.messages / max(1, batches[-1]):.1f} mails per commit)"
+            f"   ({args.messages / max(1, batches[-1]):.1f} mails per commit)\n"
+            f"            CPU per mail: sink {sink_cpu * 1e3:.2f} ms, mailgate {gate_cpu * 1e3:.2f} ms"
         )
     sink, gate = max(sink_rates), max(gate_rates)
     ratio = gate / sink
