@@ -206,13 +206,11 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
         Runner.run = parked  # type: ignore[method-assign]
 
     async def main() -> None:
-        async with Gateway(settings, poll_base=0.05) as gw:
+        async with Gateway(settings) as gw:  # the defaults `mailgate serve` uses
 
             async def handle(cmd: str, *args: Any) -> Any:
                 if cmd == "stats":
                     return {"batches": gw.store.batches, "in_flight": gw.runner.in_flight}
-                if cmd == "profile_start":
-                    return None
                 raise ValueError(cmd)
 
             conn.send(gw.smtp_port)
@@ -468,3 +466,24 @@ def profiled(pid: int, out: str | None, *, idle: bool = False) -> Iterator[None]
         proc.send_signal(2)
         proc.wait(30)
         print(f"   profile of pid {pid}: {out} (collapsed stacks; bench/profile_top.py {out})")
+
+
+def log_count(path: Path, *needles: str) -> int:
+    """Lines of the gateway's log that contain any of `needles`."""
+    with contextlib.suppress(OSError), path.open(errors="replace") as f:
+        return sum(1 for line in f if any(n in line for n in needles))
+    return 0
+
+
+def start_slow_tasks(gate: Child, peers: Child, n: int, seconds: float, sessions: int = 20) -> float:
+    """Mail `n` new tasks whose turns stream for `seconds`; wait until all `n` streams are open.
+
+    Returns how long the ramp took."""
+    t0 = time.perf_counter()
+    line = f"[sandbox:slow={seconds:g}]"
+    mails = [(f"slow-{i}", make_mail(f"slow-{i}", body_line=line)) for i in range(n)]
+    load = smtp_load(gate.info, mails, sessions)
+    if load.refused:
+        raise RuntimeError(f"{load.refused} of the load mails were refused")
+    wait_until(lambda: peers.call("counts")["running"] >= n, 120, f"{n} running turns", every=0.5)
+    return time.perf_counter() - t0

@@ -45,9 +45,12 @@ class ApiRequestFailed(ApiUnavailable):
     """`maybe_sent=False`: nothing was created (connect error, pool timeout, 429, 409, redirect): send it
     again. `maybe_sent=True`: the request may have reached the server: reconcile before any re-POST."""
 
-    def __init__(self, message: str, *, maybe_sent: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, maybe_sent: bool, retry_after: float | None = None, answered: bool = False
+    ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.maybe_sent = maybe_sent
+        self.answered = answered  # the server sent a response: it is done with the request
 
 
 class TooLarge(PermanentError):
@@ -389,6 +392,7 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> NoReturn:
             f"{what}: {_reason(response, body)}",
             maybe_sent=status >= 500,
             retry_after=_retry_after(response.headers),
+            answered=True,
         )
     raise ApiRejected(status, _reason(response, body))
 

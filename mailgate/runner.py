@@ -39,6 +39,9 @@ log = logging.getLogger("mailgate.runner")
 DONE_STATUSES = {"completed", "complete", "done", "succeeded", "success"}
 FAILED_STATUSES = {"error", "failed", "aborted", "cancelled", "canceled"}
 HOLD_SECONDS = 30.0
+# A POST whose answer was lost (the process died, or the connection dropped without a response) may
+# still be on its way through the API; it is looked for again after this long before anything is re-sent.
+SETTLE_SECONDS = 5.0
 LOUD_EVERY = 300.0
 
 
@@ -64,6 +67,7 @@ class Runner:
         poll_base: float = 1.0,
         retry_base: float = 2.0,
         hold_seconds: float = HOLD_SECONDS,
+        settle_seconds: float = SETTLE_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -75,6 +79,7 @@ class Runner:
         self.poll_base = poll_base
         self.retry_base = retry_base
         self.hold_seconds = hold_seconds
+        self.settle_seconds = settle_seconds
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -220,6 +225,12 @@ class Runner:
                     return await self.store.inbound(row.id)
             if snapshot is None and not row.new_task and task.turns > 0:
                 raise ApiRejected(404, "the task no longer exists")
+            settle_until = row.updated_at + self.settle_seconds
+            if row.state == InboundState.SUBMITTING and self.clock() < settle_until:
+                # the lost POST may not have reached the API yet: never race it with a second one
+                log.info("turn_settling", extra={"inbound": row.id, "task": row.task_id})
+                await self.store.write([update("inbound", row.id, next_attempt_at=settle_until)])
+                return None
         expected = len(snapshot.turns) if snapshot is not None else 0
         await self.store.set_inbound(
             row.id, state=InboundState.SUBMITTING, turn_seq=expected, attempts=row.attempts + 1
@@ -368,6 +379,9 @@ class Runner:
             return
         delay = backoff(max(1, fresh.attempts), base=self.retry_base, hint=exc.retry_after)
         state = InboundState.RUNNING if fresh.state == InboundState.RUNNING else InboundState.QUEUED
+        lost = fresh.state == InboundState.SUBMITTING and getattr(exc, "maybe_sent", True)
+        if lost and not getattr(exc, "answered", False):
+            state = InboundState.SUBMITTING  # no answer came: the next try lets the POST settle first
         log.warning(
             "api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)}
         )

@@ -51,6 +51,7 @@ class Gateway:
         poll_base: float = 1.0,
         retry_base: float = 2.0,
         hold_seconds: float = 30.0,
+        settle_seconds: float = 5.0,
     ) -> None:
         self.settings = settings
         self._api_transport = api_transport
@@ -60,6 +61,7 @@ class Gateway:
         self._poll_base = poll_base
         self._retry_base = retry_base
         self._hold_seconds = hold_seconds
+        self._settle_seconds = settle_seconds
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.store: Store
@@ -106,6 +108,7 @@ class Gateway:
             poll_base=self._poll_base,
             retry_base=self._retry_base,
             hold_seconds=self._hold_seconds,
+            settle_seconds=self._settle_seconds,
         )
         intake = Intake(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()

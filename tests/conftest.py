@@ -65,6 +65,6 @@ def make_gateway(tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay)
 
     def make(*, with_relay: bool = True, **env: str) -> Gateway:
         settings = settings_for(tmp_path, sandbox.url, relay.port if with_relay else None, **env)
-        return Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2.0)
+        return Gateway(settings, poll_base=0.05, retry_base=0.05, settle_seconds=0.2, shutdown_deadline=2.0)
 
     return make
