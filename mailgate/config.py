@@ -143,7 +143,8 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         for w in workers.values():
             if BUDGETS.index(w.budget) > cap:
                 problems.append(
-                    f"MAILGATE_WORKERS: {w.alias} asks for budget {w.budget}, above MAILGATE_MAX_BUDGET={max_budget}"
+                    f"MAILGATE_WORKERS: {w.alias} asks for budget {w.budget}, "
+                    f"above MAILGATE_MAX_BUDGET={max_budget}"
                 )
     tls_cert = p.get("MAILGATE_TLS_CERT", _existing_file, None)
     tls_key = p.get("MAILGATE_TLS_KEY", _existing_file, None)
@@ -297,10 +298,10 @@ def _workers(value: str) -> dict[str, Worker]:
 def _senders(value: str) -> tuple[str, ...]:
     senders = []
     for item in filter(None, (part.strip().lower() for part in value.split(","))):
-        if item == "*" or (item.startswith("@") and _DOMAIN.match(item[1:])) or (item.count("@") == 1 and all(item.split("@")) and _DOMAIN.match(item.split("@")[1])):
-            senders.append(item)
-        else:
+        local, at, domain = item.rpartition("@")
+        if item != "*" and not (at and _DOMAIN.match(domain) and "@" not in local):
             raise ValueError(f"{item!r}: expected user@domain, @domain or *")
+        senders.append(item)
     if not senders:
         raise ValueError("no senders given")
     return tuple(senders)

@@ -30,7 +30,7 @@ async def demo(folder: Path, *, smtp_port: int, api_port: int, once: bool = Fals
     from mailgate.service import Gateway, StartupError
 
     logs.setup("ERROR")  # the demo runs with MAILGATE_AUTH=none on purpose: no warning about it
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before anything runs)
     try:
         sandbox_cm = run_sandbox(SandboxOptions(), port=api_port)
         sandbox = await sandbox_cm.__aenter__()
@@ -82,11 +82,12 @@ async def demo(folder: Path, *, smtp_port: int, api_port: int, once: bool = Fals
             return 0
         print(
             "The gateway keeps running; press Ctrl-C to stop it. Send more mail, for example:\n"
-            f"  swaks --server 127.0.0.1:{gateway.smtp_port} --from {SENDER} --to research@{DOMAIN} "
-            "--header 'Subject: Hello' --body 'Summarise this'\n"
+            f"  swaks --server 127.0.0.1:{gateway.smtp_port} --from {SENDER} "
+            f"--to research@{DOMAIN} --header 'Subject: Hello' --body 'Summarise this'\n"
             "or with Python:\n"
-            f"  python -c \"import smtplib; smtplib.SMTP('127.0.0.1', {gateway.smtp_port}).sendmail('{SENDER}', "
-            f"['research@{DOMAIN}'], 'From: {SENDER}\\r\\nTo: research@{DOMAIN}\\r\\nSubject: Hi\\r\\n\\r\\nHello')\"\n"
+            f"  python -c \"import smtplib; smtplib.SMTP('127.0.0.1', {gateway.smtp_port}).sendmail("
+            f"'{SENDER}', ['research@{DOMAIN}'], "
+            f"'From: {SENDER}\\r\\nTo: research@{DOMAIN}\\r\\nSubject: Hi\\r\\n\\r\\nHello')\"\n"
             f"Replies appear in {settings.outbox_dir}/new/ (one file per message)."
         )
         stop = asyncio.Event()
@@ -125,7 +126,7 @@ async def _wait_for_new(box: mailbox.Maildir, before: set[str], *, timeout: floa
                     "Auto-Submitted",
                 )
             )
-            body = parsed.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+            body = parsed.get_body(preferencelist=("plain",))
             del msg
             return head + "\n\n" + (body.get_content() if body is not None else "")
         await asyncio.sleep(0.1)

@@ -1,0 +1,127 @@
+"""Settings: the example file loads, the environment wins, and every bad key is named at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.config import Listen, Relay, load_settings
+from mailgate.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {
+    "MAILGATE_DOMAIN": "agents.example.com",
+    "MAILGATE_WORKERS": "research=wrk_1",
+    "MAILGATE_ALLOWED_SENDERS": "*",
+    "MAILGATE_AUTH": "none",
+    "HANDINGER_BASE_URL": "http://127.0.0.1:8787",
+}
+
+
+def problems(environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=environ)
+    return info.value.problems
+
+
+def test_the_example_file_loads() -> None:
+    """config.example.env is a valid configuration as shipped."""
+    settings = load_settings(ROOT / "config.example.env")
+    assert settings.domain == "agents.example.com"
+    assert settings.workers["research"].worker_id == "wrk_research"
+    assert settings.auth == "dmarc"
+    assert settings.authserv_id == "mx.example.com"
+
+
+def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+    """A value in the process environment overrides the same key in the env file."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in MINIMAL.items()) + "MAILGATE_CONCURRENCY=5\n")
+    assert load_settings(env_file, {"MAILGATE_CONCURRENCY": "7"}).concurrency == 7
+    assert load_settings(env_file, {}).concurrency == 5
+
+
+def test_every_bad_key_is_named_at_once() -> None:
+    """One ConfigError lists each bad key with its reason."""
+    found = problems(
+        {
+            "MAILGATE_WORKERS": "research",
+            "MAILGATE_ALLOWED_SENDERS": "not-an-address",
+            "MAILGATE_LISTEN": "localhost:http",
+            "MAILGATE_CONCURRENCY": "-1",
+            "MAILGATE_SMTP_RELAY": "http://relay.example",
+            "HANDINGER_BASE_URL": "https://api.example.com",
+        }
+    )
+    named = {p.split(":")[0] for p in found}
+    assert named >= {
+        "MAILGATE_DOMAIN", "MAILGATE_WORKERS", "MAILGATE_ALLOWED_SENDERS", "MAILGATE_LISTEN",
+        "MAILGATE_CONCURRENCY", "MAILGATE_SMTP_RELAY", "HANDINGER_API_KEY", "MAILGATE_AUTHSERV_ID",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("MAILGATE_WORKERS", "a-very-long-alias-name-over-24=wrk_1"),
+        ("MAILGATE_WORKERS", "research=wrk_1:enormous"),
+        ("MAILGATE_WORKERS", "research=wrk_1:unlimited"),  # above the default MAILGATE_MAX_BUDGET
+        ("MAILGATE_AUTH", "spf"),
+        ("MAILGATE_SECRET", "short"),
+        ("MAILGATE_FILES_FIELD", "attachments"),
+        ("MAILGATE_REQUIRE_STARTTLS", "true"),
+        ("MAILGATE_TLS_CERT", "/nonexistent/cert.pem"),
+    ],
+)
+def test_bad_values_are_refused(key: str, value: str) -> None:
+    """Each malformed value is reported under its own name."""
+    assert any(p.startswith(key) for p in problems({**MINIMAL, key: value}))
+
+
+def test_the_api_key_is_optional_only_on_loopback() -> None:
+    """A sandbox on 127.0.0.1 needs no key; any other API does."""
+    assert load_settings(environ=MINIMAL).api_key is None
+    assert problems({**MINIMAL, "HANDINGER_BASE_URL": "https://handinger.com"}) == [
+        "HANDINGER_API_KEY: required (only a sandbox on a loopback address runs without one)"
+    ]
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    """The API key, the token secret and the relay password never appear in a repr."""
+    settings = load_settings(
+        environ={
+            **MINIMAL,
+            "HANDINGER_API_KEY": "sk-live-123",
+            "MAILGATE_SECRET": "s3cr3t-s3cr3t-s3cr3t",
+            "MAILGATE_SMTP_RELAY": "smtp+starttls://user:pa%40ss@relay.example:2587",
+        }
+    )
+    text = repr(settings)
+    assert "sk-live-123" not in text and "s3cr3t" not in text and "pa@ss" not in text
+    assert settings.smtp_relay == Relay("smtp+starttls", "relay.example", 2587, "user", "pa@ss")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:2525", Listen("127.0.0.1", 2525)),
+        ("[::1]:25", Listen("::1", 25)),
+        (":2600", Listen("127.0.0.1", 2600)),
+    ],
+)
+def test_listen_addresses(value: str, expected: Listen) -> None:
+    """host:port, bracketed IPv6 and a bare port all parse."""
+    assert load_settings(environ={**MINIMAL, "MAILGATE_LISTEN": value}).listen == expected
+
+
+def test_lmtp_on_a_unix_socket() -> None:
+    """MAILGATE_LMTP_LISTEN takes unix:/path."""
+    settings = load_settings(environ={**MINIMAL, "MAILGATE_LMTP_LISTEN": "unix:/run/mailgate/lmtp.sock"})
+    assert settings.lmtp_listen == Listen(unix_path="/run/mailgate/lmtp.sock")
+
+
+def test_a_missing_env_file_is_a_config_error(tmp_path: Path) -> None:
+    """--env-file pointing nowhere is reported, not ignored."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.env")
