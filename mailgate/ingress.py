@@ -104,6 +104,9 @@ class GatewaySMTP(StreamingData):  # DATA read into one buffer, not a list of li
 
     limiter: _Limited
     _admitted = False
+    # RFC 5321 allows 1000 octets a line, but real mail (HTML from some clients, long headers) often
+    # has longer ones, and a strict 500 would bounce it. Accept lines up to 64 KiB, as MTAs do.
+    line_length_limit = 64 * 1024
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.limiter.open >= self.limiter.limit:
