@@ -112,6 +112,12 @@ def gateway_env(tmp: Path, api_url: str, relay_port: int | None, **extra: str) -
 
 @contextlib.contextmanager
 def workdir() -> Iterator[Path]:
+    keep = os.environ.get("MAILGATE_BENCH_KEEP")  # a directory: keep logs and databases there
+    if keep:
+        path = Path(tempfile.mkdtemp(prefix="run-", dir=keep))
+        print(f"   files kept in {path}")
+        yield path
+        return
     with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmp:
         yield Path(tmp)
 
@@ -485,5 +491,9 @@ def start_slow_tasks(gate: Child, peers: Child, n: int, seconds: float, sessions
     load = smtp_load(gate.info, mails, sessions)
     if load.refused:
         raise RuntimeError(f"{load.refused} of the load mails were refused")
-    wait_until(lambda: peers.call("counts")["running"] >= n, 120, f"{n} running turns", every=0.5)
+    try:
+        wait_until(lambda: peers.call("counts")["running"] >= n, 100, f"{n} running turns", every=0.5)
+    except TimeoutError:
+        print(f"   stuck at {peers.call('counts')} (gateway: {gate.call('stats')})")
+        raise
     return time.perf_counter() - t0

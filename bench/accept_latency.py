@@ -65,7 +65,8 @@ def main() -> int:
         f"   idle gateway (baseline): p50 {ms(pct(idle, 50))}  p99 {ms(pct(idle, 99))}  ({len(idle)} probes)"
     )
     print(
-        f"   under load:              p50 {ms(pct(loaded, 50))}  p99 {ms(pct(loaded, 99))}  ({len(loaded)} probes)"
+        f"   under load:              p50 {ms(pct(loaded, 50))}  p99 {ms(pct(loaded, 99))}"
+        f"  ({len(loaded)} probes)"
     )
     print(f"   pool time-outs: {timeouts}; API retries logged: {retries}")
     ok = pct(loaded, 99) <= TARGET_P99 and timeouts == 0

@@ -260,10 +260,12 @@ class Store:
     # --- reading ---------------------------------------------------------------------------------
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        # One hop that steps the statement to its end: a cursor left open across an await keeps the
+        # reader's snapshot (and the WAL) pinned while other reads overlap, so a read right after a
+        # commit could miss it (seen at 300+ concurrent tasks in bench/accept_latency.py).
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                row: sqlite3.Row | None = await cursor.fetchone()
-                return row
+            rows = await self._reader.execute_fetchall(sql, params)
+            return next(iter(rows), None)
         except sqlite3.Error as exc:
             raise StoreBusy(f"read failed: {exc}") from exc
 

@@ -1,0 +1,32 @@
+"""Run every benchmark in turn (`make bench`); each prints its figures next to its same-run baseline.
+
+.venv/bin/python bench/run_all.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from _common import header, run_py
+
+SCRIPTS = ["smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py"]
+
+
+def main() -> int:
+    header("mailgate benchmarks")
+    failed = []
+    for script in SCRIPTS:
+        if not (Path(__file__).parent / script).exists():
+            print(f"-- {script}: not present, skipped")
+            continue
+        print(f"-- {script}", flush=True)
+        if run_py(script) != 0:
+            failed.append(script)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
