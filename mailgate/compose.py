@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from mailgate.models import Attachment, InboundMail
+from mailgate.models import Attachment, InboundMail, SkippedFile
 
 MAX_FILES = 5
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -21,16 +21,10 @@ MAX_INPUT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
-class Skipped:
-    filename: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class Composed:
     input: str  # empty: nothing to send (a reply with no new text and no files)
     files: tuple[Attachment, ...]
-    skipped: tuple[Skipped, ...]
+    skipped: tuple[SkippedFile, ...]
 
 
 def human_size(size: int) -> str:
@@ -45,20 +39,24 @@ def human_size(size: int) -> str:
 
 def pick_files(
     attachments: Sequence[Attachment], *, already_sent: Collection[str] = ()
-) -> tuple[list[Attachment], list[Skipped]]:
+) -> tuple[list[Attachment], list[SkippedFile]]:
     """Files that fit the API limits, in order; `already_sent` are sha256s the task already has."""
     chosen: list[Attachment] = []
-    skipped: list[Skipped] = []
+    skipped: list[SkippedFile] = []
     total = 0
     for att in attachments:
         if hashlib.sha256(att.data).hexdigest() in already_sent:
             continue  # already in the task's workspace from an earlier turn
         if att.size > MAX_FILE_BYTES:
-            skipped.append(Skipped(att.filename, f"{human_size(att.size)}, over the 10 MB limit per file"))
+            skipped.append(
+                SkippedFile(att.filename, f"{human_size(att.size)}, over the 10 MB limit per file")
+            )
         elif len(chosen) >= MAX_FILES:
-            skipped.append(Skipped(att.filename, "over the limit of 5 files per message"))
+            skipped.append(SkippedFile(att.filename, "over the limit of 5 files per message"))
         elif total + att.size > MAX_TOTAL_BYTES:
-            skipped.append(Skipped(att.filename, f"{human_size(att.size)}, over the 30 MB limit per message"))
+            skipped.append(
+                SkippedFile(att.filename, f"{human_size(att.size)}, over the 30 MB limit per message")
+            )
         else:
             chosen.append(att)
             total += att.size
@@ -74,7 +72,7 @@ def compose(
 ) -> Composed:
     """The turn for `mail` from the authenticated `sender`."""
     files, skipped = pick_files(mail.attachments, already_sent=already_sent)
-    skipped += [Skipped(name, reason) for name, reason in mail.unreadable]
+    skipped += [SkippedFile(name, reason) for name, reason in mail.unreadable]
     own = mail.reply_text.strip()
     context = ""
     if new_task:

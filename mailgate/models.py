@@ -52,6 +52,14 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class SkippedFile:
+    """A sender's attachment that was not passed on; `reason` is already human ("14 MB, over the ...")."""
+
+    filename: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class InboundMail:
     """What mailgate needs from one parsed message (see `parsing.parse_message`)."""
 

@@ -38,6 +38,7 @@ from markdown_it.token import Token
 from markupsafe import Markup
 
 from mailgate.errors import ConfigError
+from mailgate.models import SkippedFile as SkippedFile  # re-exported: part of the render API
 from mailgate.models import Source
 
 NOTICE_KINDS = (
@@ -47,14 +48,6 @@ NOTICE_KINDS = (
 _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
 ]
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A sender's attachment that was not passed on; `reason` is already human ("14 MB, over the ...")."""
-
-    filename: str
-    reason: str
 
 
 @dataclass(frozen=True)
