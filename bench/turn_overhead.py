@@ -1,6 +1,6 @@
 """Gateway overhead per turn: 250 -> POST at the API, and turn end -> reply at the relay (fast sandbox).
 
-    .venv/bin/python bench/turn_overhead.py [--mails 100]
+    .venv/bin/python bench/turn_overhead.py [--mails 100] [--profile FILE]
 
 Times come from three processes on one clock (time.time()): the SMTP client (the 250), the sandbox (the
 POST's arrival, the turn's end) and the relay (the reply's arrival). Baseline for scale: the sandbox's
@@ -21,6 +21,7 @@ from _common import (
     ms,
     pct,
     peers_main,
+    profiled,
     smtp_load,
     verdict,
     wait_until,
@@ -34,6 +35,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mails", type=int, default=100)
     parser.add_argument("--pace", type=float, default=0.1, help="seconds between mails (one session)")
+    parser.add_argument("--profile", help="py-spy the gateway while the mails go through")
     args = parser.parse_args()
     header("Gateway overhead per turn (fast sandbox)")
     with workdir() as tmp, child(peers_main, 0.0, 15.0, str(tmp / "peers.log")) as peers:
@@ -41,9 +43,10 @@ def main() -> int:
         env = gateway_env(tmp, url, relay_port)
         with child(gateway_main, env, str(tmp / "gateway.log"), False) as gate:
             mails = [(f"turn-{i}", make_mail(f"turn-{i}")) for i in range(args.mails)]
-            load = smtp_load(gate.info, mails, 1, keep_replies=True, pace=args.pace)
-            n = load.sent
-            wait_until(lambda: peers.call("counts")["relayed"] >= n, 60, f"{n} replies")
+            with profiled(gate.pid, args.profile):
+                load = smtp_load(gate.info, mails, 1, keep_replies=True, pace=args.pace)
+                n = load.sent
+                wait_until(lambda: peers.call("counts")["relayed"] >= n, 60, f"{n} replies")
             records = peers.call("records")
     accepted = {tag: t for t, tag, _ in load.replies}
     posted: dict[str, tuple[float, str, int]] = {}

@@ -17,10 +17,13 @@ suffix such as `com` or `co.uk` (see `aligned`).
 from __future__ import annotations
 
 import email.policy
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.headerregistry import BaseHeader, MessageIDHeader, UnstructuredHeader
 from email.message import EmailMessage
+from typing import Any
 
 import dkim
 
@@ -28,6 +31,8 @@ __all__ = [
     "AuthVerdict",
     "aligned",
     "from_addresses",
+    "header_index",
+    "header_text",
     "header_values",
     "parse_authentication_results",
     "trust_from_header",
@@ -46,6 +51,14 @@ _CC_SECOND_LEVEL = frozenset(
     {"ac", "co", "com", "edu", "gob", "gov", "go", "govt", "ltd", "me", "mil", "ne", "net", "nhs", "nic"}
     | {"nom", "or", "org", "plc", "sch"}
 )
+# Plain values the email package would parse without a defect, read here without it (its header
+# parser is pure Python and the most expensive step at DATA time). Anything else takes the full parser.
+_LOCAL = r"[A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*"
+_HOST = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_MAILBOX = re.compile(
+    rf"(?:([A-Za-z0-9_'+-]+(?: [A-Za-z0-9_'+-]+)*) ?)?<({_LOCAL})@({_HOST})>|({_LOCAL})@({_HOST})"
+)
+_PLAIN_MSGID = re.compile(rf"<{_LOCAL}@{_HOST}>")
 _AR_PAIR = re.compile(r'([A-Za-z0-9_.\-/]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]+)')
 
 
@@ -86,6 +99,60 @@ def header_values(msg: EmailMessage, name: str) -> list[str]:
     return out
 
 
+def header_index(msg: EmailMessage) -> dict[str, list[str]]:
+    """`header_values` for every header at once: lower-cased name -> values. Never raises."""
+    try:
+        items = list(msg.raw_items())
+    except Exception:
+        return {}
+    out: dict[str, list[str]] = {}
+    for key, value in items:
+        if isinstance(key, str):
+            text = value if isinstance(value, str) else str(value)
+            text = _FOLD.sub("", text).replace("\r", " ").replace("\n", " ").strip()
+            out.setdefault(key.lower(), []).append(text)
+    return out
+
+
+def header_text(name: str, value: str) -> str:
+    """`str(email.policy.default.header_factory(name, value))` (RFC 2047 decoded), cheaper when plain.
+
+    May raise as the email package does on some garbage.
+    """
+    cls = _header_class(name.lower())
+    plain = value.isascii() and value.isprintable() and "=?" not in value
+    if plain and (
+        issubclass(cls, UnstructuredHeader)
+        or (issubclass(cls, MessageIDHeader) and _PLAIN_MSGID.fullmatch(value))
+    ):
+        return value  # what the parser gives back for such values
+    return str(cls(name, value))
+
+
+@functools.cache
+def _header_class(name: str) -> type[BaseHeader]:
+    """policy.default's class for header `name` (its registry builds a new class on every call)."""
+    registry: Any = email.policy.default.header_factory
+    cls: type[BaseHeader] = registry[name]
+    return cls
+
+
+def plain_mailboxes(value: str) -> list[tuple[str, str, str]] | None:
+    """(display name, local part, domain) of each mailbox in a plain address list, as the email package
+    reads them; None when the value is not plain (quoted names, comments, encoded words, groups, 8-bit...).
+    """
+    if not value.isascii() or not value.isprintable():
+        return None
+    found = []
+    for piece in value.split(","):
+        m = _PLAIN_MAILBOX.fullmatch(piece.strip(" "))
+        if m is None:
+            return None
+        name, local, domain, bare_local, bare_domain = m.groups()
+        found.append((name or "", local or bare_local, domain or bare_domain))
+    return found
+
+
 def from_addresses(msg: EmailMessage) -> tuple[str, ...] | None:
     """The addr-specs in the From header(s), lower-cased; None when any of them is unusable.
 
@@ -97,15 +164,20 @@ def from_addresses(msg: EmailMessage) -> tuple[str, ...] | None:
         return None
     found: list[str] = []
     for value in values:
-        try:
-            header = email.policy.default.header_factory("From", value)
-            addresses = header.addresses
-        except Exception:  # the header parser raises on some garbage; treat it as unusable
-            return None
-        if header.defects or not addresses:
-            return None
-        for address in addresses:
-            local, domain = address.username, address.domain.lower().rstrip(".")
+        plain = plain_mailboxes(value)
+        if plain is not None:
+            pairs = [(local, domain) for _, local, domain in plain]
+        else:
+            try:
+                header: Any = _header_class("from")("From", value)
+                addresses = header.addresses
+            except Exception:  # the header parser raises on some garbage; treat it as unusable
+                return None
+            if header.defects or not addresses:
+                return None
+            pairs = [(a.username, a.domain) for a in addresses]
+        for local, domain in pairs:
+            domain = domain.lower().rstrip(".")
             if not local or not _DOMAIN.match(domain) or any(c.isspace() for c in local):
                 return None
             found.append(f"{local}@{domain}".lower())

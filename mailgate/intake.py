@@ -25,10 +25,12 @@ from mailgate import authn, parsing, policy, threads
 from mailgate.config import Settings
 from mailgate.errors import MessageRejected
 from mailgate.models import InboundState
-from mailgate.store import Statement, Store, insert
+from mailgate.store import IntakeFacts, Statement, Store, insert
 
 HOUR = 3600.0
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # the end of the header block, CRLF or bare LF
+_PLAIN_MAX = 4096  # longer address headers go to parsing.address_list (which cuts them at 64 KiB)
+_LINESEP = re.compile(r"\n|\r")  # what policy.default removes from a header value before parsing it
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class Intake:
         digest = hashlib.sha256(raw).hexdigest()
         message_id = _first(parsing.msgid_list(_header(headers, "message-id")))
         subject = _clean(_header(headers, "subject"))[:500]
+        in_reply_to = parsing.msgid_list(_header(headers, "in-reply-to"))
+        references = parsing.msgid_list(_header(headers, "references"))
 
         reason = policy.automatic_reason(headers, mail_from, own_domain=settings.domain)
         verdict: authn.AuthVerdict | None = None
@@ -128,13 +132,37 @@ class Intake:
                 raise MessageRejected(550, "5.7.1", f"{verdict.sender} may not send to this gateway")
         sender = verdict.sender if verdict else None
 
+        # Every read the decisions below make, in one hop to the reader's thread (threads.resolve asks
+        # `facts` the same questions; anything not read here goes to the store).
+        splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
+        keys = [
+            hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
+            for rcpt in rcpts
+        ]
+        facts = await self.store.intake_facts(
+            keys,
+            token_task_ids=[
+                task_id
+                for _, tag in splits
+                if tag is not None and threads.looks_like_token(tag)
+                if (task_id := threads.task_id_of_token(tag))
+            ],
+            chain=list(dict.fromkeys([*in_reply_to, *reversed(references)])),
+            aliases=sorted({alias for alias, _ in splits}),
+            sender=sender if reason is None else None,
+            since=now - HOUR,
+            max_turns=settings.max_turns_per_thread_per_hour,
+            max_new_tasks=settings.max_new_tasks_per_hour,
+        )
+        index = _Prefetched(self.store, facts)
+
         plans: list[_Plan] = []
         new_tasks_here = 0
         continued: dict[str, str] = {}  # task id -> the queue id of this message's turn for it
-        for rcpt in rcpts:
-            alias, tag = threads.split_recipient(rcpt, settings.domain) or ("", None)
-            key = hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
-            duplicate = await self.store.duplicate_of(key)
+        for rcpt, (alias, tag), key in zip(rcpts, splits, keys, strict=True):
+            duplicate = (
+                facts.duplicates[key] if key in facts.duplicates else await self.store.duplicate_of(key)
+            )
             if duplicate is not None:
                 plans.append(_Plan(rcpt, Reply(250, f"2.0.0 Ok: already queued as {duplicate}")))
                 continue
@@ -159,7 +187,18 @@ class Intake:
                 )
                 continue
             try:
-                plan = await self._plan_task(rcpt, alias, tag, sender, headers, row, now, new_tasks_here)
+                plan = await self._plan_task(
+                    index,
+                    rcpt,
+                    alias,
+                    tag,
+                    sender,
+                    headers,
+                    (in_reply_to, references),
+                    row,
+                    now,
+                    new_tasks_here,
+                )
             except MessageRejected as exc:
                 plan = _Plan(rcpt, Reply(exc.code, f"{exc.status} {exc.reason}"))
             else:
@@ -192,11 +231,13 @@ class Intake:
 
     async def _plan_task(
         self,
+        index: _Prefetched,
         rcpt: str,
         alias: str,
         tag: str | None,
         sender: str,
         headers: EmailMessage,
+        chain: tuple[Sequence[str], Sequence[str]],
         row: dict[str, Any],
         now: float,
         new_tasks_here: int,
@@ -204,13 +245,13 @@ class Intake:
         settings = self.settings
         try:
             found = await threads.resolve(
-                self.store,
+                index,
                 self.secret,
                 alias=alias,
                 tag=tag,
                 sender=sender,
-                in_reply_to=parsing.msgid_list(_header(headers, "in-reply-to")),
-                references=parsing.msgid_list(_header(headers, "references")),
+                in_reply_to=chain[0],
+                references=chain[1],
             )
         except threads.BadToken:
             raise MessageRejected(
@@ -219,7 +260,7 @@ class Intake:
         statements: list[Statement] = []
         if found.task is not None:
             task_id = found.task.task_id
-            turns = await self.store.count_turns(task_id, now - HOUR)
+            turns = await index.count_turns(task_id, now - HOUR, settings.max_turns_per_thread_per_hour)
             if turns >= settings.max_turns_per_thread_per_hour:
                 raise MessageRejected(
                     450, "4.7.1", "Too many messages in this conversation in the last hour; try later"
@@ -227,7 +268,10 @@ class Intake:
         else:
             worker = settings.worker_for(alias)
             assert worker is not None  # checked at RCPT
-            recent = await self.store.count_new_tasks(sender, now - HOUR) + new_tasks_here
+            recent = (
+                await index.count_new_tasks(sender, now - HOUR, settings.max_new_tasks_per_hour)
+                + new_tasks_here
+            )
             if recent >= settings.max_new_tasks_per_hour:
                 raise MessageRejected(450, "4.7.1", "Too many new tasks from you in the last hour; try later")
             task_id = threads.new_task_id()
@@ -250,10 +294,11 @@ class Intake:
         row |= {"task_id": task_id, "state": InboundState.RECEIVED, "note": found.note}
         statements.append(insert("inbound", row))
         people = {sender} | {
-            a.addr
+            addr
             for name in ("to", "cc")
-            for a in parsing.address_list(headers, name)
-            if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
+            for addr in _addresses(headers, name)
+            if addr.rpartition("@")[2] != settings.domain
+            and policy.sender_allowed(addr, settings.allowed_senders)
         }
         statements += [
             insert("participant", {"task_id": task_id, "addr": p}, or_ignore=True) for p in sorted(people)
@@ -280,12 +325,66 @@ def combine(replies: Sequence[Reply]) -> Reply:
     return replies[0]
 
 
+class _Prefetched:
+    """The store's reads for one message, answered from `IntakeFacts` where it holds the answer."""
+
+    def __init__(self, store: Store, facts: IntakeFacts) -> None:
+        self.store = store
+        self.facts = facts
+
+    async def task(self, task_id: str) -> threads.TaskRef | None:
+        if task_id in self.facts.tasks:
+            return self.facts.tasks[task_id]
+        return await self.store.task(task_id)
+
+    async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> threads.TaskRef | None:
+        if list(message_ids) == self.facts.chain and alias in self.facts.by_chain:
+            return self.facts.by_chain[alias]
+        return await self.store.task_for_message_ids(message_ids, alias)
+
+    async def is_participant(self, task_id: str, addr: str) -> bool:
+        if addr == self.facts.sender and task_id in self.facts.participant:
+            return self.facts.participant[task_id]
+        return await self.store.is_participant(task_id, addr)
+
+    async def count_turns(self, task_id: str, since: float, limit: int) -> int:
+        if task_id in self.facts.turns:
+            return self.facts.turns[task_id]
+        return await self.store.count_turns(task_id, since, limit)
+
+    async def count_new_tasks(self, owner: str, since: float, limit: int) -> int:
+        if owner == self.facts.sender and self.facts.new_tasks is not None:
+            return self.facts.new_tasks
+        return await self.store.count_new_tasks(owner, since, limit)
+
+
 def _header(msg: EmailMessage, name: str) -> str:
+    """`str(msg.get(name))` for a policy.default message ("" when absent or unreadable), cheaper."""
     try:
-        value = msg.get(name)
+        for key, value in msg.raw_items():
+            if key.lower() == name:
+                return authn.header_text(key, "".join(_LINESEP.split(value)))
     except Exception:
         return ""
-    return "" if value is None else str(value)
+    return ""
+
+
+def _addresses(msg: EmailMessage, name: str) -> list[str]:
+    """The addrs of `parsing.address_list(msg, name)`; plain values are read without the email package."""
+    found: list[str] = []
+    try:
+        for key, value in msg.raw_items():
+            if key.lower() != name:
+                continue
+            plain = (
+                authn.plain_mailboxes("".join(_LINESEP.split(value))) if len(value) <= _PLAIN_MAX else None
+            )
+            if plain is None:
+                return [a.addr for a in parsing.address_list(msg, name)]
+            found += [f"{local}@{domain}".lower() for _, local, domain in plain]
+    except Exception:
+        return [a.addr for a in parsing.address_list(msg, name)]
+    return list(dict.fromkeys(found))
 
 
 def _clean(value: str) -> str:

@@ -49,7 +49,12 @@ class Delivery(Protocol):
 
 
 class RelayDelivery:
-    """One SMTP connection per delivery to the configured relay.
+    """SMTP deliveries to the configured relay: one connection per delivery, or with `keep_idle` > 0 a
+    connection whose delivery succeeded is kept that many seconds for the next one (at most `max_idle`).
+
+    A kept connection found closed is dropped; one that fails before the relay took MAIL FROM (it went
+    stale in the meantime) is dropped and the delivery made over a new connection, which is safe since
+    nothing of the message was sent. Any later failure is reported as usual. `aclose()` ends kept ones.
 
     `smtp://` never upgrades (opportunistic STARTTLS off), `smtp+starttls://` requires STARTTLS, `smtps://`
     is implicit TLS. AUTH (PLAIN/LOGIN/CRAM-MD5, whatever the relay offers) when the relay URL has
@@ -65,12 +70,17 @@ class RelayDelivery:
         tls_context: ssl.SSLContext | None = None,
         timeout: float = 60.0,
         local_hostname: str | None = None,
+        keep_idle: float = 0.0,
+        max_idle: int = 4,
     ) -> None:
         self.relay = relay
         self.verify_tls = verify_tls
         self.tls_context = tls_context
         self.timeout = timeout
         self.local_hostname = local_hostname
+        self.keep_idle = keep_idle
+        self.max_idle = max_idle
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, when it was last used)
 
     def __repr__(self) -> str:
         return f"RelayDelivery({self.relay.scheme}://{self.relay.host}:{self.relay.port})"
@@ -80,6 +90,22 @@ class RelayDelivery:
             raise ValueError("deliver() needs at least one recipient")
         relay = self.relay
         where = f"relay {relay.host}:{relay.port}"
+        kept = self._kept()
+        if kept is not None:
+            stage = _Stage()
+            try:
+                report = await _transaction(kept, message, mail_from, recipients, where, stage)
+            except (aiosmtplib.SMTPException, OSError, DeliveryDeferred) as exc:
+                kept.close()
+                if stage.mail_accepted:
+                    raise _deferred(where, exc) from exc
+                # stale before anything of the message was sent: a new connection below
+            except BaseException:
+                kept.close()
+                raise
+            else:
+                self._keep(kept)
+                return report
         smtp = aiosmtplib.SMTP(
             hostname=relay.host,
             port=relay.port,
@@ -92,23 +118,67 @@ class RelayDelivery:
             validate_certs=self.verify_tls,
             tls_context=self.tls_context,
         )
+        kept_now = False
         try:
             await smtp.connect()
-            report = await _transaction(smtp, message, mail_from, recipients, where)
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit()  # the message is already accepted
+            report = await _transaction(smtp, message, mail_from, recipients, where, _Stage())
+            kept_now = self._keep(smtp)
+            if not kept_now:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await smtp.quit()  # the message is already accepted
             return report
-        except aiosmtplib.SMTPResponseException as exc:
-            # Greeting, EHLO, STARTTLS or AUTH refused: about this gateway or the relay, not the message.
-            raise DeliveryDeferred(f"{where}: {exc.code} {exc.message}") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:  # OSError: also ssl.SSLError, TimeoutError
-            raise DeliveryDeferred(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise _deferred(where, exc) from exc
         finally:
+            if not kept_now:
+                smtp.close()
+
+    def _kept(self) -> aiosmtplib.SMTP | None:
+        """A kept connection that is still open and was used recently enough, if any."""
+        while self._idle:
+            smtp, since = self._idle.pop()
+            if smtp.is_connected and time.monotonic() - since <= self.keep_idle:
+                return smtp
+            smtp.close()
+        return None
+
+    def _keep(self, smtp: aiosmtplib.SMTP) -> bool:
+        """Keep `smtp` for the next delivery, if kept connections are wanted and there is room."""
+        if self.keep_idle <= 0 or len(self._idle) >= self.max_idle or not smtp.is_connected:
+            return False
+        self._idle.append((smtp, time.monotonic()))
+        return True
+
+    async def aclose(self) -> None:
+        """QUIT and close the kept connections."""
+        idle, self._idle = self._idle, []
+        for smtp, _ in idle:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await smtp.quit()
             smtp.close()
 
 
+@dataclass
+class _Stage:
+    mail_accepted: bool = False  # after this, a failure may follow bytes of the message: never resend at once
+
+
+def _deferred(where: str, exc: BaseException) -> DeliveryDeferred:
+    if isinstance(exc, DeliveryDeferred):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        # Greeting, EHLO, STARTTLS or AUTH refused: about this gateway or the relay, not the message.
+        return DeliveryDeferred(f"{where}: {exc.code} {exc.message}")
+    return DeliveryDeferred(f"{where}: {type(exc).__name__}: {exc}")
+
+
 async def _transaction(
-    smtp: aiosmtplib.SMTP, message: bytes, mail_from: str, recipients: Sequence[str], where: str
+    smtp: aiosmtplib.SMTP,
+    message: bytes,
+    mail_from: str,
+    recipients: Sequence[str],
+    where: str,
+    stage: _Stage,
 ) -> DeliveryReport:
     """MAIL, RCPT per recipient, DATA. Replies to these name the message, so 5xx here is permanent."""
     if smtp.is_ehlo_or_helo_needed:  # learn the extensions before choosing MAIL FROM parameters
@@ -133,6 +203,7 @@ async def _transaction(
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
         _raise_for(exc.code, f"{where}: MAIL FROM refused: {exc.code} {exc.message}")
+    stage.mail_accepted = True
     accepted: list[str] = []
     refused: dict[str, str] = {}
     for rcpt in recipients:
@@ -222,5 +293,6 @@ def _fsync_dir(path: Path) -> None:
 def make_delivery(settings: Settings) -> Delivery:
     """The relay from MAILGATE_SMTP_RELAY, or the Maildir at MAILGATE_OUTBOX_DIR when none is set."""
     if settings.smtp_relay is not None:
-        return RelayDelivery(settings.smtp_relay, verify_tls=settings.relay_verify_tls)
+        # replies often come in bursts: the next one skips the connection set-up (connect, EHLO, TLS, AUTH)
+        return RelayDelivery(settings.smtp_relay, verify_tls=settings.relay_verify_tls, keep_idle=15.0)
     return MaildirDelivery(settings.outbox_dir)

@@ -14,10 +14,11 @@ import logging
 import time
 from collections.abc import Callable
 
+from mailgate.endings import backoff
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
 from mailgate.models import OutboxState
 from mailgate.outbound import Delivery
-from mailgate.runner import _wait, backoff
+from mailgate.runner import _wait
 from mailgate.store import OutboxRow, Store
 
 log = logging.getLogger("mailgate.outbox")
@@ -49,22 +50,28 @@ class Outbox:
     async def run(self) -> None:
         while True:
             self._wake.clear()
+            now = self.clock()
             free = self.parallel - len(self._busy)
             if free > 0:
-                for row in await self.store.outbox_due(self.clock(), free, set(self._busy)):
+                for row in await self.store.outbox_due(now, free, set(self._busy)):
                     self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
-            due = await self.store.next_due("outbox")
+            # rows due already are being sent or wait for a free sender (which wakes us when done)
+            due = await self.store.next_due_after("outbox", now)
             timeout = 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
             await _wait(self._wake, timeout)
 
     async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
         jobs = list(self._busy.values())
-        if not jobs:
-            return 0
-        _, pending = await asyncio.wait(jobs, timeout=timeout)
-        for job in pending:
-            job.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        pending: set[asyncio.Task[None]] = set()
+        if jobs:
+            _, pending = await asyncio.wait(jobs, timeout=timeout)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        close = getattr(self.delivery, "aclose", None)
+        if close is not None:
+            await close()
         return len(pending)
 
     async def _send(self, row: OutboxRow) -> None:

@@ -2,7 +2,8 @@
 
 Nothing here does I/O. The input is a header-parsed `EmailMessage` (`policy=email.policy.default`;
 headers only is enough) and plain values the caller read elsewhere (envelope sender, counts).
-Header values can be malformed: every read goes through `authn.header_values`, which never raises.
+Header values can be malformed: every read goes through `authn.header_index` (the values of
+`authn.header_values`), which never raises.
 
 `automatic_reason` answers "must this message never be answered?" with a short reason string
 ("bounce: ...", "auto-reply: ...", "read receipt: ...", "complaint: ...", "bulk: ...", "loop: ...")
@@ -21,13 +22,19 @@ lives in `mailgate.authn` and is re-exported here.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-from mailgate.authn import AuthVerdict, header_values, trust_from_header, verify_dkim, verify_dmarc_results
+from mailgate.authn import (
+    AuthVerdict,
+    header_index,
+    header_text,
+    trust_from_header,
+    verify_dkim,
+    verify_dmarc_results,
+)
 from mailgate.models import BUDGETS
 
 __all__ = [
@@ -146,34 +153,45 @@ def automatic_reason(msg: EmailMessage, envelope_from: str, *, own_domain: str) 
     `LOOP_HEADER`, or a Message-ID we minted (`is_own_message_id`), means our own mail came back.
     """
     envelope = envelope_from.strip().strip("<>").strip()
-    from_value = " ".join(header_values(msg, "From"))
-    subject = _subject(msg)
+    headers = _Headers(header_index(msg))  # one pass over the header block, not one per signal
+    from_value = " ".join(headers("From"))
+    subject = _subject(headers)
     return (
-        _own_mail(msg, own_domain)
-        or _report(msg)
+        _own_mail(headers, own_domain)
+        or _report(headers)
         or _mailer_daemon(envelope, from_value)
         or ("bounce: delivery-failure subject" if _BOUNCE_SUBJECT.search(subject) else None)
-        or _bounce_headers(msg)
-        or _autoreply_headers(msg)
+        or _bounce_headers(headers)
+        or _autoreply_headers(headers)
         or ("auto-reply: out-of-office subject" if _OOO_SUBJECT.search(subject) else None)
         or ("read receipt: subject" if _RECEIPT_SUBJECT.search(subject) else None)
-        or _auto_submitted(msg)
+        or _auto_submitted(headers)
         or ("bounce: null envelope sender" if not envelope else None)
         or _postmaster(envelope, from_value)
-        or _bulk(msg, envelope)
+        or _bulk(headers, envelope)
     )
 
 
-def _first(msg: EmailMessage, name: str) -> str:
-    values = header_values(msg, name)
+class _Headers:
+    """`authn.headers(name)` for one message, from an index built once."""
+
+    def __init__(self, index: dict[str, list[str]]) -> None:
+        self.index = index
+
+    def __call__(self, name: str) -> list[str]:
+        return self.index.get(name.lower(), [])
+
+
+def _first(headers: _Headers, name: str) -> str:
+    values = headers(name)
     return values[0] if values else ""
 
 
-def _subject(msg: EmailMessage) -> str:
+def _subject(headers: _Headers) -> str:
     """The decoded Subject, whitespace folded, casefolded, leading "**"/"[Postmaster]" dropped."""
-    raw = _first(msg, "Subject")
+    raw = _first(headers, "Subject")
     try:
-        text = str(email.policy.default.header_factory("Subject", raw))
+        text = header_text("Subject", raw)
     except Exception:  # undecodable encoded-words: match on the raw text instead
         text = raw
     return _SUBJECT_NOISE.sub("", " ".join(text.split()).casefold())
@@ -192,16 +210,16 @@ def is_own_message_id(message_id: str, own_domain: str) -> bool:
     return on_domain and local.lower().endswith(OWN_MESSAGE_ID_SUFFIX)
 
 
-def _own_mail(msg: EmailMessage, own_domain: str) -> str | None:
-    if header_values(msg, LOOP_HEADER):
+def _own_mail(headers: _Headers, own_domain: str) -> str | None:
+    if headers(LOOP_HEADER):
         return f"loop: our own mail ({LOOP_HEADER})"
-    if any(is_own_message_id(value, own_domain) for value in header_values(msg, "Message-ID")):
+    if any(is_own_message_id(value, own_domain) for value in headers("Message-ID")):
         return "loop: our own mail (Message-ID)"
     return None
 
 
-def _report(msg: EmailMessage) -> str | None:
-    for value in header_values(msg, "Content-Type"):
+def _report(headers: _Headers) -> str | None:
+    for value in headers("Content-Type"):
         lowered = value.lower()
         media = lowered.split(";", 1)[0].strip()
         if media in _REPORT_PARTS:
@@ -223,30 +241,30 @@ def _mailer_daemon(envelope: str, from_value: str) -> str | None:
     return None
 
 
-def _bounce_headers(msg: EmailMessage) -> str | None:
-    if header_values(msg, "X-Failed-Recipients"):
+def _bounce_headers(headers: _Headers) -> str | None:
+    if headers("X-Failed-Recipients"):
         return "bounce: X-Failed-Recipients"
-    if any(v.strip().lower() == "true" for v in header_values(msg, "X-MS-Exchange-Message-Is-Ndr")):
+    if any(v.strip().lower() == "true" for v in headers("X-MS-Exchange-Message-Is-Ndr")):
         return "bounce: X-MS-Exchange-Message-Is-Ndr"
     return None
 
 
-def _autoreply_headers(msg: EmailMessage) -> str | None:
+def _autoreply_headers(headers: _Headers) -> str | None:
     for name in _AUTOREPLY_HEADERS:
-        values = header_values(msg, name)
+        values = headers(name)
         if values and any(v.strip().lower() not in ("no", "false", "0") for v in values):
             return f"auto-reply: {_display(name)}"
-    if any(v.strip().lower() == "reply" for v in header_values(msg, "X-Autogenerated")):
+    if any(v.strip().lower() == "reply" for v in headers("X-Autogenerated")):
         return "auto-reply: X-Autogenerated: Reply"
-    if any(v.strip().lower() in _BULK_PRECEDENCE for v in header_values(msg, "X-Precedence")):
+    if any(v.strip().lower() in _BULK_PRECEDENCE for v in headers("X-Precedence")):
         return "auto-reply: X-Precedence"
-    if any(_VACATION_MAILER.search(v) for v in header_values(msg, "X-Mailer")):
+    if any(_VACATION_MAILER.search(v) for v in headers("X-Mailer")):
         return "auto-reply: vacation X-Mailer"
     return None
 
 
-def _auto_submitted(msg: EmailMessage) -> str | None:
-    for value in header_values(msg, "Auto-Submitted"):
+def _auto_submitted(headers: _Headers) -> str | None:
+    for value in headers("Auto-Submitted"):
         keyword = re.split(r"[\s;(]", value.strip().lower(), maxsplit=1)[0]
         if keyword and keyword != "no":
             kind = "auto-reply" if keyword == "auto-replied" else "automatic"
@@ -260,15 +278,15 @@ def _postmaster(envelope: str, from_value: str) -> str | None:
     return None
 
 
-def _bulk(msg: EmailMessage, envelope: str) -> str | None:
-    for value in header_values(msg, "Precedence"):
+def _bulk(headers: _Headers, envelope: str) -> str | None:
+    for value in headers("Precedence"):
         keyword = value.strip().lower().split(";")[0].strip()
         if keyword in _BULK_PRECEDENCE:
             return f"bulk: Precedence: {keyword}"
     for name in _LIST_HEADERS:
-        if header_values(msg, name):
+        if headers(name):
             return f"bulk: mailing list ({name})"
-    if header_values(msg, "X-Loop"):
+    if headers("X-Loop"):
         return "loop: X-Loop"
     if _LIST_ENVELOPE.match(envelope):
         return "bulk: mailing-list envelope sender"

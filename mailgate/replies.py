@@ -7,6 +7,7 @@ outbox row in the same transaction that records the turn, so a resend after a cr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from mailgate.store import InboundRow, Statement, Store, insert
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
 _CHAIN_MESSAGES = 6  # earlier inbound messages read to rebuild a References chain
+Prepared = tuple[ReplyHeaders, list[str]]  # a reply's headers and its recipients (sender first)
 
 
 class Replies:
@@ -36,14 +38,23 @@ class Replies:
         self.renderer = renderer
         self.secret = secret
 
-    async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str]]:
+    async def prepare(self, row: InboundRow) -> Prepared:
+        """Who the reply to `row` goes to and how it threads: reads only, so it can be done while the turn's
+        outcome is still being fetched, and passed to `answer`."""
+        return await self._headers(row)
+
+    async def _headers(self, row: InboundRow) -> Prepared:
         assert row.sender is not None and row.task_id is not None
         settings = self.settings
-        raw = await self.store.raw(row.raw_id)
+        # the header block only (a big message's attachments are never read back); the three reads at once
+        raw, task, listed = await asyncio.gather(
+            self.store.raw_head(row.raw_id),
+            self.store.task_row(row.task_id),
+            self.store.participants(row.task_id),
+        )
         head = parsing.read_headers(raw)
-        task = await self.store.task_row(row.task_id)
         owner = task.owner if task else row.sender
-        participants = set(await self.store.participants(row.task_id))
+        participants = set(listed)
         on_message = [a.addr for name in ("to", "cc") for a in parsing.address_list(head, name)]
         cc = [
             addr
@@ -137,8 +148,9 @@ class Replies:
         attached: Sequence[AttachedFile] = (),
         linked: Sequence[LinkedFile] = (),
         skipped: Sequence[SkippedFile] = (),
+        prepared: Prepared | None = None,
     ) -> list[Statement]:
-        headers, recipients = await self._headers(row)
+        headers, recipients = prepared or await self._headers(row)
         msg = self.renderer.answer(
             headers,
             answer_markdown=text,

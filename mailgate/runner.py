@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mailgate import compose, parsing
-from mailgate.api import HandingerClient, TooLarge
+from mailgate.api import HandingerClient
 from mailgate.config import Settings
+from mailgate.endings import Endings, _skipped
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, MailgateError
 from mailgate.models import InboundState, RunResult, TaskSnapshot, Turn, UploadFile
-from mailgate.render import AttachedFile, LinkedFile, SkippedFile
-from mailgate.replies import Replies
+from mailgate.outputs import Outputs, Prefetch
+from mailgate.replies import Prepared, Replies
 from mailgate.spool import Spool
-from mailgate.store import InboundRow, Statement, Store, update
+from mailgate.store import InboundRow, Store, update
 
 log = logging.getLogger("mailgate.runner")
 
@@ -45,13 +46,7 @@ SETTLE_SECONDS = 5.0
 LOUD_EVERY = 300.0
 
 
-def backoff(attempt: int, *, base: float = 2.0, cap: float = 600.0, hint: float | None = None) -> float:
-    """Seconds to wait before attempt `attempt + 1`: exponential with full jitter, at least `hint`."""
-    delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))
-    return max(delay, hint or 0.0)
-
-
-class Runner:
+class Runner(Endings):
     """Schedules message jobs. `wake()` after committing new work; `run()` until cancelled."""
 
     def __init__(
@@ -80,6 +75,7 @@ class Runner:
         self.retry_base = retry_base
         self.hold_seconds = hold_seconds
         self.settle_seconds = settle_seconds
+        self.outputs = Outputs(api, settings)
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -101,9 +97,13 @@ class Runner:
             now = self.clock()
             free = self.settings.concurrency - len(self._busy)
             if free > 0 and now >= self._hold_until:
-                for row in await self.store.runnable(now, free, set(self._busy)):
-                    self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
-            due = await self.store.next_due("inbound")
+                # ids first (cheap with many jobs in hand), whole rows only for those started
+                ids = await self.store.runnable_ids(now, free, set(self._busy))
+                for row in await self.store.inbound_rows(ids):
+                    if row.id not in self._busy:
+                        self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
+            # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
+            due = await self.store.next_due_after("inbound", now)
             timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
             if now < self._hold_until:
                 timeout = max(timeout, self._hold_until - now)
@@ -249,14 +249,55 @@ class Runner:
         self._hold_until = 0.0
         self._resumed()
         self._results[row.id] = result
-        await self.store.set_inbound(row.id, state=InboundState.RUNNING, last_error=None)
-        return await self.store.inbound(row.id)
+        now = time.time()  # as `set_inbound` stamps it
+        await self.store.write(
+            [update("inbound", row.id, updated_at=now, state=InboundState.RUNNING, last_error=None)]
+        )
+        return dataclasses.replace(
+            row,
+            updated_at=now,
+            state=InboundState.RUNNING,
+            last_error=None,
+            turn_seq=expected,
+            attempts=row.attempts + 1,
+        )
 
     # --- running -> answered -------------------------------------------------------------------
 
     async def _reconcile(self, row: InboundRow) -> None:
         assert row.task_id is not None
-        snapshot = await self.api.get_task(row.task_id)
+        streamed = self._results.get(row.id)
+        if streamed is None or not streamed.done or streamed.error:
+            await self._conclude(row, await self.api.get_task(row.task_id))
+            return
+        # the stream ended with its done marker: the turn is most likely over, so the reply's headers are
+        # read while GET /api/tasks/{id} confirms it (and gives the final answer)
+        # read while GET /api/tasks/{id} confirms it (and gives the final answer), and the files the stream
+        # announced are downloaded meanwhile
+        preparing = asyncio.create_task(self.replies.prepare(row))
+        prefetch = self.outputs.prefetch(streamed.files)
+        try:
+            try:
+                snapshot = await self.api.get_task(row.task_id)
+            except BaseException:
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
+                raise
+            (prepared,) = await asyncio.gather(preparing, return_exceptions=True)
+            # a failed read is not this step's failure: `answer` reads again (and raises) if it needs them
+            ready = None if isinstance(prepared, BaseException) else prepared
+            await self._conclude(row, snapshot, ready, prefetch)
+        finally:
+            await prefetch.aclose()
+
+    async def _conclude(
+        self,
+        row: InboundRow,
+        snapshot: TaskSnapshot | None,
+        prepared: Prepared | None = None,
+        prefetch: Prefetch | None = None,
+    ) -> None:
+        assert row.task_id is not None
         if snapshot is None:
             raise ApiRejected(404, "the task no longer exists")
         turn = find_turn(snapshot, row)
@@ -285,7 +326,7 @@ class Runner:
                 if recovered is not None and recovered.text.strip() == turn.output_text.strip():
                     result = recovered
         text = turn.output_text or result.text
-        attached, linked = await self._collect_files(list(turn.files) or result.files)
+        attached, linked = await self.outputs.collect(list(turn.files) or result.files, prefetch)
         statements = await self.replies.answer(
             row,
             text=text,
@@ -294,6 +335,7 @@ class Runner:
             attached=attached,
             linked=linked,
             skipped=_skipped(row.skipped),
+            prepared=prepared,
         )
         await self._finish(row, InboundState.ANSWERED, None, statements, snapshot, turn)
         log.info("turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq})
@@ -302,28 +344,6 @@ class Runner:
         assert row.task_id is not None
         task = await self.store.task_row(row.task_id)
         return task.worker_id if task else ""
-
-    async def _collect_files(self, files: list) -> tuple[list[AttachedFile], list[LinkedFile]]:  # type: ignore[type-arg]
-        attached: list[AttachedFile] = []
-        linked: list[LinkedFile] = []
-        room = self.settings.output_total_max
-        for f in files:
-            name = f.filename or f.url.rstrip("/").rpartition("/")[2] or "file"
-            cap = min(self.settings.output_file_max, room)
-            if f.size is not None and f.size > cap:
-                linked.append(LinkedFile(name, f.url, f"{compose.human_size(f.size)}, too large to attach"))
-                continue
-            try:
-                data, ctype = await self.api.download(f.url, max_bytes=cap)
-            except TooLarge:
-                linked.append(LinkedFile(name, f.url, "too large to attach"))
-                continue
-            except MailgateError:
-                linked.append(LinkedFile(name, f.url, "could not be downloaded"))
-                continue
-            room -= len(data)
-            attached.append(AttachedFile(name, f.media_type or ctype or "application/octet-stream", data))
-        return attached, linked
 
     async def _poll_later(self, row: InboundRow) -> None:
         """The turn is still running: look again later (sooner for young turns), up to the horizon."""
@@ -336,98 +356,6 @@ class Runner:
         waited = self.clock() - row.updated_at
         delay = min(30.0, max(self.poll_base, waited / 4))
         await self.store.write([update("inbound", row.id, next_attempt_at=self.clock() + delay)])
-
-    # --- endings -------------------------------------------------------------------------------
-
-    async def _finish(
-        self,
-        row: InboundRow,
-        state: InboundState,
-        reason: str | None,
-        statements: list[Statement],
-        snapshot: TaskSnapshot | None = None,
-        turn: Turn | None = None,
-    ) -> None:
-        now = self.clock()
-        todo = [
-            *statements,
-            update(
-                "inbound",
-                row.id,
-                state=state,
-                reason=reason,
-                updated_at=now,
-                next_attempt_at=0,
-                turn_seq=turn.seq if turn else row.turn_seq,
-            ),
-        ]
-        if snapshot is not None and row.task_id:
-            todo.append(update("task", row.task_id, url=snapshot.url, turns=len(snapshot.turns)))
-        await self.store.write(todo)
-        self.spool.remove(row.id)
-        if statements:
-            self.on_outbox()
-        log.info("message_done", extra={"inbound": row.id, "state": str(state), "reason": reason})
-
-    async def _retry_later(self, row: InboundRow, exc: ApiUnavailable) -> None:
-        fresh = await self.store.inbound(row.id) or row
-        if self.clock() - fresh.received_at > self.settings.retry_horizon:
-            statements = await self.replies.notice(fresh, "gave_up")
-            await self._finish(
-                fresh, InboundState.FAILED, f"gave up after the retry horizon: {exc}", statements
-            )
-            return
-        delay = backoff(max(1, fresh.attempts), base=self.retry_base, hint=exc.retry_after)
-        state = InboundState.RUNNING if fresh.state == InboundState.RUNNING else InboundState.QUEUED
-        lost = fresh.state == InboundState.SUBMITTING and getattr(exc, "maybe_sent", True)
-        if lost and not getattr(exc, "answered", False):
-            state = InboundState.SUBMITTING  # no answer came: the next try lets the POST settle first
-        log.warning(
-            "api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)}
-        )
-        await self.store.set_inbound(
-            row.id, state=state, next_attempt_at=self.clock() + delay, last_error=str(exc)
-        )
-
-    async def _rejected(self, row: InboundRow, exc: ApiRejected) -> None:
-        fresh = await self.store.inbound(row.id) or row
-        once = False
-        if exc.status == 402:
-            kind, once = "out_of_credits", True
-            log.error("api_out_of_credits", extra={"inbound": row.id, "task": row.task_id})
-        elif exc.status == 403 and not fresh.new_task:
-            kind = "wrong_worker"
-        elif exc.status == 404:
-            kind = "task_not_found"
-        else:
-            kind = "api_rejected"
-        # nothing was created: the next try (after an operator's replay) posts again
-        statements = await self.replies.notice(fresh, kind, reason=exc.reason, once_per_thread_per_day=once)
-        await self._finish(fresh, InboundState.FAILED, f"API {exc.status}: {exc.reason}", statements)
-
-    async def _crashed(self, row: InboundRow, exc: Exception) -> None:
-        log.exception("message_crashed", extra={"inbound": row.id})
-        fresh = await self.store.inbound(row.id) or row
-        crashes = fresh.crashes + (0 if fresh.state == InboundState.RECEIVED else 1)
-        if crashes >= self.settings.max_processing_attempts:
-            await self._quarantine(fresh, f"{type(exc).__name__}: {exc}"[:300], crashes=crashes)
-            return
-        delay = backoff(crashes, base=self.retry_base)
-        await self.store.set_inbound(
-            row.id,
-            crashes=crashes,
-            next_attempt_at=self.clock() + delay,
-            last_error=f"{type(exc).__name__}: {exc}"[:500],
-        )
-
-    async def _quarantine(self, row: InboundRow, why: str, *, crashes: int | None = None) -> None:
-        """Stop trying a message that keeps failing: `failed` with the error, and a notice."""
-        count = row.crashes if crashes is None else crashes
-        log.error("message_quarantined", extra={"inbound": row.id, "crashes": count, "error": why})
-        statements = await self.replies.notice(row, "gave_up")
-        await self._finish(
-            row, InboundState.FAILED, f"quarantined after {count} failed attempts: {why}", statements
-        )
 
     def _resumed(self) -> None:
         if self._held:
@@ -467,7 +395,3 @@ def find_turn(snapshot: TaskSnapshot, row: InboundRow) -> Turn | None:
             if turn.seq == row.turn_seq:
                 return turn
     return None
-
-
-def _skipped(data: str | None) -> list[SkippedFile]:
-    return [SkippedFile(s["filename"], s["reason"]) for s in json.loads(data or "[]")]

@@ -15,10 +15,10 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiosqlite
 
@@ -30,6 +30,7 @@ Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
 _ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
 MAX_BATCH = 256
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,6 +156,99 @@ def _run_transaction(db: sqlite3.Connection, statements: list[Statement]) -> Non
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+# --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
+
+
+def _duplicate_of(db: sqlite3.Connection, dedupe_key: str) -> str | None:
+    rows = db.execute("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,)).fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def _task(db: sqlite3.Connection, task_id: str) -> TaskRef | None:
+    rows = db.execute("SELECT id, alias, owner FROM task WHERE id=?", (task_id,)).fetchall()
+    return TaskRef(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+
+def _task_for_message_ids(db: sqlite3.Connection, message_ids: Sequence[str], alias: str) -> TaskRef | None:
+    for message_id in message_ids[:50]:
+        rows = db.execute(
+            "SELECT t.id, t.alias, t.owner FROM thread_message m JOIN task t ON t.id = m.task_id "
+            "WHERE m.message_id=? AND t.alias=? ORDER BY t.created_at DESC LIMIT 1",
+            (message_id, alias),
+        ).fetchall()
+        if rows:
+            return TaskRef(rows[0][0], rows[0][1], rows[0][2])
+    return None
+
+
+def _is_participant(db: sqlite3.Connection, task_id: str, addr: str) -> bool:
+    rows = db.execute("SELECT 1 FROM participant WHERE task_id=? AND addr=?", (task_id, addr)).fetchall()
+    return bool(rows)
+
+
+def _count_new_tasks(db: sqlite3.Connection, owner: str, since: float, limit: int | None) -> int:
+    # Counting stops at `limit`: the caller only asks "at the limit yet?", and the count would grow with
+    # the sender's history (one index entry per task of the last hour).
+    rows = db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM task WHERE owner=? AND created_at>=? LIMIT ?)",
+        (owner, since, -1 if limit is None else limit),
+    ).fetchall()
+    return int(rows[0][0])
+
+
+def _count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int | None) -> int:
+    rows = db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM inbound WHERE task_id=? AND received_at>=? LIMIT ?)",
+        (task_id, since, -1 if limit is None else limit),
+    ).fetchall()
+    return int(rows[0][0])
+
+
+@dataclass
+class IntakeFacts:
+    """Everything `Intake` reads at the end of DATA, read in one hop to the reader's thread.
+
+    Asked for: the dedupe keys; the task ids named by reply tokens; one Message-ID chain and the
+    aliases it is looked up for; a sender, the start of the rate window and the limits.
+    """
+
+    duplicates: dict[str, str | None] = field(default_factory=dict)  # dedupe key -> queue id
+    tasks: dict[str, TaskRef | None] = field(default_factory=dict)  # token task id -> task
+    chain: list[str] = field(default_factory=list)
+    by_chain: dict[str, TaskRef | None] = field(default_factory=dict)  # alias -> task of the chain
+    sender: str = ""
+    participant: dict[str, bool] = field(default_factory=dict)  # task id -> sender takes part
+    turns: dict[str, int] = field(default_factory=dict)  # task id -> turns since (capped)
+    new_tasks: int | None = None  # the sender's new tasks since (capped)
+
+
+def _intake_facts(
+    db: sqlite3.Connection,
+    keys: Sequence[str],
+    token_task_ids: Sequence[str],
+    chain: Sequence[str],
+    aliases: Sequence[str],
+    sender: str | None,
+    since: float,
+    max_turns: int,
+    max_new_tasks: int,
+) -> IntakeFacts:
+    facts = IntakeFacts(duplicates={key: _duplicate_of(db, key) for key in keys})
+    if sender is None:
+        return facts
+    facts.sender = sender
+    facts.tasks = {task_id: _task(db, task_id) for task_id in token_task_ids}
+    facts.chain = list(chain)
+    if chain:
+        facts.by_chain = {alias: _task_for_message_ids(db, chain, alias) for alias in aliases}
+    for ref in (*facts.tasks.values(), *facts.by_chain.values()):
+        if ref is not None and ref.task_id not in facts.turns:
+            facts.participant[ref.task_id] = _is_participant(db, ref.task_id, sender)
+            facts.turns[ref.task_id] = _count_turns(db, ref.task_id, since, max_turns)
+    facts.new_tasks = _count_new_tasks(db, sender, since, max_new_tasks)
+    return facts
 
 
 def insert(table: str, values: dict[str, Any], *, or_ignore: bool = False) -> Statement:
@@ -288,45 +382,55 @@ class Store:
         assert row is not None
         return str(row["value"])
 
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` on the reader's thread: several reads for one hop."""
+        try:
+            result: T = await self._reader._execute(fn, self._reader._conn, *args)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
+            raise StoreBusy(f"read failed: {exc}") from exc
+        return result
+
+    async def intake_facts(
+        self,
+        keys: Sequence[str],
+        *,
+        token_task_ids: Sequence[str] = (),
+        chain: Sequence[str] = (),
+        aliases: Sequence[str] = (),
+        sender: str | None = None,
+        since: float = 0.0,
+        max_turns: int,
+        max_new_tasks: int,
+    ) -> IntakeFacts:
+        """The reads of one message's DATA decision in one hop (see `IntakeFacts`)."""
+        return await self._read(
+            _intake_facts, keys, token_task_ids, chain, aliases, sender, since, max_turns, max_new_tasks
+        )
+
     async def duplicate_of(self, dedupe_key: str) -> str | None:
-        row = await self._one("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,))
-        return None if row is None else str(row["id"])
+        return await self._read(_duplicate_of, dedupe_key)
 
     # ThreadIndex (see threads.py)
     async def task(self, task_id: str) -> TaskRef | None:
-        row = await self._one("SELECT id, alias, owner FROM task WHERE id=?", (task_id,))
-        return None if row is None else TaskRef(row["id"], row["alias"], row["owner"])
+        return await self._read(_task, task_id)
 
     async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-        for message_id in message_ids[:50]:
-            row = await self._one(
-                "SELECT t.id, t.alias, t.owner FROM thread_message m JOIN task t ON t.id = m.task_id "
-                "WHERE m.message_id=? AND t.alias=? ORDER BY t.created_at DESC LIMIT 1",
-                (message_id, alias),
-            )
-            if row is not None:
-                return TaskRef(row["id"], row["alias"], row["owner"])
-        return None
+        return await self._read(_task_for_message_ids, list(message_ids), alias)
 
     async def is_participant(self, task_id: str, addr: str) -> bool:
-        row = await self._one("SELECT 1 FROM participant WHERE task_id=? AND addr=?", (task_id, addr))
-        return row is not None
+        return await self._read(_is_participant, task_id, addr)
 
     async def participants(self, task_id: str) -> list[str]:
         rows = await self._all("SELECT addr FROM participant WHERE task_id=? ORDER BY addr", (task_id,))
         return [str(r["addr"]) for r in rows]
 
-    async def count_new_tasks(self, owner: str, since: float) -> int:
-        row = await self._one(
-            "SELECT count(*) AS n FROM task WHERE owner=? AND created_at>=?", (owner, since)
-        )
-        return int(row["n"]) if row else 0
+    async def count_new_tasks(self, owner: str, since: float, limit: int | None = None) -> int:
+        """Tasks `owner` started since `since`, counted up to `limit` at most."""
+        return await self._read(_count_new_tasks, owner, since, limit)
 
-    async def count_turns(self, task_id: str, since: float) -> int:
-        row = await self._one(
-            "SELECT count(*) AS n FROM inbound WHERE task_id=? AND received_at>=?", (task_id, since)
-        )
-        return int(row["n"]) if row else 0
+    async def count_turns(self, task_id: str, since: float, limit: int | None = None) -> int:
+        """Messages received for `task_id` since `since`, counted up to `limit` at most."""
+        return await self._read(_count_turns, task_id, since, limit)
 
     async def count_notices(self, addr: str, since: float, notice: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM outbox WHERE kind='notice' AND created_at>=? AND recipients LIKE ?"
@@ -389,6 +493,45 @@ class Store:
             (now, limit + len(busy)),
         )
         return [_row(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
+
+    async def runnable_ids(self, now: float, limit: int, busy: set[str]) -> list[str]:
+        """`runnable`, but only the ids: cheap when many jobs are in flight (their rows come back too)."""
+        rows = await self._all(
+            f"SELECT id FROM inbound i WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
+            f"AND (task_id IS NULL OR NOT EXISTS (SELECT 1 FROM inbound j WHERE j.task_id=i.task_id "
+            f"AND j.id<i.id AND j.state IN ({_ACTIVE_SQL}))) ORDER BY id LIMIT ?",
+            (now, limit + len(busy)),
+        )
+        return [str(r["id"]) for r in rows if r["id"] not in busy][:limit]
+
+    async def inbound_rows(self, ids: Sequence[str]) -> list[InboundRow]:
+        """The rows of `ids` (those that exist), in id order, in one read."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = await self._all(f"SELECT * FROM inbound WHERE id IN ({marks}) ORDER BY id", list(ids))  # noqa: S608
+        return [_row(InboundRow, r) for r in rows]
+
+    async def next_due_after(self, table: str, now: float) -> float | None:
+        """Like `next_due`, but only rows due later than `now`: rows due already are in hand, or wait for
+        a free slot (a finishing job wakes the loop), so they must not make the loop spin."""
+        states = _ACTIVE_SQL if table == "inbound" else "'pending','retry'"
+        row = await self._one(
+            f"SELECT min(next_attempt_at) AS t FROM {table} WHERE state IN ({states}) AND next_attempt_at>?",  # noqa: S608
+            (now,),
+        )
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
+        """The start of a raw message, enough for its header block: the whole message only when the
+        header block does not end within the first `size` bytes."""
+        row = await self._one("SELECT substr(data, 1, ?) AS head FROM raw_message WHERE id=?", (size, raw_id))
+        if row is None:
+            raise StoreBusy(f"raw message {raw_id} is missing")
+        head = bytes(row["head"])
+        if len(head) < size or any(sep in head for sep in (b"\n\n", b"\n\r\n", b"\r\r")):
+            return head
+        return await self.raw(raw_id)
 
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[InboundRow]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])

@@ -74,7 +74,10 @@ async def run_sandbox(
     """
     state = SandboxState(options)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP (not 0): the accepted sockets inherit it, and asyncio sets TCP_NODELAY only on
+    # sockets whose proto says TCP. Without it a response's body waits ~40 ms for the client's delayed
+    # ACK of its head on every reused connection (Nagle), which real API servers do not do.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
