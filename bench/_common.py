@@ -203,7 +203,6 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
     from mailgate.service import Gateway
 
     settings = load_settings(environ=env)
-    import sys as _s; _s.setswitchinterval(float(os.environ.get("XSW", "0.005")))  # EXPERIMENT
     logs.setup(settings.log_level)
     if park_runner:  # the acceptance benchmark measures ingress alone; the runner is benchmarked elsewhere
 
