@@ -104,7 +104,7 @@ class RecordingRelay:
     def accept(self, address: str) -> None:
         self._refusals.pop(address.lower(), None)
 
-    async def wait_for(self, n: int, timeout: float = 5.0) -> list[tuple[str, list[str], bytes]]:  # noqa: ASYNC109 (the agreed test API)
+    async def wait_for(self, n: int, timeout: float = 5.0) -> list[tuple[str, list[str], bytes]]:
         """Wait until at least `n` messages arrived; TimeoutError (with the count) after `timeout`."""
         try:
             async with asyncio.timeout(timeout), self._arrived:

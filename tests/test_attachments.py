@@ -360,7 +360,9 @@ async def test_corpus_attachments_arrive_byte_for_byte(make_gateway: Any, sandbo
         )
     async with make_gateway(MAILGATE_MAX_NEW_TASKS_PER_HOUR="100") as gw:
         await run(gw, relay, *mails)
-        await until(lambda: len(sandbox.state.requests) == len(mails), timeout=60, what="one request per message")
+        await until(
+            lambda: len(sandbox.state.requests) == len(mails), timeout=60, what="one request per message"
+        )
 
     for path, raw in zip(paths, mails, strict=True):
         mail = parsing.parse_message(raw)
