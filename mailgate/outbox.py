@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 from mailgate.endings import backoff
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
+from mailgate.jobs import drain, wait_event
 from mailgate.models import OutboxState
 from mailgate.outbound import Delivery
-from mailgate.runner import _wait
 from mailgate.store import OutboxRow, Store
 
 log = logging.getLogger("mailgate.outbox")
@@ -58,21 +58,15 @@ class Outbox:
             # rows due already are being sent or wait for a free sender (which wakes us when done)
             due = await self.store.next_due_after("outbox", now)
             timeout = 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
-            await _wait(self._wake, timeout)
+            await wait_event(self._wake, timeout)
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
-        jobs = list(self._busy.values())
-        pending: set[asyncio.Task[None]] = set()
-        if jobs:
-            _, pending = await asyncio.wait(jobs, timeout=timeout)
-            for job in pending:
-                job.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        cancelled = await drain(self._busy.values(), timeout)
         close = getattr(self.delivery, "aclose", None)
         if close is not None:
             await close()
-        return len(pending)
+        return cancelled
 
     async def _send(self, row: OutboxRow) -> None:
         try:

@@ -29,6 +29,7 @@ from mailgate.api import HandingerClient
 from mailgate.config import Settings
 from mailgate.endings import Endings, _skipped
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, MailgateError
+from mailgate.jobs import drain, wait_event
 from mailgate.models import InboundState, RunResult, TaskSnapshot, Turn, UploadFile
 from mailgate.outputs import Outputs, Prefetch
 from mailgate.replies import Prepared, Replies
@@ -107,18 +108,11 @@ class Runner(Endings):
             timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
             if now < self._hold_until:
                 timeout = max(timeout, self._hold_until - now)
-            await _wait(self._wake, timeout)
+            await wait_event(self._wake, timeout)
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
-        jobs = list(self._busy.values())
-        if not jobs:
-            return 0
-        _, pending = await asyncio.wait(jobs, timeout=timeout)
-        for job in pending:
-            job.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        return await drain(self._busy.values(), timeout)
 
     async def _job(self, row: InboundRow) -> None:
         try:
@@ -373,14 +367,6 @@ class Runner(Endings):
                 "will be retried",
                 extra={"error": error},
             )
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Wait for `event` at most `timeout` seconds. `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for`
-    can swallow a cancellation that races with the event, and a loop would then never stop."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(timeout, 0.01)):
-            await event.wait()
 
 
 def find_turn(snapshot: TaskSnapshot, row: InboundRow) -> Turn | None:
