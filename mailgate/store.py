@@ -11,138 +11,46 @@ sqlite3 errors are translated to `StoreBusy` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import aiosqlite
 
+from mailgate import queries
 from mailgate.errors import StoreBusy
 from mailgate.models import InboundState, OutboxState
+from mailgate.queries import (  # re-exported: the row types and builders are part of the store API
+    ACTIVE_SQL as _ACTIVE_SQL,
+)
+from mailgate.queries import (
+    InboundRow as InboundRow,
+)
+from mailgate.queries import (
+    IntakeFacts as IntakeFacts,
+)
+from mailgate.queries import (
+    OutboxRow as OutboxRow,
+)
+from mailgate.queries import (
+    Statement as Statement,
+)
+from mailgate.queries import (
+    TaskRow as TaskRow,
+)
+from mailgate.queries import (
+    insert as insert,
+)
+from mailgate.queries import (
+    update as update,
+)
 from mailgate.threads import TaskRef
 
-Statement = tuple[str, Sequence[Any]]
-ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
-_ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
 MAX_BATCH = 256
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS raw_message (
-    id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS inbound (
-    id TEXT PRIMARY KEY,                 -- the queue id of the 250 reply; a ULID: sorts by arrival
-    raw_id TEXT NOT NULL REFERENCES raw_message(id),
-    received_at REAL NOT NULL, updated_at REAL NOT NULL,
-    mail_from TEXT NOT NULL, rcpt TEXT NOT NULL, alias TEXT NOT NULL,
-    sender TEXT, message_id TEXT, subject TEXT NOT NULL DEFAULT '',
-    dedupe_key TEXT NOT NULL UNIQUE,
-    task_id TEXT, new_task INTEGER NOT NULL DEFAULT 0, note TEXT,
-    state TEXT NOT NULL, reason TEXT,
-    input TEXT, files TEXT, skipped TEXT,
-    turn_seq INTEGER, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT);
-CREATE INDEX IF NOT EXISTS inbound_due ON inbound (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS inbound_task ON inbound (task_id, id);
-CREATE INDEX IF NOT EXISTS inbound_sender ON inbound (sender, received_at);
-CREATE TABLE IF NOT EXISTS task (
-    id TEXT PRIMARY KEY, alias TEXT NOT NULL, worker_id TEXT NOT NULL, owner TEXT NOT NULL,
-    budget TEXT NOT NULL, subject TEXT NOT NULL, created_at REAL NOT NULL, url TEXT,
-    turns INTEGER NOT NULL DEFAULT 0, archived INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS task_owner ON task (owner, created_at);
-CREATE TABLE IF NOT EXISTS participant (
-    task_id TEXT NOT NULL, addr TEXT NOT NULL, PRIMARY KEY (task_id, addr)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS thread_message (
-    message_id TEXT NOT NULL, task_id TEXT NOT NULL, direction TEXT NOT NULL,
-    PRIMARY KEY (message_id, task_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    id TEXT PRIMARY KEY, inbound_id TEXT, task_id TEXT, kind TEXT NOT NULL, notice TEXT,
-    message_id TEXT NOT NULL UNIQUE, mail_from TEXT NOT NULL, recipients TEXT NOT NULL, data BLOB NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT, refused TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, sent_at REAL);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_notice ON outbox (notice, created_at);
-"""
-
-
-@dataclass
-class InboundRow:
-    id: str
-    raw_id: str
-    received_at: float
-    updated_at: float
-    mail_from: str
-    rcpt: str
-    alias: str
-    sender: str | None
-    message_id: str | None
-    subject: str
-    dedupe_key: str
-    task_id: str | None
-    new_task: int
-    note: str | None
-    state: str
-    reason: str | None
-    input: str | None
-    files: str | None
-    skipped: str | None
-    turn_seq: int | None
-    attempts: int
-    crashes: int
-    next_attempt_at: float
-    last_error: str | None
-
-
-@dataclass
-class OutboxRow:
-    id: str
-    inbound_id: str | None
-    task_id: str | None
-    kind: str
-    notice: str | None
-    message_id: str
-    mail_from: str
-    recipients: str
-    data: bytes
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    refused: str | None
-    created_at: float
-    updated_at: float
-    sent_at: float | None
-
-    @property
-    def recipient_list(self) -> list[str]:
-        return list(json.loads(self.recipients))
-
-
-@dataclass
-class TaskRow:
-    id: str
-    alias: str
-    worker_id: str
-    owner: str
-    budget: str
-    subject: str
-    created_at: float
-    url: str | None
-    turns: int
-    archived: int
-
-
-def _row(cls: type[Any], row: sqlite3.Row | None) -> Any:
-    if row is None:
-        return None
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: row[k] for k in row.keys() if k in names})  # noqa: SIM118 (sqlite3.Row has no __iter__ of keys)
 
 
 def _run_transaction(db: sqlite3.Connection, statements: list[Statement]) -> None:
@@ -156,112 +64,6 @@ def _run_transaction(db: sqlite3.Connection, statements: list[Statement]) -> Non
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-
-
-# --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
-
-
-def _duplicate_of(db: sqlite3.Connection, dedupe_key: str) -> str | None:
-    rows = db.execute("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,)).fetchall()
-    return str(rows[0][0]) if rows else None
-
-
-def _task(db: sqlite3.Connection, task_id: str) -> TaskRef | None:
-    rows = db.execute("SELECT id, alias, owner FROM task WHERE id=?", (task_id,)).fetchall()
-    return TaskRef(rows[0][0], rows[0][1], rows[0][2]) if rows else None
-
-
-def _task_for_message_ids(db: sqlite3.Connection, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-    for message_id in message_ids[:50]:
-        rows = db.execute(
-            "SELECT t.id, t.alias, t.owner FROM thread_message m JOIN task t ON t.id = m.task_id "
-            "WHERE m.message_id=? AND t.alias=? ORDER BY t.created_at DESC LIMIT 1",
-            (message_id, alias),
-        ).fetchall()
-        if rows:
-            return TaskRef(rows[0][0], rows[0][1], rows[0][2])
-    return None
-
-
-def _is_participant(db: sqlite3.Connection, task_id: str, addr: str) -> bool:
-    rows = db.execute("SELECT 1 FROM participant WHERE task_id=? AND addr=?", (task_id, addr)).fetchall()
-    return bool(rows)
-
-
-def _count_new_tasks(db: sqlite3.Connection, owner: str, since: float, limit: int | None) -> int:
-    # Counting stops at `limit`: the caller only asks "at the limit yet?", and the count would grow with
-    # the sender's history (one index entry per task of the last hour).
-    rows = db.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM task WHERE owner=? AND created_at>=? LIMIT ?)",
-        (owner, since, -1 if limit is None else limit),
-    ).fetchall()
-    return int(rows[0][0])
-
-
-def _count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int | None) -> int:
-    rows = db.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM inbound WHERE task_id=? AND received_at>=? LIMIT ?)",
-        (task_id, since, -1 if limit is None else limit),
-    ).fetchall()
-    return int(rows[0][0])
-
-
-@dataclass
-class IntakeFacts:
-    """Everything `Intake` reads at the end of DATA, read in one hop to the reader's thread.
-
-    Asked for: the dedupe keys; the task ids named by reply tokens; one Message-ID chain and the
-    aliases it is looked up for; a sender, the start of the rate window and the limits.
-    """
-
-    duplicates: dict[str, str | None] = field(default_factory=dict)  # dedupe key -> queue id
-    tasks: dict[str, TaskRef | None] = field(default_factory=dict)  # token task id -> task
-    chain: list[str] = field(default_factory=list)
-    by_chain: dict[str, TaskRef | None] = field(default_factory=dict)  # alias -> task of the chain
-    sender: str = ""
-    participant: dict[str, bool] = field(default_factory=dict)  # task id -> sender takes part
-    turns: dict[str, int] = field(default_factory=dict)  # task id -> turns since (capped)
-    new_tasks: int | None = None  # the sender's new tasks since (capped)
-
-
-def _intake_facts(
-    db: sqlite3.Connection,
-    keys: Sequence[str],
-    token_task_ids: Sequence[str],
-    chain: Sequence[str],
-    aliases: Sequence[str],
-    sender: str | None,
-    since: float,
-    max_turns: int,
-    max_new_tasks: int,
-) -> IntakeFacts:
-    facts = IntakeFacts(duplicates={key: _duplicate_of(db, key) for key in keys})
-    if sender is None:
-        return facts
-    facts.sender = sender
-    facts.tasks = {task_id: _task(db, task_id) for task_id in token_task_ids}
-    facts.chain = list(chain)
-    if chain:
-        facts.by_chain = {alias: _task_for_message_ids(db, chain, alias) for alias in aliases}
-    for ref in (*facts.tasks.values(), *facts.by_chain.values()):
-        if ref is not None and ref.task_id not in facts.turns:
-            facts.participant[ref.task_id] = _is_participant(db, ref.task_id, sender)
-            facts.turns[ref.task_id] = _count_turns(db, ref.task_id, since, max_turns)
-    facts.new_tasks = _count_new_tasks(db, sender, since, max_new_tasks)
-    return facts
-
-
-def insert(table: str, values: dict[str, Any], *, or_ignore: bool = False) -> Statement:
-    """An INSERT statement for `values` (column names come from our own code, never from input)."""
-    cols = ",".join(values)
-    marks = ",".join("?" * len(values))
-    verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
-    return f"{verb} INTO {table} ({cols}) VALUES ({marks})", list(values.values())
-
-
-def update(table: str, key: str, **values: Any) -> Statement:
-    sets = ",".join(f"{col}=?" for col in values)
-    return f"UPDATE {table} SET {sets} WHERE id=?", [*values.values(), key]  # noqa: S608
 
 
 class Store:
@@ -287,7 +89,7 @@ class Store:
                     "foreign_keys=ON",
                 ):
                     await writer.execute(f"PRAGMA {pragma}")
-                await writer.executescript(SCHEMA)
+                await writer.executescript(queries.SCHEMA)
                 reader = await aiosqlite.connect(path, isolation_level=None)
             except BaseException:
                 await writer.close()
@@ -404,21 +206,29 @@ class Store:
     ) -> IntakeFacts:
         """The reads of one message's DATA decision in one hop (see `IntakeFacts`)."""
         return await self._read(
-            _intake_facts, keys, token_task_ids, chain, aliases, sender, since, max_turns, max_new_tasks
+            queries.intake_facts,
+            keys,
+            token_task_ids,
+            chain,
+            aliases,
+            sender,
+            since,
+            max_turns,
+            max_new_tasks,
         )
 
     async def duplicate_of(self, dedupe_key: str) -> str | None:
-        return await self._read(_duplicate_of, dedupe_key)
+        return await self._read(queries.duplicate_of, dedupe_key)
 
     # ThreadIndex (see threads.py)
     async def task(self, task_id: str) -> TaskRef | None:
-        return await self._read(_task, task_id)
+        return await self._read(queries.task, task_id)
 
     async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-        return await self._read(_task_for_message_ids, list(message_ids), alias)
+        return await self._read(queries.task_for_message_ids, list(message_ids), alias)
 
     async def is_participant(self, task_id: str, addr: str) -> bool:
-        return await self._read(_is_participant, task_id, addr)
+        return await self._read(queries.is_participant, task_id, addr)
 
     async def participants(self, task_id: str) -> list[str]:
         rows = await self._all("SELECT addr FROM participant WHERE task_id=? ORDER BY addr", (task_id,))
@@ -426,11 +236,11 @@ class Store:
 
     async def count_new_tasks(self, owner: str, since: float, limit: int | None = None) -> int:
         """Tasks `owner` started since `since`, counted up to `limit` at most."""
-        return await self._read(_count_new_tasks, owner, since, limit)
+        return await self._read(queries.count_new_tasks, owner, since, limit)
 
     async def count_turns(self, task_id: str, since: float, limit: int | None = None) -> int:
         """Messages received for `task_id` since `since`, counted up to `limit` at most."""
-        return await self._read(_count_turns, task_id, since, limit)
+        return await self._read(queries.count_turns, task_id, since, limit)
 
     async def count_notices(self, addr: str, since: float, notice: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM outbox WHERE kind='notice' AND created_at>=? AND recipients LIKE ?"
@@ -455,36 +265,22 @@ class Store:
         return bytes(row["data"])
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
-        row: InboundRow | None = _row(
+        row: InboundRow | None = queries.row_of(
             InboundRow, await self._one("SELECT * FROM inbound WHERE id=?", (inbound_id,))
         )
         return row
 
     async def task_row(self, task_id: str) -> TaskRow | None:
-        row: TaskRow | None = _row(TaskRow, await self._one("SELECT * FROM task WHERE id=?", (task_id,)))
+        row: TaskRow | None = queries.row_of(
+            TaskRow, await self._one("SELECT * FROM task WHERE id=?", (task_id,))
+        )
         return row
 
     async def outbox_row(self, outbox_id: str) -> OutboxRow | None:
-        row: OutboxRow | None = _row(
+        row: OutboxRow | None = queries.row_of(
             OutboxRow, await self._one("SELECT * FROM outbox WHERE id=?", (outbox_id,))
         )
         return row
-
-    async def runnable(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
-        """Active messages that are due, only the oldest active one of each task (turns go in order)."""
-        rows = await self._all(
-            f"SELECT * FROM inbound i WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
-            f"AND (task_id IS NULL OR NOT EXISTS (SELECT 1 FROM inbound j WHERE j.task_id=i.task_id "
-            f"AND j.id<i.id AND j.state IN ({_ACTIVE_SQL}))) ORDER BY id LIMIT ?",
-            (now, limit + len(busy)),
-        )
-        found = [_row(InboundRow, r) for r in rows if r["id"] not in busy]
-        return found[:limit]
-
-    async def next_due(self, table: str) -> float | None:
-        states = _ACTIVE_SQL if table == "inbound" else "'pending','retry'"
-        row = await self._one(f"SELECT min(next_attempt_at) AS t FROM {table} WHERE state IN ({states})")  # noqa: S608
-        return None if row is None or row["t"] is None else float(row["t"])
 
     async def outbox_due(self, now: float, limit: int, busy: set[str]) -> list[OutboxRow]:
         rows = await self._all(
@@ -492,7 +288,7 @@ class Store:
             "ORDER BY id LIMIT ?",
             (now, limit + len(busy)),
         )
-        return [_row(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
+        return [queries.row_of(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
 
     async def runnable_ids(self, now: float, limit: int, busy: set[str]) -> list[str]:
         """`runnable`, but only the ids: cheap when many jobs are in flight (their rows come back too)."""
@@ -510,7 +306,7 @@ class Store:
             return []
         marks = ",".join("?" * len(ids))
         rows = await self._all(f"SELECT * FROM inbound WHERE id IN ({marks}) ORDER BY id", list(ids))  # noqa: S608
-        return [_row(InboundRow, r) for r in rows]
+        return [queries.row_of(InboundRow, r) for r in rows]
 
     async def next_due_after(self, table: str, now: float) -> float | None:
         """Like `next_due`, but only rows due later than `now`: rows due already are in hand, or wait for
@@ -536,24 +332,24 @@ class Store:
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[InboundRow]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
         rows = await self._all(f"SELECT * FROM inbound {where} ORDER BY id DESC LIMIT ?", [*params, limit])  # noqa: S608
-        return [_row(InboundRow, r) for r in rows]
+        return [queries.row_of(InboundRow, r) for r in rows]
 
     async def list_outbox(self, state: str | None = None, limit: int = 50) -> list[OutboxRow]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
         rows = await self._all(f"SELECT * FROM outbox {where} ORDER BY id DESC LIMIT ?", [*params, limit])  # noqa: S608
-        return [_row(OutboxRow, r) for r in rows]
+        return [queries.row_of(OutboxRow, r) for r in rows]
 
     async def list_tasks(self, limit: int = 50) -> list[TaskRow]:
         rows = await self._all("SELECT * FROM task ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [_row(TaskRow, r) for r in rows]
+        return [queries.row_of(TaskRow, r) for r in rows]
 
     async def outbox_for(self, inbound_id: str) -> list[OutboxRow]:
         rows = await self._all("SELECT * FROM outbox WHERE inbound_id=? ORDER BY id", (inbound_id,))
-        return [_row(OutboxRow, r) for r in rows]
+        return [queries.row_of(OutboxRow, r) for r in rows]
 
     async def messages_of_task(self, task_id: str) -> list[InboundRow]:
         rows = await self._all("SELECT * FROM inbound WHERE task_id=? ORDER BY id", (task_id,))
-        return [_row(InboundRow, r) for r in rows]
+        return [queries.row_of(InboundRow, r) for r in rows]
 
     # --- state changes -----------------------------------------------------------------------
 
