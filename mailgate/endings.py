@@ -122,7 +122,11 @@ class Endings:
         """Stop trying a message that keeps failing: `failed` with the error, and a notice."""
         count = row.crashes if crashes is None else crashes
         log.error("message_quarantined", extra={"inbound": row.id, "crashes": count, "error": why})
-        statements = await self.replies.notice(row, "gave_up")
+        try:
+            statements = await self.replies.notice(row, "gave_up")
+        except Exception:  # the notice itself may be what fails: the row must still come to rest
+            log.exception("notice_failed", extra={"inbound": row.id, "kind": "gave_up"})
+            statements = []
         await self._finish(
             row, InboundState.FAILED, f"quarantined after {count} failed attempts: {why}", statements
         )

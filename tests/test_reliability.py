@@ -504,3 +504,28 @@ async def test_a_message_that_kills_the_process_is_quarantined_on_start(
         await relay.wait_for(2, timeout=15)
     assert row.reason is not None and row.reason.startswith("quarantined after 2 failed attempts")
     assert len(sandbox.state.requests) == 1
+
+
+async def test_a_message_whose_notice_also_fails_still_comes_to_rest(
+    tmp_path: Path, sandbox: Any, relay: Any
+) -> None:
+    """Quarantine ends in `failed` even when the gave-up notice cannot be rendered: no endless retry."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    for name in ("answer.txt", "notice_gave_up.txt"):
+        (templates / name).write_text("{{ no_such_variable }}\n")  # renders only by raising
+    settings = settings_for(
+        tmp_path, sandbox.url, relay.port,
+        MAILGATE_TEMPLATES_DIR=str(templates), MAILGATE_MAX_PROCESSING_ATTEMPTS="2",
+    )  # fmt: skip
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2) as gw:
+        assert (await smtp_send(gw.smtp_port, make_mail(subject="Poison"))).accepted
+
+        async def failed() -> bool:
+            rows = await gw.store.list_inbound()
+            return bool(rows) and rows[0].state == "failed"
+
+        await until(failed, timeout=20, what="the message to be quarantined")
+        [row] = await gw.store.list_inbound()
+    assert row.reason is not None and row.reason.startswith("quarantined after 2 failed attempts")
+    assert relay.messages == []
