@@ -199,24 +199,24 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
     _quiet_stderr(Path(log_path))
     from mailgate import logs
     from mailgate.config import load_settings
-    from mailgate.runner import Runner
     from mailgate.service import Gateway
+    from mailgate.turns.scheduler import Scheduler
 
     settings = load_settings(environ=env)
     logs.setup(settings.log_level)
     if park_runner:  # the acceptance benchmark measures ingress alone; the runner is benchmarked elsewhere
 
-        async def parked(self: Runner) -> None:
+        async def parked(self: Scheduler) -> None:
             await asyncio.Event().wait()
 
-        Runner.run = parked  # type: ignore[method-assign]
+        Scheduler.run = parked  # type: ignore[method-assign]
 
     async def main() -> None:
         async with Gateway(settings) as gw:  # the defaults `mailgate serve` uses
 
             async def handle(cmd: str, *args: Any) -> Any:
                 if cmd == "stats":
-                    return {"batches": gw.store.batches, "in_flight": gw.runner.in_flight}
+                    return {"batches": gw.store.batches, "in_flight": gw.scheduler.in_flight}
                 raise ValueError(cmd)
 
             conn.send(gw.smtp_port)

@@ -4,7 +4,7 @@
 when the server supports it) and returns what it saw as a `RunResult`. It never retries a request that
 may have created a turn: the caller reconciles with `get_task` first (see DESIGN.md, "exactly once").
 
-Errors: `ApiRequestFailed` (an `ApiUnavailable`: transport errors, timeouts, 429, 409, 5xx, redirects;
+Errors (see `mailgate.errors`): `ApiUnavailable` (transport errors, timeouts, 429, 409, 5xx, redirects;
 `maybe_sent` tells whether the request may have done something), `ApiUnauthorized` (401), `ApiRejected`
 (other 4xx, with the API's own short reason), `TooLarge` (`download` past `max_bytes`). A read error
 *after* a 2xx answer to `create_turn` is no error: the turn was accepted, so `RunResult(done=False)`.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack, aclosing
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
 from mailgate import __version__
-from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, PermanentError
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
 from mailgate.models import OutputFile, RunResult, Source, TaskSnapshot, Turn, UploadFile
 
 logger = logging.getLogger(__name__)
@@ -39,27 +39,7 @@ _PROGRESS_INTERVAL = 0.5  # seconds between on_progress calls while text streams
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 Progress = Callable[[RunResult], None] | None
-
-
-class ApiRequestFailed(ApiUnavailable):
-    """`maybe_sent=False`: nothing was created (connect error, pool timeout, 429, 409, redirect): send it
-    again. `maybe_sent=True`: the request may have reached the server: reconcile before any re-POST."""
-
-    def __init__(
-        self, message: str, *, maybe_sent: bool, retry_after: float | None = None, answered: bool = False
-    ) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.maybe_sent = maybe_sent
-        self.answered = answered  # the server sent a response: it is done with the request
-
-
-class TooLarge(PermanentError):
-    """A download exceeded its limit. `size` is the declared size, or the bytes seen when it was cut."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"download of at least {size} bytes exceeds the limit of {limit} bytes")
-        self.size = size
-        self.limit = limit
+Accepted = Callable[[], Awaitable[None]] | None
 
 
 class _StreamRefused(Exception):
@@ -108,21 +88,26 @@ class HandingerClient:
         budget: str,
         files: Sequence[UploadFile] = (),
         on_progress: Progress = None,
+        on_accepted: Accepted = None,
     ) -> RunResult:
-        """POST /api/tasks: start task `task_id` or add a turn to it. See the module docstring for errors."""
+        """POST /api/tasks: start task `task_id` or add a turn to it. See the module docstring for errors.
+
+        `on_accepted` is awaited once the API has answered 2xx (the turn exists), before the answer's body
+        (a stream, or the blocking form's JSON) is read.
+        """
         fields: dict[str, Any] = {"input": input, "workerId": worker_id, "taskId": task_id, "budget": budget}
         if self.send_triggered_by:
             fields["triggeredBy"] = "email"
         if self.stream:
             try:
-                return await self._create({**fields, "stream": True}, files, on_progress)
+                return await self._create({**fields, "stream": True}, files, on_progress, on_accepted)
             except _StreamRefused:
                 logger.warning("api.stream_refused: the API does not stream; using the blocking form")
                 self.stream = False
-        return await self._create(fields, files, on_progress)
+        return await self._create(fields, files, on_progress, on_accepted)
 
     async def _create(
-        self, fields: dict[str, Any], files: Sequence[UploadFile], progress: Progress
+        self, fields: dict[str, Any], files: Sequence[UploadFile], progress: Progress, accepted: Accepted
     ) -> RunResult:
         stream = fields.get("stream") is True
         headers = {**self._auth, "Accept": "text/event-stream" if stream else "application/json"}
@@ -145,6 +130,8 @@ class HandingerClient:
                         if stream and response.status_code in (400, 422) and refused:
                             raise _StreamRefused
                         _raise_for_status(response, error)
+                    if accepted is not None:
+                        await accepted()
                     return await _read_run(response, progress)
             except httpx.HTTPError as exc:
                 raise _translate(exc) from exc
@@ -223,7 +210,7 @@ class HandingerClient:
             _raise_for_status(response, response.content[:_ERROR_BODY_MAX])
         body = _json(response.content)
         if not isinstance(body, dict):
-            raise ApiRequestFailed(f"{method} {path}: the answer is not a JSON object", maybe_sent=True)
+            raise ApiUnavailable(f"{method} {path}: the answer is not a JSON object", maybe_sent=True)
         return body
 
 
@@ -388,7 +375,7 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> NoReturn:
     if status in (409, 429) or status < 400 or status >= 500:
         if status < 400:  # a redirect: HANDINGER_BASE_URL probably needs fixing
             what += f" to {response.headers.get('location', '?')[:100]}"
-        raise ApiRequestFailed(
+        raise ApiUnavailable(
             f"{what}: {_reason(response, body)}",
             maybe_sent=status >= 500,
             retry_after=_retry_after(response.headers),
@@ -398,6 +385,6 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> NoReturn:
 
 
 def _translate(exc: httpx.HTTPError) -> ApiUnavailable:
-    """httpx errors -> ApiRequestFailed; `maybe_sent=False` when no byte can have been sent."""
+    """httpx errors -> ApiUnavailable; `maybe_sent=False` when no byte can have been sent."""
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return ApiRequestFailed(message[:_REASON_MAX], maybe_sent=not isinstance(exc, _NOT_SENT))
+    return ApiUnavailable(message[:_REASON_MAX], maybe_sent=not isinstance(exc, _NOT_SENT))

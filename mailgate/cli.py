@@ -15,11 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
 from mailgate.config import Settings, load_settings
-from mailgate.errors import ConfigError, MailgateError
+from mailgate.errors import ConfigError, MailgateError, StartupError
+from mailgate.mail.headers import header_block
+
+if TYPE_CHECKING:
+    from mailgate.store import Store
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
 
@@ -111,7 +115,7 @@ def _run(coro: Any) -> int:
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT; exit code as documented."""
-    from mailgate.service import Gateway, StartupError
+    from mailgate.service import Gateway
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,11 +158,11 @@ async def _sandbox(args: argparse.Namespace) -> int:
 
 
 async def _operator(args: argparse.Namespace, settings: Settings) -> int:
-    from mailgate.store import Store
+    from mailgate.service import open_store
 
     try:
-        store = await Store.open(settings.database)
-    except MailgateError as exc:
+        store = await open_store(settings)
+    except StartupError as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     try:
@@ -167,12 +171,12 @@ async def _operator(args: argparse.Namespace, settings: Settings) -> int:
         await store.close()
 
 
-async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> int:
+async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     verb = args.verb
-    if verb == "check":
-        from mailgate.api import HandingerClient
+    from mailgate.service import make_api_client
 
-        api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=15)
+    if verb == "check":
+        api = make_api_client(settings, concurrency=1, timeout=15)
         try:
             await api.get_task("tsk_mailgate_check")
         except MailgateError as exc:
@@ -186,6 +190,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         return EXIT_OK
     if verb in ("messages", "outbox", "tasks"):
         cols: tuple[str, ...]
+        rows: Sequence[Any]
         if verb == "messages":
             rows = await store.list_inbound(args.state, args.limit)
             cols = ("id", "state", "sender", "alias", "task_id", "attempts", "subject", "reason")
@@ -200,8 +205,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
     if verb == "show":
         found: dict[str, Any] | None = None
         if (row := await store.inbound(args.id)) is not None:
-            raw = await store.raw(row.raw_id)
-            head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+            head = header_block(await store.raw_head(row.raw_id)).decode("utf-8", "replace").rstrip()
             task = await store.task_row(row.task_id) if row.task_id else None
             found = {
                 "inbound": _public(row),
@@ -232,9 +236,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         print(f"mailgate: {args.id} is not a failed/ignored message or a dead outbox row", file=sys.stderr)
         return EXIT_USAGE
     if verb == "archive":
-        from mailgate.api import HandingerClient
-
-        api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=30)
+        api = make_api_client(settings, concurrency=1, timeout=30)
         try:
             archived = await api.delete_task(args.task_id)
         except MailgateError as exc:
@@ -243,7 +245,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Any) -> 
         finally:
             await api.aclose()
         if archived:
-            await store.write([("UPDATE task SET archived=1 WHERE id=?", (args.task_id,))])
+            await store.archive_task(args.task_id)
         print(f"{args.task_id}: {'archived' if archived else 'not archived'}")
         return EXIT_OK
     return EXIT_USAGE  # pragma: no cover (argparse allows only the verbs above)

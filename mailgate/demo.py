@@ -26,8 +26,9 @@ SENDER = "you@example.org"
 
 
 async def demo(folder: Path, *, smtp_port: int, api_port: int, once: bool = False) -> int:
+    from mailgate.errors import StartupError
     from mailgate.sandbox import SandboxOptions, run_sandbox
-    from mailgate.service import Gateway, StartupError
+    from mailgate.service import Gateway
 
     logs.setup("ERROR")  # the demo runs with MAILGATE_AUTH=none on purpose: no warning about it
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before anything runs)

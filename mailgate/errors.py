@@ -3,19 +3,25 @@
 ```
 MailgateError
 ├── ConfigError              -> exit 78 at start-up, every bad key named
-├── TransientError           -> SMTP 451 4.x.x / retry with backoff
-│   ├── ApiUnavailable       (transport errors, timeouts, 5xx, 429, 409)
+├── StartupError             -> exit 3 (port in use, store unusable)
+├── TransientError           -> SMTP 451 4.x.x / retry with backoff (`retry_after`: the peer's hint)
+│   ├── ApiUnavailable       (transport errors, timeouts, 5xx, 429, 409, redirects)
+│   │   │                     `maybe_sent`: the request may have reached the API (reconcile first);
+│   │   │                     `answered`: the API sent a response, so it is done with the request
 │   │   └── ApiUnauthorized  (401: hold every queue, never tell senders)
-│   ├── StoreBusy
+│   ├── StoreBusy            (sqlite: locked, disk full, I/O error)
 │   └── DeliveryDeferred     (relay 4xx, connection errors)
 └── PermanentError           -> SMTP 5xx / a notice to the sender
     ├── MessageRejected      (policy: who, what, how big) carries the SMTP reply
+    ├── BadToken             (a recipient's reply token does not verify)
     ├── ApiRejected          (400/402/403/404/422) carries the status and the API's reason
+    ├── TooLarge             (a download past its limit)
     └── DeliveryFailed       (relay 5xx)
 ```
 
 Foreign exceptions (httpx, sqlite3, aiosmtplib) are translated into these at one boundary each
-(`api`, `store`, `outbound`). A peer never sees exception text: SMTP replies are chosen by class.
+(`api`, `store`, `delivery.transports`). A peer never sees exception text: SMTP replies are chosen by
+class.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class ConfigError(MailgateError):
         super().__init__("; ".join(self.problems))
 
 
+class StartupError(MailgateError):
+    """The gateway cannot start (port in use, store unusable): exit 3."""
+
+
 class TransientError(MailgateError):
     """Worth trying again later. `retry_after` (seconds) is a hint from the peer, if it gave one."""
 
@@ -44,15 +54,35 @@ class TransientError(MailgateError):
 
 
 class ApiUnavailable(TransientError):
-    """The API could not be reached or asked us to come back later."""
+    """The API could not be reached or asked us to come back later.
+
+    `maybe_sent=False`: nothing was created (connect error, pool timeout, 429, 409, a redirect): send it
+    again. `maybe_sent=True`: the request may have reached the server: reconcile before any re-POST.
+    `answered`: the server sent a response, so it is done with the request (nothing is still in flight).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        maybe_sent: bool = True,
+        answered: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.maybe_sent = maybe_sent
+        self.answered = answered
 
 
 class ApiUnauthorized(ApiUnavailable):
     """The API key is missing, wrong or revoked: an operator problem, not a sender's."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, maybe_sent=False, answered=True)
+
 
 class StoreBusy(TransientError):
-    """The SQLite store could not commit (locked, disk full, I/O error)."""
+    """The store could not read or commit (locked, disk full, I/O error)."""
 
 
 class DeliveryDeferred(TransientError):
@@ -72,9 +102,9 @@ class MessageRejected(PermanentError):
         self.status = status
         self.reason = reason
 
-    @property
-    def smtp_reply(self) -> str:
-        return f"{self.code} {self.status} {self.reason}"
+
+class BadToken(PermanentError):
+    """A recipient carries something shaped like a reply token that does not verify."""
 
 
 class ApiRejected(PermanentError):
@@ -84,6 +114,15 @@ class ApiRejected(PermanentError):
         super().__init__(f"HTTP {status}: {reason}")
         self.status = status
         self.reason = reason
+
+
+class TooLarge(PermanentError):
+    """A download exceeded its limit. `size` is the declared size, or the bytes seen when it was cut."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"download of at least {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
 
 
 class DeliveryFailed(PermanentError):

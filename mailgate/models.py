@@ -27,6 +27,21 @@ class OutboxState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class SmtpReply:
+    """One SMTP/LMTP reply line for one recipient: `250 2.0.0 Ok: queued as ...`."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def ok(self) -> bool:
+        return self.code < 300
+
+
+@dataclass(frozen=True)
 class Address:
     """One mailbox: `addr` is the lower-cased addr-spec, `name` the display name (may be empty)."""
 
@@ -36,6 +51,15 @@ class Address:
     @property
     def domain(self) -> str:
         return self.addr.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """What thread resolution needs to know of a task mailgate holds."""
+
+    task_id: str
+    alias: str
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -59,23 +83,34 @@ class SkippedFile:
     reason: str
 
 
-@dataclass(frozen=True)
-class InboundMail:
-    """What mailgate needs from one parsed message (see `parsing.parse_message`)."""
+@dataclass(frozen=True, kw_only=True)
+class HeaderFacts:
+    """What the stages after DATA need from a message's header: read once (`mail.headers.read_facts`)
+    and kept on the message's row, so no later stage parses the header block again."""
 
     message_id: str | None  # "<id@host>", angle brackets kept; None when absent or unusable
     in_reply_to: tuple[str, ...]  # message ids, "<...>" form
     references: tuple[str, ...]  # oldest first, as in the header
-    subject: str  # decoded, whitespace folded, no CR/LF
-    from_: Address | None
+    subject: str  # decoded, whitespace folded, no CR/LF, capped
+    from_: Address | None  # the first From mailbox (its display name goes into the turn input)
     to: tuple[Address, ...]
     cc: tuple[Address, ...]
-    reply_to: tuple[Address, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailBody:
+    """What a mail client would show of one message (see `mail.parse.parse_body`)."""
+
     text: str  # the whole visible text body (HTML-only mail converted to text)
     reply_text: str  # `text` with quoted history, attributions and signatures trimmed
     attachments: tuple[Attachment, ...]
     # (filename, reason) of files a client would show that could not be decoded
     unreadable: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboundMail(HeaderFacts, MailBody):
+    """One whole parsed message, its header facts and its body side by side (`mail.parse.parse_message`)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +164,16 @@ class TaskSnapshot:
         return self.status in ("completed", "error", "aborted")
 
 
+@dataclass(frozen=True)
+class TurnAnswer:
+    """How a turn ended well: the worker's final answer and what came with it, for the reply."""
+
+    text: str
+    sources: tuple[Source, ...] = ()
+    files: tuple[OutputFile, ...] = ()
+    task_url: str | None = None
+
+
 @dataclass
 class RunResult:
     """What one POST /api/tasks told us (the streamed events or the blocking worker-run object).
@@ -143,3 +188,13 @@ class RunResult:
     sources: list[Source] = field(default_factory=list)
     files: list[OutputFile] = field(default_factory=list)
     error: str | None = None
+
+
+def human_size(size: int) -> str:
+    """`14 MB`, `512 KB`, `37 bytes`: sizes as a person reads them (binary units, as the limits are)."""
+    if size >= 1024 * 1024:
+        value = size / (1024 * 1024)
+        return f"{value:.0f} MB" if value >= 10 else f"{value:.1f} MB"
+    if size >= 1024:
+        return f"{size // 1024} KB"
+    return f"{size} bytes"

@@ -1,8 +1,9 @@
 """Wiring: the one place that builds the components, starts them, and stops them in order.
 
-Start-up: the store (and the reply-token secret), the API client, the renderer, the runner, the outbox,
-then the listeners. Shutdown: stop the listeners, let jobs in hand finish within a deadline, cancel the
-rest (their rows say where to resume), then close the client and the store.
+`open_store` and `make_api_client` are the factories every entry point uses (`serve`, `check` and the
+operator verbs). Start-up: the store (and the reply-token secret), the API client, the turn scheduler,
+the outbox, then the listeners. Shutdown: stop the listeners, let jobs in hand finish within a deadline,
+cancel the rest (their rows say where to resume), then close the client and the store.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -18,23 +20,51 @@ from typing import Any, Self
 
 import httpx
 
+from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
 from mailgate.config import Listen, Settings
-from mailgate.ingress import Handler, protocol_factory
-from mailgate.intake import Intake
-from mailgate.outbound import Delivery, make_delivery
-from mailgate.outbox import Outbox
-from mailgate.render import Renderer
-from mailgate.replies import Replies
-from mailgate.runner import Runner
-from mailgate.spool import Spool
+from mailgate.delivery.outbox import Outbox
+from mailgate.delivery.transports import Delivery, make_delivery
+from mailgate.errors import StartupError, StoreBusy
+from mailgate.replies.compose import Replies
+from mailgate.replies.output_files import OutputFiles
+from mailgate.replies.render import Renderer
+from mailgate.smtp.handler import Handler
+from mailgate.smtp.server import protocol_factory
 from mailgate.store import Store
+from mailgate.turns.scheduler import Scheduler
+from mailgate.turns.spool import Spool
+from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
 
 
-class StartupError(Exception):
-    """The gateway cannot start (port in use, store unusable): exit 3."""
+async def open_store(settings: Settings) -> Store:
+    """The store at MAILGATE_DATABASE; `StartupError` when it cannot be opened."""
+    try:
+        return await Store.open(settings.database)
+    except StoreBusy as exc:
+        raise StartupError(f"the store at {settings.database} is unusable: {exc}") from exc
+
+
+def make_api_client(
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    timeout: float | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> HandingerClient:
+    """The Handinger client as the settings describe it (one per process)."""
+    return HandingerClient(
+        settings.base_url,
+        settings.api_key,
+        concurrency=settings.concurrency if concurrency is None else concurrency,
+        timeout=settings.api_timeout if timeout is None else timeout,
+        send_triggered_by=settings.send_triggered_by,
+        files_field=settings.files_field,
+        stream=settings.stream,
+        transport=transport,
+    )
 
 
 class Gateway:
@@ -58,14 +88,12 @@ class Gateway:
         self._delivery = delivery
         self._dkim_dns = dkim_dns
         self.shutdown_deadline = shutdown_deadline
-        self._poll_base = poll_base
-        self._retry_base = retry_base
+        self._timing = Timing(poll_base=poll_base, retry_base=retry_base, settle_seconds=settle_seconds)
         self._hold_seconds = hold_seconds
-        self._settle_seconds = settle_seconds
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.store: Store
-        self.runner: Runner
+        self.scheduler: Scheduler
         self.outbox: Outbox
         self.api: HandingerClient
 
@@ -79,56 +107,46 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        try:
-            self.store = await Store.open(s.database)
-        except Exception as exc:
-            raise StartupError(f"the store at {s.database} is unusable: {exc}") from exc
+        self.store = await open_store(s)
         secret = (s.secret or await self.store.secret()).encode()
-        self.api = HandingerClient(
-            s.base_url,
-            s.api_key,
-            concurrency=s.concurrency,
-            timeout=s.api_timeout,
-            send_triggered_by=s.send_triggered_by,
-            files_field=s.files_field,
-            stream=s.stream,
-            transport=self._api_transport,
-        )
-        renderer = Renderer(s.templates_dir)
+        self.api = make_api_client(s, transport=self._api_transport)
         delivery = self._delivery or make_delivery(s)
         # the relay is retried a little more patiently than the API (5 s base with the default 2 s)
-        self.outbox = Outbox(self.store, delivery, horizon=s.retry_horizon, retry_base=self._retry_base * 2.5)
-        self.runner = Runner(
+        self.outbox = Outbox(
+            self.store, delivery, horizon=s.retry_horizon, retry_base=self._timing.retry_base * 2.5
+        )
+        spool = Spool(s.spool_dir)
+        replies = Replies(s, self.store, Renderer(s.templates_dir), OutputFiles(self.api, s), secret)
+        self.scheduler = Scheduler(
             s,
             self.store,
-            self.api,
-            Replies(s, self.store, renderer, secret),
-            Spool(s.spool_dir),
+            TurnSteps(s, self.store, self.api, spool, self._timing),
+            replies,
+            spool,
             on_outbox=self.outbox.wake,
-            poll_base=self._poll_base,
-            retry_base=self._retry_base,
             hold_seconds=self._hold_seconds,
-            settle_seconds=self._settle_seconds,
         )
-        intake = Intake(s, self.store, secret, dkim_dns=self._dkim_dns)
+        admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
         self._tasks = [
-            asyncio.create_task(self._supervise(self.runner.run, "runner"), name="runner"),
+            asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
         ]
         tls = self._tls_context()
         loop = asyncio.get_running_loop()
-        hostname = s.domain
         try:
             for listen, lmtp in ((s.listen, False), (s.lmtp_listen, True)):
                 if listen is None:
                     continue
                 handler = Handler(
-                    intake, max_recipients=s.max_recipients, is_lmtp=lmtp, on_accepted=self.runner.wake
+                    admission,
+                    max_recipients=s.max_recipients,
+                    is_lmtp=lmtp,
+                    on_accepted=self.scheduler.wake,
                 )
                 factory = protocol_factory(
                     handler,
-                    hostname=hostname,
+                    hostname=s.domain,
                     data_size_limit=s.max_message_size,
                     timeout=s.smtp_timeout,
                     max_connections=s.max_connections,
@@ -182,8 +200,8 @@ class Gateway:
                 await asyncio.wait_for(server.wait_closed(), timeout=self.shutdown_deadline)
         self._servers.clear()
         cancelled = 0
-        if hasattr(self, "runner"):
-            cancelled += await self.runner.drain(self.shutdown_deadline)
+        if hasattr(self, "scheduler"):
+            cancelled += await self.scheduler.drain(self.shutdown_deadline)
             cancelled += await self.outbox.drain(self.shutdown_deadline)
         for task in self._tasks:
             task.cancel()
@@ -210,8 +228,6 @@ async def _listen(
 ) -> asyncio.base_events.Server:
     if listen.unix_path:
         with contextlib.suppress(FileNotFoundError):
-            import os
-
             os.unlink(listen.unix_path)
         return await loop.create_unix_server(factory, listen.unix_path)
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 
 from mailgate import __version__
-from mailgate.api import ApiRequestFailed, HandingerClient, TooLarge
-from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable
+from mailgate.api import HandingerClient
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
 from mailgate.models import OutputFile, RunResult, Source, UploadFile
 
 pytestmark = pytest.mark.anyio
@@ -313,19 +313,19 @@ def _in_a_minute() -> str:
     ("status", "body", "headers", "kind", "retry_after", "maybe_sent"),
     [
         (401, {"error": "Invalid API key"}, {}, ApiUnauthorized, None, None),
-        (429, {"error": "Slow down"}, {"Retry-After": "7"}, ApiRequestFailed, 7.0, False),
+        (429, {"error": "Slow down"}, {"Retry-After": "7"}, ApiUnavailable, 7.0, False),
         (
             429,
             {"error": "Slow down"},
             {"retry-after-ms": "1500", "Retry-After": "9"},
-            ApiRequestFailed,
+            ApiUnavailable,
             1.5,
             False,
         ),
-        (429, {"error": "Slow down"}, {"Retry-After": "soon"}, ApiRequestFailed, None, False),
-        (409, {"error": "A turn is running"}, {}, ApiRequestFailed, None, False),
-        (503, {"error": "Maintenance"}, {"Retry-After": "3"}, ApiRequestFailed, 3.0, True),
-        (502, "<html>Bad gateway</html>", {}, ApiRequestFailed, None, True),
+        (429, {"error": "Slow down"}, {"Retry-After": "soon"}, ApiUnavailable, None, False),
+        (409, {"error": "A turn is running"}, {}, ApiUnavailable, None, False),
+        (503, {"error": "Maintenance"}, {"Retry-After": "3"}, ApiUnavailable, 3.0, True),
+        (502, "<html>Bad gateway</html>", {}, ApiUnavailable, None, True),
     ],
 )
 async def test_transient_statuses(
@@ -349,7 +349,7 @@ async def test_transient_statuses(
     assert type(caught.value) is kind
     assert caught.value.retry_after == retry_after
     if maybe_sent is not None:
-        assert isinstance(caught.value, ApiRequestFailed)
+        assert isinstance(caught.value, ApiUnavailable)
         assert caught.value.maybe_sent is maybe_sent
 
 
@@ -403,7 +403,7 @@ async def test_read_timeout_may_have_been_sent() -> None:
     async with serve(("/api/tasks", slow, ["POST"])) as url:
         try:
             async with client_for(url, timeout=0.3) as client:
-                with pytest.raises(ApiRequestFailed) as caught:
+                with pytest.raises(ApiUnavailable) as caught:
                     await create(client)
         finally:
             release.set()
@@ -416,7 +416,7 @@ async def test_connection_refused_was_not_sent() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     async with client_for(f"http://127.0.0.1:{port}") as client:
-        with pytest.raises(ApiRequestFailed) as caught:
+        with pytest.raises(ApiUnavailable) as caught:
             await create(client)
     assert caught.value.maybe_sent is False
 
@@ -424,7 +424,7 @@ async def test_connection_refused_was_not_sent() -> None:
 async def test_connection_dropped_before_an_answer_may_have_been_sent() -> None:
     """The server reads the request and hangs up: maybe_sent=True."""
     async with raw_server(b"") as url, client_for(url) as client:
-        with pytest.raises(ApiRequestFailed) as caught:
+        with pytest.raises(ApiUnavailable) as caught:
             await create(client)
     assert caught.value.maybe_sent is True
 
@@ -433,7 +433,7 @@ async def test_redirect_is_not_followed() -> None:
     """A redirect on the API is a configuration problem: transient, not sent, and not followed."""
     respond = lambda: RedirectResponse("https://elsewhere.example/api/tasks", status_code=308)  # noqa: E731
     async with serve(("/api/tasks", answer([], respond), ["POST"])) as url, client_for(url) as client:
-        with pytest.raises(ApiRequestFailed) as caught:
+        with pytest.raises(ApiUnavailable) as caught:
             await create(client)
     assert caught.value.maybe_sent is False
     assert "elsewhere.example" in str(caught.value)

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from mailgate import compose, mime, parsing, policy
+from mailgate.admission import policy
+from mailgate.mail import bodies
+from mailgate.mail import parse as parsing
+from mailgate.mail.headers import Headers
+from mailgate.turns import turn_input
 from tests.mail import make_mail, smtp_send, until
 
 pytestmark = pytest.mark.anyio
@@ -328,11 +332,11 @@ def _corpus_with_files() -> list[Path]:
             continue  # CR-only or mbox lines do not survive SMTP as they are; keep the test quick
         if any(len(line) > 990 for line in raw.splitlines()):
             continue  # SMTP refuses lines over 1000 octets
-        headers = parsing.read_headers(raw)
+        headers = Headers.parse(raw)
         if policy.automatic_reason(headers, "alice@example.org", own_domain="agents.example.com"):
             continue
         mail = parsing.parse_message(raw)
-        sent, _ = compose.pick_files(mail.attachments)
+        sent, _ = turn_input.pick_files(mail.attachments)
         kinds = {f.content_type for f in sent}
         if (
             sent
@@ -366,7 +370,7 @@ async def test_corpus_attachments_arrive_byte_for_byte(make_gateway: Any, sandbo
 
     for path, raw in zip(paths, mails, strict=True):
         mail = parsing.parse_message(raw)
-        expected, _ = compose.pick_files(mail.attachments)
+        expected, _ = turn_input.pick_files(mail.attachments)
         subject = f"Subject: {mail.subject or '(no subject)'}"
         [request] = [
             r for r in sandbox.state.requests
@@ -386,8 +390,8 @@ def test_big_bodies_parse_exactly_as_small_ones(monkeypatch: pytest.MonkeyPatch)
         pytest.skip(f"the corpus is not at {CORPUS}")
     paths = sorted(CORPUS.rglob("*.eml")) + sorted(DATA.glob("*.eml"))
     normal = [parsing.parse_message(p.read_bytes()) for p in paths]
-    monkeypatch.setattr(mime, "LARGE", 1)
-    cut = sum(bool(mime.LargeBodies(p.read_bytes()).spans) for p in paths)
+    monkeypatch.setattr(bodies, "LARGE", 1)
+    cut = sum(bool(bodies.LargeBodies(p.read_bytes()).spans) for p in paths)
     assert cut > 100
     for path, before in zip(paths, normal, strict=True):
         assert parsing.parse_message(path.read_bytes()) == before, path.name

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import email.policy
 from collections.abc import Callable
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import dkim
@@ -14,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailgate.authn import (
+from mailgate.admission.authn import (
     AuthVerdict,
     aligned,
     from_addresses,
@@ -23,17 +20,18 @@ from mailgate.authn import (
     verify_dkim,
     verify_dmarc_results,
 )
+from mailgate.mail.headers import Headers
 
 DATA = Path(__file__).parent / "data"
 OURS = "mx.agents.example.com"
 
 
-def headers(text: str) -> EmailMessage:
+def headers(text: str) -> Headers:
     raw = text.strip("\n").replace("\n", "\r\n").encode() + b"\r\n\r\nbody\r\n"
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return Headers.parse(raw)
 
 
-def with_ar(*results: str, from_: str = "Ann <ann@example.com>") -> EmailMessage:
+def with_ar(*results: str, from_: str = "Ann <ann@example.com>") -> Headers:
     lines = [f"Authentication-Results: {r}" for r in results]
     return headers("\n".join([*lines, f"From: {from_}", "Subject: hi"]))
 
@@ -99,7 +97,7 @@ def test_forged_ours_below_real_pass() -> None:
 def test_spoofed_file() -> None:
     """The spoofed CEO mail (forged passes above and below a real dmarc=fail) is refused."""
     raw = (DATA / "policy-spoofed-dmarc.eml").read_bytes()
-    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    msg = Headers.parse(raw)
     verdict = verify_dmarc_results(msg, authserv_id=OURS)
     assert verdict.sender is None
     assert verdict.reason == "DMARC did not pass for example.com"
@@ -224,8 +222,8 @@ def dns_for(records: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
     return lambda name: records.get(name)
 
 
-def parse(raw: bytes) -> EmailMessage:
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+def parse(raw: bytes) -> Headers:
+    return Headers.parse(raw)
 
 
 def test_dkim_pass(key: tuple[bytes, bytes]) -> None:

@@ -13,16 +13,14 @@ far headers alone go. Floors are the figures reached when the tests were written
 
 from __future__ import annotations
 
-import email.policy
 import json
 import re
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import pytest
 
-from mailgate.policy import automatic_reason
+from mailgate.admission.policy import automatic_reason
+from mailgate.mail.headers import Headers
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SISIMAI = CORPUS / "sisimai+set-of-emails"
@@ -79,7 +77,7 @@ MIN_CAUGHT_HEADERS_ONLY = 157  # known misses: arf-22 (a free-text complaint), a
 # (an SNS notice of a *successful* delivery), and headers-only kddi-02 (Subject "Mail", only <> says bounce)
 
 
-def read_headers(path: Path) -> tuple[EmailMessage, str | None]:
+def read_headers(path: Path) -> tuple[Headers, str | None]:
     """Parse the headers of a corpus file and derive its envelope sender (None when unknown)."""
     raw = path.read_bytes()
     envelope: str | None = None
@@ -89,9 +87,9 @@ def read_headers(path: Path) -> tuple[EmailMessage, str | None]:
         envelope = fields[1].decode("latin-1") if len(fields) > 1 else ""
     if b"\n" not in raw and b"\r" in raw:  # CR-only line endings
         raw = raw.replace(b"\r", b"\r\n")
-    msg: EmailMessage = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    msg = Headers.parse(raw)
     if envelope is None:
-        for name, value in msg.raw_items():
+        for name, value in msg:
             if name.lower() == "return-path":  # the final MTA's record of MAIL FROM
                 envelope = str(value).strip()
                 break

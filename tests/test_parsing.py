@@ -1,4 +1,4 @@
-"""parse_message and its helpers: headers, bodies, attachments and file names, on made-up mail."""
+"""parse_message and the header toolkit: headers, bodies, attachments and file names, on made-up mail."""
 
 from __future__ import annotations
 
@@ -8,42 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.mail.headers import Headers, msgid_list
+from mailgate.mail.parse import html_to_text, parse_message
 from mailgate.models import Address
-from mailgate.parsing import (
-    address_list,
-    html_to_text,
-    msgid_list,
-    normalize_subject,
-    parse_message,
-    read_headers,
-)
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
 def _mail(headers: str, body: str = "hello\n") -> bytes:
     return (headers.strip("\n") + "\n\n" + body).encode("utf-8")
-
-
-@pytest.mark.parametrize(
-    ("subject", "expected"),
-    [
-        ("Re: Hello", "Hello"),
-        ("RE: AW: Fwd: FW: Hello", "Hello"),
-        ("Re:Re:Re: Hello", "Hello"),
-        ("Aw: Antw: SV: TR: Réf : Hello", "Hello"),
-        ("Re[2]: Hello", "Hello"),
-        ("[list] Re: Hello", "[list] Hello"),
-        ("Re: [list] Re: Hello", "[list] Hello"),
-        ("Fwd: Re: [JIRA-1] Fix it", "[JIRA-1] Fix it"),
-        ("Hello\r\n  world", "Hello world"),
-        ("Reply needed", "Reply needed"),
-        ("", ""),
-    ],
-)
-def test_normalize_subject(subject: str, expected: str) -> None:
-    """Any stack of reply/forward prefixes goes; [tags] and the rest of the subject stay."""
-    assert normalize_subject(subject) == expected
 
 
 @pytest.mark.parametrize(
@@ -76,14 +49,14 @@ def test_msgid_list(value: str | None, expected: tuple[str, ...]) -> None:
 )
 def test_address_list(header: str, expected: tuple[Address, ...]) -> None:
     """Addresses are lower-cased and deduplicated, names decoded, garbage skipped."""
-    assert address_list(read_headers(_mail(header)), "to") == expected
+    assert Headers.parse(_mail(header)).addresses("to") == expected
 
 
-def test_read_headers_stops_at_the_body() -> None:
-    """read_headers gives the decoded header block and does not parse the body."""
-    msg = read_headers(_mail("From: a@b.c\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "body"))
-    assert msg["subject"] == "Grüße"
-    assert msg.get_payload() in ("", "body")
+def test_headers_stop_at_the_body() -> None:
+    """Headers.parse reads the header block and decodes on request; the body is not a header."""
+    headers = Headers.parse(_mail("From: a@b.c\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "X-Not: a header"))
+    assert headers.text("subject") == "Grüße"
+    assert headers.values("x-not") == []
 
 
 def test_html_to_text_keeps_links() -> None:
@@ -141,7 +114,6 @@ def test_headers_of_a_made_up_reply() -> None:
     assert mail.in_reply_to == ("<b@x>",)
     assert mail.references == ("<a@x>", "<b@x>")
     assert mail.subject == "Aw: Re: Fwd: Berücht [Q3]"
-    assert normalize_subject(mail.subject) == "Berücht [Q3]"
     assert mail.from_ == Address("juergen@example.de", "Jürgen Müller")
     assert [a.addr for a in mail.to] == ["research@mailgate.example", "other@example.org"]
     assert mail.cc == ()
@@ -170,7 +142,6 @@ def test_winmail_dat_is_unpacked() -> None:
         ("notes.csv", b"a,b\n1,2\n"),
     ]
     assert mail.reply_text == "Please summarise the attached report."
-    assert normalize_subject(mail.subject) == "Quarterly report"
 
 
 def test_broken_winmail_dat_is_kept_as_is() -> None:

@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import email.policy
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import pytest
 
-from mailgate import policy
-from mailgate.policy import LOOP_HEADER, Limit, automatic_reason, over_limit, requested_budget, sender_allowed
+from mailgate.admission import policy
+from mailgate.admission.policy import LOOP_HEADER, automatic_reason, requested_budget, sender_allowed
+from mailgate.mail.headers import Headers
 
 DATA = Path(__file__).parent / "data"
 OWN = "agents.example.com"
 HUMAN = "ann@example.com"
 
 
-def headers(*lines: str, subject: str = "Quarterly numbers") -> EmailMessage:
+def headers(*lines: str, subject: str = "Quarterly numbers") -> Headers:
     text = "\r\n".join(["From: Ann <ann@example.com>", "To: research@agents.example.com", *lines])
     if subject is not None:
         text += f"\r\nSubject: {subject}"
     raw = text.encode("utf-8") + b"\r\n\r\nbody\r\n"
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return Headers.parse(raw)
 
 
-def reason(msg: EmailMessage, envelope: str = HUMAN) -> str | None:
+def reason(msg: Headers, envelope: str = HUMAN) -> str | None:
     return automatic_reason(msg, envelope, own_domain=OWN)
 
 
-def data(name: str) -> EmailMessage:
+def data(name: str) -> Headers:
     raw = (DATA / name).read_bytes()
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return Headers.parse(raw)
 
 
 # --- human mail stays human -------------------------------------------------------------------
@@ -93,13 +91,13 @@ def test_malformed_headers_never_raise() -> None:
         b"Content-Type: multipart/report; report-type=\r\n"
         b"Message-ID: <<>>\r\nAuto-Submitted: \r\n\r\n"
     )
-    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    msg = Headers.parse(raw)
     assert reason(msg) == "report: multipart/report without report-type"
 
 
 def test_no_headers_at_all() -> None:
     """An empty message with a real envelope sender is not automatic."""
-    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(b"\r\n")
+    msg = Headers.parse(b"\r\n")
     assert reason(msg) is None
 
 
@@ -175,9 +173,9 @@ def test_signals(lines: list[str], envelope: str, expected: str) -> None:
     assert reason(msg, envelope) == expected
 
 
-def _replace_from(lines: list[str]) -> EmailMessage:
+def _replace_from(lines: list[str]) -> Headers:
     raw = "\r\n".join([*lines, "Subject: hello"]).encode() + b"\r\n\r\nbody\r\n"
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return Headers.parse(raw)
 
 
 @pytest.mark.parametrize(
@@ -325,28 +323,6 @@ def test_requested_budget_rejects_unknown(default: str, max_budget: str) -> None
     """An unknown default or cap is a programming error."""
     with pytest.raises(ValueError, match="must be one of"):
         requested_budget(None, default, max_budget)
-
-
-# --- rate limits ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("count", "expected"), [(0, False), (19, False), (20, True), (25, True)])
-def test_over_limit(count: int, expected: bool) -> None:
-    """The limit-th event in a window is allowed, the next one is not."""
-    assert over_limit(count, Limit("new_tasks", 20, 3600)) is expected
-
-
-def test_window_start() -> None:
-    """The window reaches back window_seconds from now."""
-    assert Limit("turns", 12, 3600).window_start(10_000.0) == 6_400.0
-
-
-def test_reexports() -> None:
-    """Authentication lives in authn and is reachable from policy too."""
-    from mailgate import authn
-
-    assert policy.verify_dkim is authn.verify_dkim
-    assert policy.AuthVerdict is authn.AuthVerdict
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ async def test_an_unreachable_api_is_waited_for(tmp_path: Path, relay: Recording
         await until(failed_once, what="a failed connection attempt")
         assert "Connect" in str((await row_of(gw, queue_id(seen))).last_error)
         async with run_sandbox(SandboxOptions(api_key="test-key"), port=port) as second:
-            gw.runner.wake()
+            gw.scheduler.wake()
             await reached(gw, queue_id(seen), "answered", timeout=20)
             assert len(second.state.requests) == 1
         await relay.wait_for(1, timeout=15)
@@ -208,7 +208,7 @@ async def test_402_notice_once_per_thread_and_replay_after_top_up(
         row2 = await reached(gw, two, "failed")
         assert row2.task_id == row1.task_id
         assert await gw.store.replay_inbound(one)
-        gw.runner.wake()
+        gw.scheduler.wake()
         await reached(gw, one, "answered")
         await relay.wait_for(2, timeout=15)
     assert row1.reason is not None and row1.reason.startswith("API 402")
@@ -264,7 +264,7 @@ async def test_retry_horizon_ends_in_a_notice_and_replay_runs_it(
         assert "could not" in text_of(notice).lower()
         sandbox.state.faults.clear()
         assert await gw.store.replay_inbound(row.id)
-        gw.runner.wake()
+        gw.scheduler.wake()
         await reached(gw, row.id, "answered")
         await relay.wait_for(2, timeout=15)
     assert len(sandbox.state.requests) == 1

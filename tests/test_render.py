@@ -14,7 +14,7 @@ import pytest
 
 from mailgate.errors import ConfigError
 from mailgate.models import Source
-from mailgate.render import (
+from mailgate.replies.render import (
     NOTICE_KINDS,
     AttachedFile,
     LinkedFile,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.parsing import parse_message
-from mailgate.trimming import trim_reply
+from mailgate.mail.parse import parse_message
+from mailgate.mail.trimming import trim_reply
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 TRIMMER = CORPUS / "reply-bodies" / "discourse+email_reply_trimmer"

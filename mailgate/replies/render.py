@@ -93,7 +93,7 @@ _REPLY_PREFIX = re.compile(
 )
 _CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 _MAX_SUBJECT = 250
-_CHECKOUT = Path(__file__).resolve().parent.parent / "templates"  # running from a source checkout
+_CHECKOUT = Path(__file__).resolve().parents[2] / "templates"  # running from a source checkout
 _MAX_FILENAME = 180
 _MAX_REFERENCES = 11  # the first id plus the last ten
 _MAX_REFERENCES_CHARS = 900

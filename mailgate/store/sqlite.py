@@ -11,43 +11,36 @@ sqlite3 errors are translated to `StoreBusy` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from mailgate import queries
 from mailgate.errors import StoreBusy
-from mailgate.models import InboundState, OutboxState
-from mailgate.queries import (  # re-exported: the row types and builders are part of the store API
-    ACTIVE_SQL as _ACTIVE_SQL,
+from mailgate.models import InboundState, OutboxState, TaskRef
+from mailgate.store import reads
+from mailgate.store.reads import AdmissionFacts
+from mailgate.store.schema import (
+    ACTIVE_SQL,
+    MIGRATIONS,
+    VERSION,
+    Admitted,
+    InboundRow,
+    NewReply,
+    OutboxRow,
+    Statement,
+    TaskRow,
+    insert,
+    insert_row,
+    row_of,
+    update,
 )
-from mailgate.queries import (
-    InboundRow as InboundRow,
-)
-from mailgate.queries import (
-    IntakeFacts as IntakeFacts,
-)
-from mailgate.queries import (
-    OutboxRow as OutboxRow,
-)
-from mailgate.queries import (
-    Statement as Statement,
-)
-from mailgate.queries import (
-    TaskRow as TaskRow,
-)
-from mailgate.queries import (
-    insert as insert,
-)
-from mailgate.queries import (
-    update as update,
-)
-from mailgate.threads import TaskRef
 
 MAX_BATCH = 256
 T = TypeVar("T")
@@ -78,6 +71,7 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
+        """Open (creating or migrating it to the current schema) the store at `path`."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             writer = await aiosqlite.connect(path, isolation_level=None)
@@ -89,7 +83,7 @@ class Store:
                     "foreign_keys=ON",
                 ):
                     await writer.execute(f"PRAGMA {pragma}")
-                await writer.executescript(queries.SCHEMA)
+                await _migrate(writer)
                 reader = await aiosqlite.connect(path, isolation_level=None)
             except BaseException:
                 await writer.close()
@@ -192,7 +186,7 @@ class Store:
             raise StoreBusy(f"read failed: {exc}") from exc
         return result
 
-    async def intake_facts(
+    async def admission_facts(
         self,
         keys: Sequence[str],
         *,
@@ -203,10 +197,10 @@ class Store:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
-    ) -> IntakeFacts:
-        """The reads of one message's DATA decision in one hop (see `IntakeFacts`)."""
+    ) -> AdmissionFacts:
+        """The reads of one message's DATA decision in one hop (see `AdmissionFacts`)."""
         return await self._read(
-            queries.intake_facts,
+            reads.admission_facts,
             keys,
             token_task_ids,
             chain,
@@ -218,17 +212,17 @@ class Store:
         )
 
     async def duplicate_of(self, dedupe_key: str) -> str | None:
-        return await self._read(queries.duplicate_of, dedupe_key)
+        return await self._read(reads.duplicate_of, dedupe_key)
 
     # ThreadIndex (see threads.py)
     async def task(self, task_id: str) -> TaskRef | None:
-        return await self._read(queries.task, task_id)
+        return await self._read(reads.task, task_id)
 
     async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-        return await self._read(queries.task_for_message_ids, list(message_ids), alias)
+        return await self._read(reads.task_for_message_ids, list(message_ids), alias)
 
     async def is_participant(self, task_id: str, addr: str) -> bool:
-        return await self._read(queries.is_participant, task_id, addr)
+        return await self._read(reads.is_participant, task_id, addr)
 
     async def participants(self, task_id: str) -> list[str]:
         rows = await self._all("SELECT addr FROM participant WHERE task_id=? ORDER BY addr", (task_id,))
@@ -236,11 +230,11 @@ class Store:
 
     async def count_new_tasks(self, owner: str, since: float, limit: int | None = None) -> int:
         """Tasks `owner` started since `since`, counted up to `limit` at most."""
-        return await self._read(queries.count_new_tasks, owner, since, limit)
+        return await self._read(reads.count_new_tasks, owner, since, limit)
 
     async def count_turns(self, task_id: str, since: float, limit: int | None = None) -> int:
         """Messages received for `task_id` since `since`, counted up to `limit` at most."""
-        return await self._read(queries.count_turns, task_id, since, limit)
+        return await self._read(reads.count_turns, task_id, since, limit)
 
     async def count_notices(self, addr: str, since: float, notice: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM outbox WHERE kind='notice' AND created_at>=? AND recipients LIKE ?"
@@ -265,19 +259,17 @@ class Store:
         return bytes(row["data"])
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
-        row: InboundRow | None = queries.row_of(
+        row: InboundRow | None = row_of(
             InboundRow, await self._one("SELECT * FROM inbound WHERE id=?", (inbound_id,))
         )
         return row
 
     async def task_row(self, task_id: str) -> TaskRow | None:
-        row: TaskRow | None = queries.row_of(
-            TaskRow, await self._one("SELECT * FROM task WHERE id=?", (task_id,))
-        )
+        row: TaskRow | None = row_of(TaskRow, await self._one("SELECT * FROM task WHERE id=?", (task_id,)))
         return row
 
     async def outbox_row(self, outbox_id: str) -> OutboxRow | None:
-        row: OutboxRow | None = queries.row_of(
+        row: OutboxRow | None = row_of(
             OutboxRow, await self._one("SELECT * FROM outbox WHERE id=?", (outbox_id,))
         )
         return row
@@ -288,14 +280,14 @@ class Store:
             "ORDER BY id LIMIT ?",
             (now, limit + len(busy)),
         )
-        return [queries.row_of(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
+        return [row_of(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
 
     async def runnable_ids(self, now: float, limit: int, busy: set[str]) -> list[str]:
         """`runnable`, but only the ids: cheap when many jobs are in flight (their rows come back too)."""
         rows = await self._all(
-            f"SELECT id FROM inbound i WHERE state IN ({_ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
+            f"SELECT id FROM inbound i WHERE state IN ({ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
             f"AND (task_id IS NULL OR NOT EXISTS (SELECT 1 FROM inbound j WHERE j.task_id=i.task_id "
-            f"AND j.id<i.id AND j.state IN ({_ACTIVE_SQL}))) ORDER BY id LIMIT ?",
+            f"AND j.id<i.id AND j.state IN ({ACTIVE_SQL}))) ORDER BY id LIMIT ?",
             (now, limit + len(busy)),
         )
         return [str(r["id"]) for r in rows if r["id"] not in busy][:limit]
@@ -306,12 +298,12 @@ class Store:
             return []
         marks = ",".join("?" * len(ids))
         rows = await self._all(f"SELECT * FROM inbound WHERE id IN ({marks}) ORDER BY id", list(ids))  # noqa: S608
-        return [queries.row_of(InboundRow, r) for r in rows]
+        return [row_of(InboundRow, r) for r in rows]
 
     async def next_due_after(self, table: str, now: float) -> float | None:
         """Like `next_due`, but only rows due later than `now`: rows due already are in hand, or wait for
         a free slot (a finishing job wakes the loop), so they must not make the loop spin."""
-        states = _ACTIVE_SQL if table == "inbound" else "'pending','retry'"
+        states = ACTIVE_SQL if table == "inbound" else "'pending','retry'"
         row = await self._one(
             f"SELECT min(next_attempt_at) AS t FROM {table} WHERE state IN ({states}) AND next_attempt_at>?",  # noqa: S608
             (now,),
@@ -319,44 +311,225 @@ class Store:
         return None if row is None or row["t"] is None else float(row["t"])
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
-        """The start of a raw message, enough for its header block: the whole message only when the
-        header block does not end within the first `size` bytes."""
+        """The start of a raw message, at most `size` bytes: enough for an operator to see its header."""
         row = await self._one("SELECT substr(data, 1, ?) AS head FROM raw_message WHERE id=?", (size, raw_id))
         if row is None:
             raise StoreBusy(f"raw message {raw_id} is missing")
-        head = bytes(row["head"])
-        if len(head) < size or any(sep in head for sep in (b"\n\n", b"\n\r\n", b"\r\r")):
-            return head
-        return await self.raw(raw_id)
+        return bytes(row["head"])
 
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[InboundRow]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
         rows = await self._all(f"SELECT * FROM inbound {where} ORDER BY id DESC LIMIT ?", [*params, limit])  # noqa: S608
-        return [queries.row_of(InboundRow, r) for r in rows]
+        return [row_of(InboundRow, r) for r in rows]
 
     async def list_outbox(self, state: str | None = None, limit: int = 50) -> list[OutboxRow]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
         rows = await self._all(f"SELECT * FROM outbox {where} ORDER BY id DESC LIMIT ?", [*params, limit])  # noqa: S608
-        return [queries.row_of(OutboxRow, r) for r in rows]
+        return [row_of(OutboxRow, r) for r in rows]
 
     async def list_tasks(self, limit: int = 50) -> list[TaskRow]:
         rows = await self._all("SELECT * FROM task ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [queries.row_of(TaskRow, r) for r in rows]
+        return [row_of(TaskRow, r) for r in rows]
 
     async def outbox_for(self, inbound_id: str) -> list[OutboxRow]:
         rows = await self._all("SELECT * FROM outbox WHERE inbound_id=? ORDER BY id", (inbound_id,))
-        return [queries.row_of(OutboxRow, r) for r in rows]
+        return [row_of(OutboxRow, r) for r in rows]
 
     async def messages_of_task(self, task_id: str) -> list[InboundRow]:
         rows = await self._all("SELECT * FROM inbound WHERE task_id=? ORDER BY id", (task_id,))
-        return [queries.row_of(InboundRow, r) for r in rows]
+        return [row_of(InboundRow, r) for r in rows]
 
-    # --- state changes -----------------------------------------------------------------------
+    async def file_hashes_of_task(self, task_id: str, before: str) -> set[str]:
+        """The sha256 of every file the task's messages older than `before` sent to the API."""
+        rows = await self._all(
+            "SELECT files FROM inbound WHERE task_id=? AND id<? AND files IS NOT NULL", (task_id, before)
+        )
+        return {f["sha256"] for r in rows for f in json.loads(r["files"] or "[]")}
 
-    async def set_inbound(self, inbound_id: str, **values: Any) -> None:
+    async def thread_chain(self, task_id: str, before: str, *, limit: int) -> list[str]:
+        """The Message-IDs of a task's messages older than `before` (both directions), oldest first: the
+        first message and the newest `limit - 1`, each followed by the replies mailgate sent to it."""
+        rows = await self._all(
+            "SELECT id, message_id FROM inbound WHERE task_id=? AND id<? ORDER BY id", (task_id, before)
+        )
+        if len(rows) > limit:
+            rows = [rows[0], *rows[1 - limit :]]
+        chain: list[str] = []
+        for row in rows:
+            if row["message_id"]:
+                chain.append(str(row["message_id"]))
+            sent = await self._all(
+                "SELECT message_id FROM outbox WHERE inbound_id=? ORDER BY id", (row["id"],)
+            )
+            chain += [str(r["message_id"]) for r in sent]
+        return chain
+
+    # --- state changes (named: each is one transaction) ------------------------------------------------
+
+    async def admit(self, admitted: Admitted) -> None:
+        """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
+        statements: list[Statement] = [
+            insert(
+                "raw_message",
+                {
+                    "id": admitted.raw_id,
+                    "sha256": admitted.sha256,
+                    "size": len(admitted.data),
+                    "data": admitted.data,
+                },
+            )
+        ]
+        statements += [insert_row("task", task) for task in admitted.tasks]
+        for message in admitted.messages:
+            values = asdict(message)
+            values["updated_at"] = message.received_at
+            statements.append(insert("inbound", values))
+        statements += [
+            insert("participant", {"task_id": task_id, "addr": addr}, or_ignore=True)
+            for task_id, addr in admitted.participants
+        ]
+        statements += [
+            insert(
+                "thread_message",
+                {"message_id": message_id, "task_id": task_id, "direction": "in"},
+                or_ignore=True,
+            )
+            for message_id, task_id in admitted.thread_ids
+        ]
+        await self.write(statements)
+
+    async def count_crash(self, inbound_id: str, crashes: int) -> None:
+        """Count an attempt before the work it guards, so a message that kills the process is caught."""
+        await self._set_inbound(inbound_id, crashes=crashes)
+
+    async def set_turn_input(
+        self,
+        inbound_id: str,
+        *,
+        input: str,
+        files: Sequence[dict[str, Any]],
+        skipped: Sequence[dict[str, str]],
+    ) -> None:
+        """`received -> queued`: the turn's input and its spooled files are known."""
+        await self._set_inbound(
+            inbound_id,
+            state=InboundState.QUEUED,
+            input=input,
+            crashes=0,
+            files=json.dumps(list(files)),
+            skipped=json.dumps(list(skipped)),
+        )
+
+    async def mark_submitting(self, inbound_id: str, *, turn_seq: int, attempts: int) -> None:
+        """About to POST the turn numbered `turn_seq`: from here on it may exist at the API."""
+        await self._set_inbound(
+            inbound_id, state=InboundState.SUBMITTING, turn_seq=turn_seq, attempts=attempts
+        )
+
+    async def mark_running(self, inbound_id: str, *, turn_seq: int | None = None) -> None:
+        """The API has the turn: wait for its end."""
+        values: dict[str, Any] = {"state": InboundState.RUNNING, "last_error": None}
+        if turn_seq is not None:
+            values["turn_seq"] = turn_seq
+        await self._set_inbound(inbound_id, **values)
+
+    async def reschedule(
+        self,
+        inbound_id: str,
+        at: float,
+        *,
+        state: str | None = None,
+        error: str | None = None,
+        crashes: int | None = None,
+    ) -> None:
+        """Look at the message again at `at` (a retry, a poll, a hold), keeping or changing its state.
+
+        A plain wait (a poll of a running turn, a lost POST settling) leaves `updated_at` alone: it says
+        since when the row has been in its state, which is what those waits measure.
+        """
+        values: dict[str, Any] = {"next_attempt_at": at}
+        if state is not None:
+            values["state"] = state
+        if error is not None:
+            values["last_error"] = error[:500]
+        if crashes is not None:
+            values["crashes"] = crashes
+        if len(values) == 1:
+            await self.write([update("inbound", inbound_id, **values)])
+        else:
+            await self._set_inbound(inbound_id, **values)
+
+    async def finish(
+        self,
+        inbound_id: str,
+        state: str,
+        reason: str | None,
+        replies: Sequence[NewReply] = (),
+        *,
+        turn_seq: int | None = None,
+        task_id: str | None = None,
+        task_url: str | None = None,
+        task_turns: int | None = None,
+    ) -> None:
+        """End a message (`answered`, `failed`, `ignored`) and queue its replies, in one transaction."""
+        now = time.time()
+        statements: list[Statement] = []
+        for reply in replies:
+            values = asdict(reply)
+            values |= {
+                "recipients": json.dumps(list(reply.recipients)),
+                "state": OutboxState.PENDING,
+                "updated_at": reply.created_at,
+            }
+            statements.append(insert("outbox", values))
+            if reply.task_id:
+                statements.append(
+                    insert(
+                        "thread_message",
+                        {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"},
+                        or_ignore=True,
+                    )
+                )
+        ending: dict[str, Any] = {"state": state, "reason": reason, "updated_at": now, "next_attempt_at": 0}
+        if turn_seq is not None:
+            ending["turn_seq"] = turn_seq
+        statements.append(update("inbound", inbound_id, **ending))
+        if task_id is not None and task_turns is not None:
+            statements.append(update("task", task_id, url=task_url, turns=task_turns))
+        await self.write(statements)
+
+    async def record_delivery(
+        self,
+        outbox_id: str,
+        state: str,
+        *,
+        attempts: int,
+        error: str | None,
+        next_attempt_at: float = 0.0,
+        refused: dict[str, str] | None = None,
+        sent_at: float | None = None,
+    ) -> None:
+        """What one delivery attempt of an outbox row came to (`sent`, `retry`, `dead`)."""
+        values: dict[str, Any] = {
+            "state": state,
+            "attempts": attempts,
+            "last_error": (error or "")[:1000] or None,
+            "next_attempt_at": next_attempt_at,
+        }
+        if refused is not None:
+            values["refused"] = json.dumps(refused) if refused else None
+        if sent_at is not None:
+            values["sent_at"] = sent_at
+        await self._set_outbox(outbox_id, **values)
+
+    async def archive_task(self, task_id: str) -> None:
+        """The task was archived at the API: later replies in its thread start a new task."""
+        await self.write([update("task", task_id, archived=1)])
+
+    async def _set_inbound(self, inbound_id: str, **values: Any) -> None:
         await self.write([update("inbound", inbound_id, updated_at=time.time(), **values)])
 
-    async def set_outbox(self, outbox_id: str, **values: Any) -> None:
+    async def _set_outbox(self, outbox_id: str, **values: Any) -> None:
         await self.write([update("outbox", outbox_id, updated_at=time.time(), **values)])
 
     async def reset_for_restart(self) -> None:
@@ -365,7 +538,7 @@ class Store:
         await self.write(
             [
                 (
-                    f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({_ACTIVE_SQL}) "  # noqa: S608 (constants)
+                    f"UPDATE inbound SET next_attempt_at=? WHERE state IN ({ACTIVE_SQL}) "  # noqa: S608 (constants)
                     "AND next_attempt_at>?",
                     (now, now),
                 ),
@@ -377,7 +550,7 @@ class Store:
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
-        await self.set_inbound(
+        await self._set_inbound(
             # attempts are kept: a turn that may have reached the API is looked for before any new POST
             inbound_id,
             state=state,
@@ -393,7 +566,7 @@ class Store:
         row = await self.outbox_row(outbox_id)
         if row is None or row.state != OutboxState.DEAD:
             return False
-        await self.set_outbox(
+        await self._set_outbox(
             outbox_id,
             state=OutboxState.RETRY,
             attempts=0,
@@ -413,3 +586,21 @@ def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
         err = StoreBusy(f"commit failed: {exc}")
         err.__cause__ = exc
         future.set_exception(err)
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring the store to the current schema version, one step at a time, each in its own transaction."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version == 0:  # a store from before versions were kept has version 1's tables, or none
+        async with db.execute("SELECT 1 FROM sqlite_master WHERE name='inbound'") as cursor:
+            version = 1 if await cursor.fetchone() else 0
+        if version == 1:
+            await db.executescript(MIGRATIONS[0])  # indexes a partial first start may have left out
+    if version > VERSION:
+        raise sqlite3.DatabaseError(f"the store has schema version {version}, newer than this mailgate's")
+    for step in range(version, VERSION):
+        await db.executescript(
+            f"BEGIN IMMEDIATE; {MIGRATIONS[step]}; PRAGMA user_version={step + 1}; COMMIT;"
+        )

@@ -16,24 +16,19 @@ suffix such as `com` or `co.uk` (see `aligned`).
 
 from __future__ import annotations
 
-import email.policy
-import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.headerregistry import BaseHeader, MessageIDHeader, UnstructuredHeader
-from email.message import EmailMessage
 from typing import Any
 
 import dkim
+
+from mailgate.mail.headers import Headers, header_class, plain_mailboxes
 
 __all__ = [
     "AuthVerdict",
     "aligned",
     "from_addresses",
-    "header_index",
-    "header_text",
-    "header_values",
     "parse_authentication_results",
     "trust_from_header",
     "verify_dkim",
@@ -42,7 +37,6 @@ __all__ = [
 
 DnsFunc = Callable[[bytes], bytes | None]
 
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _DOMAIN = re.compile(
     r"^(?=.{1,253}$)(?!-)[^\s@.()<>\[\]\\,;:\"]{1,63}(?<!-)(\.(?!-)[^\s@.()<>\[\]\\,;:\"]{1,63}(?<!-))*$"
 )
@@ -51,14 +45,6 @@ _CC_SECOND_LEVEL = frozenset(
     {"ac", "co", "com", "edu", "gob", "gov", "go", "govt", "ltd", "me", "mil", "ne", "net", "nhs", "nic"}
     | {"nom", "or", "org", "plc", "sch"}
 )
-# Plain values the email package would parse without a defect, read here without it (its header
-# parser is pure Python and the most expensive step at DATA time). Anything else takes the full parser.
-_LOCAL = r"[A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*"
-_HOST = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_PLAIN_MAILBOX = re.compile(
-    rf"(?:([A-Za-z0-9_'+-]+(?: [A-Za-z0-9_'+-]+)*) ?)?<({_LOCAL})@({_HOST})>|({_LOCAL})@({_HOST})"
-)
-_PLAIN_MSGID = re.compile(rf"<{_LOCAL}@{_HOST}>")
 _AR_PAIR = re.compile(r'([A-Za-z0-9_.\-/]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]+)')
 
 
@@ -80,86 +66,13 @@ class AuthVerdict:
         return self.sender is not None
 
 
-def header_values(msg: EmailMessage, name: str) -> list[str]:
-    """Every value of header `name`, top to bottom, unfolded. Never raises.
-
-    Values are the raw text (RFC 2047 encoded-words are left alone; undecodable bytes appear as
-    surrogates), which is what structured headers such as Authentication-Results need.
-    """
-    wanted = name.lower()
-    try:
-        items = list(msg.raw_items())
-    except Exception:  # a broken message object is "no headers", never a crash
-        return []
-    out = []
-    for key, value in items:
-        if isinstance(key, str) and key.lower() == wanted:
-            text = value if isinstance(value, str) else str(value)
-            out.append(_FOLD.sub("", text).replace("\r", " ").replace("\n", " ").strip())
-    return out
-
-
-def header_index(msg: EmailMessage) -> dict[str, list[str]]:
-    """`header_values` for every header at once: lower-cased name -> values. Never raises."""
-    try:
-        items = list(msg.raw_items())
-    except Exception:
-        return {}
-    out: dict[str, list[str]] = {}
-    for key, value in items:
-        if isinstance(key, str):
-            text = value if isinstance(value, str) else str(value)
-            text = _FOLD.sub("", text).replace("\r", " ").replace("\n", " ").strip()
-            out.setdefault(key.lower(), []).append(text)
-    return out
-
-
-def header_text(name: str, value: str) -> str:
-    """`str(email.policy.default.header_factory(name, value))` (RFC 2047 decoded), cheaper when plain.
-
-    May raise as the email package does on some garbage.
-    """
-    cls = _header_class(name.lower())
-    plain = value.isascii() and value.isprintable() and "=?" not in value
-    if plain and (
-        issubclass(cls, UnstructuredHeader)
-        or (issubclass(cls, MessageIDHeader) and _PLAIN_MSGID.fullmatch(value))
-    ):
-        return value  # what the parser gives back for such values
-    return str(cls(name, value))
-
-
-@functools.cache
-def _header_class(name: str) -> type[BaseHeader]:
-    """policy.default's class for header `name` (its registry builds a new class on every call)."""
-    registry: Any = email.policy.default.header_factory
-    cls: type[BaseHeader] = registry[name]
-    return cls
-
-
-def plain_mailboxes(value: str) -> list[tuple[str, str, str]] | None:
-    """(display name, local part, domain) of each mailbox in a plain address list, as the email package
-    reads them; None when the value is not plain (quoted names, comments, encoded words, groups, 8-bit...).
-    """
-    if not value.isascii() or not value.isprintable():
-        return None
-    found = []
-    for piece in value.split(","):
-        m = _PLAIN_MAILBOX.fullmatch(piece.strip(" "))
-        if m is None:
-            return None
-        name, local, domain, bare_local, bare_domain = m.groups()
-        found.append((name or "", local or bare_local, domain or bare_domain))
-    return found
-
-
-def from_addresses(msg: EmailMessage) -> tuple[str, ...] | None:
+def from_addresses(headers: Headers) -> tuple[str, ...] | None:
     """The addr-specs in the From header(s), lower-cased; None when any of them is unusable.
 
     Unusable: no From header, an address without a local part or a well-formed domain, or a
     header the parser reports as broken. Several From headers are returned together.
     """
-    values = header_values(msg, "From")
+    values = headers.values("From")
     if not values:
         return None
     found: list[str] = []
@@ -169,7 +82,7 @@ def from_addresses(msg: EmailMessage) -> tuple[str, ...] | None:
             pairs = [(local, domain) for _, local, domain in plain]
         else:
             try:
-                header: Any = _header_class("from")("From", value)
+                header: Any = header_class("from")("From", value)
                 addresses = header.addresses
             except Exception:  # the header parser raises on some garbage; treat it as unusable
                 return None
@@ -207,8 +120,8 @@ def _is_public_suffix(name: str) -> bool:
     return len(labels) == 2 and len(labels[1]) == 2 and labels[0] in _CC_SECOND_LEVEL
 
 
-def _single_sender(msg: EmailMessage) -> tuple[str | None, str]:
-    addresses = from_addresses(msg)
+def _single_sender(headers: Headers) -> tuple[str | None, str]:
+    addresses = from_addresses(headers)
     if addresses is None:
         return None, "no usable From address"
     if len(addresses) != 1:
@@ -315,7 +228,7 @@ def _domain_of(identifier: str) -> str:
     return identifier.rpartition("@")[2].strip().strip("<>").lower().rstrip(".")
 
 
-def verify_dmarc_results(msg: EmailMessage, *, authserv_id: str) -> AuthVerdict:
+def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
     """Authenticate the From address from our own MTA's Authentication-Results header.
 
     Only the topmost header whose authserv-id equals `authserv_id` (case-insensitive) counts;
@@ -329,13 +242,13 @@ def verify_dmarc_results(msg: EmailMessage, *, authserv_id: str) -> AuthVerdict:
 
     A missing header, a missing or unusable From, or several From addresses: not authenticated.
     """
-    sender, problem = _single_sender(msg)
+    sender, problem = _single_sender(headers)
     if sender is None:
         return AuthVerdict(None, problem)
     from_domain = _domain_of(sender)
     wanted = authserv_id.strip().lower()
     trusted: list[AuthResult] | None = None
-    for value in header_values(msg, "Authentication-Results"):
+    for value in headers.values("Authentication-Results"):
         parsed = parse_authentication_results(value)
         if parsed is not None and parsed[0] == wanted:
             trusted = parsed[1]
@@ -389,7 +302,7 @@ class _Lookup:
             raise dkim.DnsTimeoutError(str(exc)) from exc
 
 
-def verify_dkim(raw: bytes, msg: EmailMessage, *, dnsfunc: DnsFunc | None = None) -> AuthVerdict:
+def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None) -> AuthVerdict:
     """Authenticate the From address by verifying the message's DKIM signatures ourselves.
 
     Every DKIM-Signature is tried, top to bottom; the first that verifies and whose `d=` is aligned
@@ -398,7 +311,7 @@ def verify_dkim(raw: bytes, msg: EmailMessage, *, dnsfunc: DnsFunc | None = None
     None means dkimpy's own resolver. If a look-up failed and nothing else passed, the verdict is
     `temporary`. Synchronous and CPU-bound: run it in a worker thread.
     """
-    sender, problem = _single_sender(msg)
+    sender, problem = _single_sender(headers)
     if sender is None:
         return AuthVerdict(None, problem)
     from_domain = _domain_of(sender)
@@ -427,9 +340,9 @@ def verify_dkim(raw: bytes, msg: EmailMessage, *, dnsfunc: DnsFunc | None = None
     return AuthVerdict(None, f"DKIM did not pass for {from_domain}")
 
 
-def trust_from_header(msg: EmailMessage) -> AuthVerdict:
+def trust_from_header(headers: Headers) -> AuthVerdict:
     """`MAILGATE_AUTH=none`: take the single, well-formed From address at its word."""
-    sender, problem = _single_sender(msg)
+    sender, problem = _single_sender(headers)
     if sender is None:
         return AuthVerdict(None, problem)
     return AuthVerdict(sender, "From header trusted (no authentication configured)")

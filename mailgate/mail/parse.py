@@ -1,9 +1,12 @@
-"""Raw RFC 5322 bytes -> `InboundMail`. Pure: no I/O, and never raises on malformed mail.
+"""Raw RFC 5322 bytes -> the text and files a mail client would show. Pure: no I/O, never raises.
 
 Mail as it really arrives is broken in every way the corpus shows (missing boundaries, CR-only line
 endings, an mbox "From " first line, unknown charsets, raw 8-bit headers, bad base64). Every step here
-degrades: undecodable text is replaced, unparsable headers are read leniently or skipped, and a file that
-cannot be decoded is listed in `InboundMail.unreadable` instead of failing the message.
+degrades: undecodable text is replaced, unparsable parts are read leniently or skipped, and a file that
+cannot be decoded is listed in `MailBody.unreadable` instead of failing the message.
+
+`parse_body` reads the MIME tree only (the header fields were read once at DATA, see `mail.headers`);
+`parse_message` adds the header facts, for tools and tests that start from raw bytes.
 """
 
 from __future__ import annotations
@@ -16,40 +19,23 @@ from email import errors as email_errors
 from email import policy
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
-from email.parser import BytesHeaderParser
-from email.utils import collapse_rfc2231_value, getaddresses
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 
 from inscriptis import get_text
 from inscriptis.model.config import ParserConfig
 
-from mailgate.mime import LargeBodies, header_block
-from mailgate.models import Address, Attachment, InboundMail
-from mailgate.trimming import trim_reply
+from mailgate.mail.bodies import LargeBodies
+from mailgate.mail.headers import CONTROL, Headers, fix_surrogates, guess_decode, read_facts
+from mailgate.mail.trimming import trim_reply
+from mailgate.models import Attachment, InboundMail, MailBody
 
-__all__ = [
-    "address_list",
-    "html_to_text",
-    "msgid_list",
-    "normalize_subject",
-    "parse_message",
-    "read_headers",
-    "trim_reply",
-]
+__all__ = ["html_to_text", "parse_body", "parse_message"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_MSGID = re.compile(r"<([^<>]+)>")
-_PREFIX = re.compile(
-    r"(?:re|aw|antw|antwort|fwd?|fw|tr|sv|vs|wg|rif|réf|ref|res|enc|odp|ynt|atb|vá|πρθ|回复|回覆|答复|转发|"
-    r"轉寄|회신|전달)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*",
-    re.IGNORECASE,
-)
-_TAGS = re.compile(r"(?:\s*\[[^\[\]]*\])*\s*")
 _HTML_CONFIG = ParserConfig(display_links=True)
 _MAX_FILENAME_BYTES = 150
 _FEED_CHUNK = 1 << 20
-_MAX_HEADER = 8192  # characters of a header value worth decoding
-_MAX_ADDRESS_HEADER = 65536
+
 _EXTENSIONS = {
     "application/pdf": ".pdf",
     "application/zip": ".zip",
@@ -78,11 +64,6 @@ _PARAM_HEADERS = ("content-type", "content-disposition")
 _BROKEN_PAYLOAD = (email_errors.InvalidBase64LengthDefect,)
 
 
-def read_headers(raw: bytes) -> EmailMessage:
-    """Parse only the header block (cheap; for policy checks while the SMTP client waits)."""
-    return BytesHeaderParser(policy=policy.default).parsebytes(header_block(raw))
-
-
 def html_to_text(html: str) -> str:
     """Readable text for an HTML body; links are kept as "[text](url)"."""
     try:
@@ -92,76 +73,25 @@ def html_to_text(html: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()).strip("\n")
 
 
-def normalize_subject(subject: str) -> str:
-    """`subject` without any stack of reply/forward prefixes (Re:, AW:, Fwd:, SV:, ...); [tags] are kept."""
-    text = _clean_header(subject)
-    while True:
-        tags = _TAGS.match(text)
-        start = tags.end() if tags else 0
-        prefix = _PREFIX.match(text, start)
-        if not prefix:
-            return text.strip()
-        text = (text[:start].rstrip() + " " + text[prefix.end() :]).strip()
-
-
-def msgid_list(value: str | None) -> tuple[str, ...]:
-    """Message ids ("<id>") found in an In-Reply-To/References value, in order, without duplicates."""
-    if not value:
-        return ()
-    value = _fix_surrogates(str(value))
-    found = ["".join(m.split()) for m in _MSGID.findall(value)]
-    if not found:  # some clients drop the brackets
-        found = [tok.strip("<>,;\"'()") for tok in value.split() if "@" in tok]
-    ids: dict[str, None] = {}
-    for item in found:
-        if "@" in item or len(item) > 3:
-            ids.setdefault(f"<{_CONTROL.sub('', item)}>", None)
-    return tuple(ids)
-
-
-def address_list(msg: Message, header_name: str) -> tuple[Address, ...]:
-    """The mailboxes in every `header_name` header: lower-cased addr-spec, decoded display name."""
-    result: dict[str, Address] = {}
-    values = _header_values(msg, header_name, _MAX_ADDRESS_HEADER)
-    for value in values:
-        pairs: list[tuple[str, str]]
-        try:
-            header = policy.default.header_fetch_parse(header_name, value)
-            pairs = [(a.display_name, a.addr_spec) for a in header.addresses]
-        except Exception:  # unparsable: read it the lenient old way
-            pairs = getaddresses([_fix_surrogates(value)])
-        for name, addr in pairs:
-            addr = _CONTROL.sub("", _fix_surrogates(addr)).strip().strip("<>").lower()
-            if "@" not in addr or " " in addr:
-                continue
-            result.setdefault(addr, Address(addr, _clean_header(name).strip('"')))
-    return tuple(result.values())
-
-
-def parse_message(raw: bytes) -> InboundMail:
-    """Everything mailgate needs from one message; never raises on malformed mail."""
-    msg = read_headers(raw)
+def parse_body(raw: bytes) -> MailBody:
+    """The visible text (and its new part, quotes trimmed) and the files of one message."""
     bodies = LargeBodies(raw)  # big base64 bodies stay in `raw`: the parser reads a small skeleton
     walker = _Walker(bodies)
     # the MIME tree with compat32: several times faster than policy.default on deep or wide trees, and
-    # its lazy header handling never raises on garbage; decoded headers come from `msg` above
+    # its lazy header handling never raises on garbage
     walker.walk(_parse_tree(bodies.skeleton))
     text = "\n\n".join(t for t in walker.texts if t.strip())
-    from_ = address_list(msg, "from")
-    return InboundMail(
-        message_id=next(iter(msgid_list(_header(msg, "message-id"))), None),
-        in_reply_to=msgid_list(_header(msg, "in-reply-to")),
-        references=msgid_list(_header(msg, "references")),
-        subject=_clean_header(_header(msg, "subject") or ""),
-        from_=from_[0] if from_ else None,
-        to=address_list(msg, "to"),
-        cc=address_list(msg, "cc"),
-        reply_to=address_list(msg, "reply-to"),
+    return MailBody(
         text=text,
         reply_text=trim_reply(text),
         attachments=tuple(walker.files),
         unreadable=tuple(walker.unreadable),
     )
+
+
+def parse_message(raw: bytes) -> InboundMail:
+    """The header facts and the body of one message; never raises on malformed mail."""
+    return InboundMail(**vars(read_facts(Headers.parse(raw))), **vars(parse_body(raw)))
 
 
 def _parse_tree(raw: bytes) -> Message:
@@ -173,44 +103,6 @@ def _parse_tree(raw: bytes) -> Message:
     return parser.close()
 
 
-def _header_values(msg: Message, name: str, limit: int) -> list[str]:
-    """Raw values of every `name` header, each cut to `limit` characters (decoding 200 kB is slow)."""
-    try:
-        return [_fix_surrogates(str(v)[:limit]) for k, v in msg.raw_items() if k.lower() == name.lower()]
-    except Exception:
-        return []
-
-
-def _header(msg: Message, name: str) -> str | None:
-    """The first `name` header, decoded (RFC 2047), or None."""
-    values = _header_values(msg, name, _MAX_HEADER)
-    if not values:
-        return None
-    try:
-        return _fix_surrogates(str(policy.default.header_fetch_parse(name, values[0])))
-    except Exception:
-        return _fix_surrogates(values[0])
-
-
-def _fix_surrogates(text: str) -> str:
-    """Turn raw 8-bit bytes the parser smuggled in as surrogates into text (UTF-8, else cp1252)."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in text):
-        return text
-    return _guess_decode(text.encode("utf-8", "surrogateescape"))
-
-
-def _guess_decode(data: bytes) -> str:
-    """UTF-8 when the bytes mostly are (a truncated name still is), else cp1252."""
-    text = data.decode("utf-8", "replace")
-    if text.count("\ufffd") * 8 <= sum(b > 0x7F for b in data) // 2:
-        return text
-    return data.decode("cp1252", "replace")
-
-
-def _clean_header(value: str) -> str:
-    return " ".join(_CONTROL.sub(" ", _fix_surrogates(value)).split())
-
-
 def _decode_text(data: bytes, charset: str | None) -> str:
     name = (charset or "").strip().strip("\"'").lower()
     try:
@@ -218,7 +110,7 @@ def _decode_text(data: bytes, charset: str | None) -> str:
     except LookupError:
         codec = ""
     if codec in ("", "ascii"):  # absent, unknown or "us-ascii" with 8-bit content: guess
-        return _guess_decode(data)
+        return guess_decode(data)
     try:
         return data.decode(codec, "replace")
     except Exception:  # some codecs raise on error handlers they do not support
@@ -226,8 +118,8 @@ def _decode_text(data: bytes, charset: str | None) -> str:
 
 
 def _safe_filename(name: str, content_type: str, index: int) -> str:
-    name = unicodedata.normalize("NFC", _fix_surrogates(name))
-    name = _CONTROL.sub("", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", fix_surrogates(name))
+    name = CONTROL.sub("", name).replace("\\", "/").rsplit("/", 1)[-1]
     name = re.sub(r'[<>:"|?*]', "_", name).strip().lstrip(".").rstrip(". ").strip()
     if not name:
         return f"attachment-{index}{_EXTENSIONS.get(content_type, '.bin')}"
@@ -247,7 +139,7 @@ def _filename(part: Message) -> str:
     if any("\udc80" <= ch <= "\udcff" for value in raw.values() for ch in value):
         source = Message()  # compat32 turns raw 8-bit bytes into U+FFFD: re-read them decoded
         for key, value in raw.items():
-            source[key] = _fix_surrogates(value)
+            source[key] = fix_surrogates(value)
     try:
         name = source.get_filename()
         if not name:
@@ -334,7 +226,8 @@ class _Walker:
         if not isinstance(inner_msg, Message):
             self._file(part, "message/rfc822", filename)
             return
-        name = filename or f"{_clean_header(_header(inner_msg, 'subject') or '') or 'message'}.eml"
+        subject = Headers.from_message(inner_msg).text("subject")
+        name = filename or f"{subject or 'message'}.eml"
         self.bodies.restore(inner_msg)
         try:
             data = inner_msg.as_bytes()

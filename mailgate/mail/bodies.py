@@ -22,19 +22,12 @@ import re
 import secrets
 from email.message import Message
 
-__all__ = ["LARGE", "LargeBodies", "header_block"]
+__all__ = ["LARGE", "LargeBodies"]
 
 LARGE = 64 * 1024
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # a character class repeated: the regex engine keeps no state per line, however long the run
 _RUN = re.compile(rb"[A-Za-z0-9+/=][A-Za-z0-9+/=\r\n]*")
-_HEADER_END = (b"\n\n", b"\n\r\n", b"\r\r")
-
-
-def header_block(raw: bytes) -> bytes:
-    """The header block of `raw` and its blank line: what a header-only parse needs to see."""
-    ends = [found + len(sep) for sep in _HEADER_END if (found := raw.find(sep)) >= 0]
-    return raw[: min(ends)] if ends else raw
 
 
 class LargeBodies:

@@ -1,4 +1,4 @@
-"""Turn a parsed message into what the worker receives: the input text and the files. Pure.
+"""What the worker receives for one message: the turn's input text and its files. Pure.
 
 The input says who asked (the authenticated sender) and keeps their own words apart from quoted or
 forwarded material, so the worker can tell a request from the context that came with it. A follow-up
@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from mailgate.models import Attachment, InboundMail, SkippedFile
+from mailgate.models import Attachment, MailBody, SkippedFile, human_size
 
 MAX_FILES = 5
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -21,20 +21,10 @@ MAX_INPUT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
-class Composed:
+class TurnInput:
     input: str  # empty: nothing to send (a reply with no new text and no files)
     files: tuple[Attachment, ...]
     skipped: tuple[SkippedFile, ...]
-
-
-def human_size(size: int) -> str:
-    """`14 MB`, `512 KB`, `37 bytes`: sizes as a person reads them (binary units, as the limits are)."""
-    if size >= 1024 * 1024:
-        value = size / (1024 * 1024)
-        return f"{value:.0f} MB" if value >= 10 else f"{value:.1f} MB"
-    if size >= 1024:
-        return f"{size // 1024} KB"
-    return f"{size} bytes"
 
 
 def pick_files(
@@ -63,29 +53,30 @@ def pick_files(
     return chosen, skipped
 
 
-def compose(
-    mail: InboundMail,
+def build_turn_input(
+    body: MailBody,
     *,
+    subject: str,
     sender: str,
+    sender_name: str | None,
     new_task: bool,
     already_sent: Collection[str] = (),
-) -> Composed:
-    """The turn for `mail` from the authenticated `sender`."""
-    files, skipped = pick_files(mail.attachments, already_sent=already_sent)
-    skipped += [SkippedFile(name, reason) for name, reason in mail.unreadable]
-    own = mail.reply_text.strip()
+) -> TurnInput:
+    """The turn for a message from the authenticated `sender` (`sender_name`: its From display name)."""
+    files, skipped = pick_files(body.attachments, already_sent=already_sent)
+    skipped += [SkippedFile(name, reason) for name, reason in body.unreadable]
+    own = body.reply_text.strip()
     context = ""
     if new_task:
-        whole = mail.text.strip()
+        whole = body.text.strip()
         if own and whole.startswith(own):
             context = whole[len(own) :].strip()
         elif not own or own != whole:
             context = whole
-    if not own and not context and not files and not (new_task and mail.subject):
-        return Composed("", (), tuple(skipped))
-    name = mail.from_.name if mail.from_ and mail.from_.name else ""
-    who = f"{name} <{sender}>" if name else sender
-    parts = [f"Email from {who}", f"Subject: {mail.subject or '(no subject)'}", ""]
+    if not own and not context and not files and not (new_task and subject):
+        return TurnInput("", (), tuple(skipped))
+    who = f"{sender_name} <{sender}>" if sender_name else sender
+    parts = [f"Email from {who}", f"Subject: {subject or '(no subject)'}", ""]
     parts.append(own if own else "(no new text in this message)")
     if context:
         parts += [
@@ -101,4 +92,4 @@ def compose(
         text = (
             text[:MAX_INPUT_CHARS] + "\n[... the rest of the message was cut: it is over 100,000 characters]"
         )
-    return Composed(text, tuple(files), tuple(skipped))
+    return TurnInput(text, tuple(files), tuple(skipped))

@@ -21,7 +21,8 @@ from typing import Protocol
 
 from ulid import ULID
 
-from mailgate.models import BUDGETS
+from mailgate.errors import BadToken
+from mailgate.models import BUDGETS, TaskRef
 
 TASK_PREFIX = "tsk_"
 _ULID_LEN = 26
@@ -82,15 +83,6 @@ def split_recipient(addr: str, domain: str) -> tuple[str, str | None] | None:
     return alias, (tag if plus else None)
 
 
-@dataclass(frozen=True)
-class TaskRef:
-    """What resolution needs to know of a task mailgate holds."""
-
-    task_id: str
-    alias: str
-    owner: str
-
-
 class ThreadIndex(Protocol):
     """The store's side of thread resolution."""
 
@@ -106,10 +98,6 @@ class Resolution:
     task: TaskRef | None  # None: start a new task
     note: str | None = None  # shown at the top of the answer
     budget_tag: str | None = None  # the +tag when it names a budget
-
-
-class BadToken(Exception):
-    """A recipient carries something shaped like a reply token that does not verify."""
 
 
 async def resolve(

@@ -1,21 +1,19 @@
-"""The database's shape and the plain (synchronous) SQL on it: schema, row types, statement
-builders, and the reads that run on the store's reader thread. `store.Store` is the async face."""
+"""The database's shape: the schema and its versions, the row types read back, and the new rows the
+stages hand to the store. Plain data; the SQL that uses it lives in `reads` and `sqlite`."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mailgate.models import InboundState
-from mailgate.threads import TaskRef
 
 Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
 ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
-
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,9 +53,23 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_notice ON outbox (notice, created_at);
 """
 
+# Each step brings a store from the version before it to its own; `PRAGMA user_version` says where a
+# store is. Version 1 is SCHEMA above (also what the first release created).
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,
+    # 2: what later stages need from the header, read once at DATA (parse once)
+    "ALTER TABLE inbound ADD COLUMN in_reply_to TEXT;"
+    "ALTER TABLE inbound ADD COLUMN refs TEXT;"
+    "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
+    "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
+)
+VERSION = len(MIGRATIONS)
+
 
 @dataclass
 class InboundRow:
+    """One inbound message for one recipient (the `inbound` table). See `turns.scheduler` for states."""
+
     id: str
     raw_id: str
     received_at: float
@@ -82,6 +94,22 @@ class InboundRow:
     crashes: int
     next_attempt_at: float
     last_error: str | None
+    in_reply_to: str | None = None  # space-separated Message-IDs
+    refs: str | None = None  # References, space-separated, oldest first
+    to_cc: str | None = None  # JSON list of the addresses on To and Cc
+    sender_name: str | None = None  # the From display name
+
+    @property
+    def in_reply_to_ids(self) -> list[str]:
+        return (self.in_reply_to or "").split()
+
+    @property
+    def reference_ids(self) -> list[str]:
+        return (self.refs or "").split()
+
+    @property
+    def to_cc_addrs(self) -> list[str]:
+        return list(json.loads(self.to_cc or "[]"))
 
 
 @dataclass
@@ -130,101 +158,78 @@ def row_of(cls: type[Any], row: sqlite3.Row | None) -> Any:
     return cls(**{k: row[k] for k in row.keys() if k in names})  # noqa: SIM118 (sqlite3.Row has no __iter__ of keys)
 
 
-# --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
+# --- new rows, as the stages hand them to the store --------------------------------------------------
 
 
-def duplicate_of(db: sqlite3.Connection, dedupe_key: str) -> str | None:
-    rows = db.execute("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,)).fetchall()
-    return str(rows[0][0]) if rows else None
+@dataclass(frozen=True)
+class NewMessage:
+    """An inbound row as admission decides it (state `received`, or `ignored` with a reason)."""
+
+    id: str
+    raw_id: str
+    received_at: float
+    mail_from: str
+    rcpt: str
+    alias: str
+    sender: str | None
+    message_id: str | None
+    subject: str
+    dedupe_key: str
+    state: str
+    reason: str | None = None
+    task_id: str | None = None
+    new_task: int = 0
+    note: str | None = None
+    in_reply_to: str | None = None
+    refs: str | None = None
+    to_cc: str | None = None
+    sender_name: str | None = None
 
 
-def task(db: sqlite3.Connection, task_id: str) -> TaskRef | None:
-    rows = db.execute("SELECT id, alias, owner FROM task WHERE id=?", (task_id,)).fetchall()
-    return TaskRef(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+@dataclass(frozen=True)
+class NewTask:
+    id: str
+    alias: str
+    worker_id: str
+    owner: str
+    budget: str
+    subject: str
+    created_at: float
 
 
-def task_for_message_ids(db: sqlite3.Connection, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-    for message_id in message_ids[:50]:
-        rows = db.execute(
-            "SELECT t.id, t.alias, t.owner FROM thread_message m JOIN task t ON t.id = m.task_id "
-            "WHERE m.message_id=? AND t.alias=? ORDER BY t.created_at DESC LIMIT 1",
-            (message_id, alias),
-        ).fetchall()
-        if rows:
-            return TaskRef(rows[0][0], rows[0][1], rows[0][2])
-    return None
+@dataclass(frozen=True)
+class Admitted:
+    """Everything one accepted DATA commits at once: the raw bytes and the rows that refer to them."""
+
+    raw_id: str
+    sha256: str
+    data: bytes
+    messages: Sequence[NewMessage]
+    tasks: Sequence[NewTask] = ()
+    participants: Sequence[tuple[str, str]] = ()  # (task id, address)
+    thread_ids: Sequence[tuple[str, str]] = ()  # (Message-ID, task id) of mail received for a task
 
 
-def is_participant(db: sqlite3.Connection, task_id: str, addr: str) -> bool:
-    rows = db.execute("SELECT 1 FROM participant WHERE task_id=? AND addr=?", (task_id, addr)).fetchall()
-    return bool(rows)
+@dataclass(frozen=True)
+class NewReply:
+    """An outbox row: a rendered answer or notice with its fixed Message-ID."""
+
+    id: str
+    inbound_id: str | None
+    task_id: str | None
+    kind: str  # "answer" or "notice"
+    notice: str | None  # the notice kind
+    message_id: str
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes
+    created_at: float
 
 
-def count_new_tasks(db: sqlite3.Connection, owner: str, since: float, limit: int | None) -> int:
-    # Counting stops at `limit`: the caller only asks "at the limit yet?", and the count would grow with
-    # the sender's history (one index entry per task of the last hour).
-    rows = db.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM task WHERE owner=? AND created_at>=? LIMIT ?)",
-        (owner, since, -1 if limit is None else limit),
-    ).fetchall()
-    return int(rows[0][0])
-
-
-def count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int | None) -> int:
-    rows = db.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM inbound WHERE task_id=? AND received_at>=? LIMIT ?)",
-        (task_id, since, -1 if limit is None else limit),
-    ).fetchall()
-    return int(rows[0][0])
-
-
-@dataclass
-class IntakeFacts:
-    """Everything `Intake` reads at the end of DATA, read in one hop to the reader's thread.
-
-    Asked for: the dedupe keys; the task ids named by reply tokens; one Message-ID chain and the
-    aliases it is looked up for; a sender, the start of the rate window and the limits.
-    """
-
-    duplicates: dict[str, str | None] = field(default_factory=dict)  # dedupe key -> queue id
-    tasks: dict[str, TaskRef | None] = field(default_factory=dict)  # token task id -> task
-    chain: list[str] = field(default_factory=list)
-    by_chain: dict[str, TaskRef | None] = field(default_factory=dict)  # alias -> task of the chain
-    sender: str = ""
-    participant: dict[str, bool] = field(default_factory=dict)  # task id -> sender takes part
-    turns: dict[str, int] = field(default_factory=dict)  # task id -> turns since (capped)
-    new_tasks: int | None = None  # the sender's new tasks since (capped)
-
-
-def intake_facts(
-    db: sqlite3.Connection,
-    keys: Sequence[str],
-    token_task_ids: Sequence[str],
-    chain: Sequence[str],
-    aliases: Sequence[str],
-    sender: str | None,
-    since: float,
-    max_turns: int,
-    max_new_tasks: int,
-) -> IntakeFacts:
-    facts = IntakeFacts(duplicates={key: duplicate_of(db, key) for key in keys})
-    if sender is None:
-        return facts
-    facts.sender = sender
-    facts.tasks = {task_id: task(db, task_id) for task_id in token_task_ids}
-    facts.chain = list(chain)
-    if chain:
-        facts.by_chain = {alias: task_for_message_ids(db, chain, alias) for alias in aliases}
-    for ref in (*facts.tasks.values(), *facts.by_chain.values()):
-        if ref is not None and ref.task_id not in facts.turns:
-            facts.participant[ref.task_id] = is_participant(db, ref.task_id, sender)
-            facts.turns[ref.task_id] = count_turns(db, ref.task_id, since, max_turns)
-    facts.new_tasks = count_new_tasks(db, sender, since, max_new_tasks)
-    return facts
+# --- statement builders (column names come from our own code, never from input) ----------------------
 
 
 def insert(table: str, values: dict[str, Any], *, or_ignore: bool = False) -> Statement:
-    """An INSERT statement for `values` (column names come from our own code, never from input)."""
     cols = ",".join(values)
     marks = ",".join("?" * len(values))
     verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
@@ -234,3 +239,7 @@ def insert(table: str, values: dict[str, Any], *, or_ignore: bool = False) -> St
 def update(table: str, key: str, **values: Any) -> Statement:
     sets = ",".join(f"{col}=?" for col in values)
     return f"UPDATE {table} SET {sets} WHERE id=?", [*values.values(), key]  # noqa: S608
+
+
+def insert_row(table: str, row: Any) -> Statement:
+    return insert(table, asdict(row))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,3 +43,11 @@ class Spool:
 
     def remove(self, message_id: str) -> None:
         shutil.rmtree(self.root / message_id, ignore_errors=True)
+
+    @staticmethod
+    def uploads(files_json: str | None) -> list[UploadFile]:
+        """The spooled files a row lists (its `files` column), ready to upload."""
+        return [
+            UploadFile(f["filename"], f["content_type"], Path(f["path"]), f["size"], f["sha256"])
+            for f in json.loads(files_json or "[]")
+        ]

@@ -36,16 +36,13 @@ class DeliveryReport:
     refused: dict[str, str] = field(default_factory=dict)  # recipient -> the relay's reply, "550 5.1.1 ..."
     response: str = ""  # the relay's final reply, e.g. "250 2.0.0 Ok: queued as X"
 
-    @property
-    def deferred(self) -> tuple[str, ...]:
-        """Refused recipients whose refusal was temporary (4xx): worth another attempt on their own."""
-        return tuple(rcpt for rcpt, reply in self.refused.items() if reply.startswith("4"))
-
 
 class Delivery(Protocol):
     async def deliver(
         self, message: bytes, *, mail_from: str, recipients: Sequence[str]
     ) -> DeliveryReport: ...
+
+    async def aclose(self) -> None: ...
 
 
 class RelayDelivery:
@@ -245,6 +242,9 @@ class MaildirDelivery:
 
     def __repr__(self) -> str:
         return f"MaildirDelivery({str(self.path)!r})"
+
+    async def aclose(self) -> None:
+        """Nothing is kept open between deliveries."""
 
     async def deliver(self, message: bytes, *, mail_from: str, recipients: Sequence[str]) -> DeliveryReport:
         if not recipients:

@@ -1,9 +1,8 @@
 """Pure decisions about senders: never answer automatic mail, who may write, which budget, rate limits.
 
-Nothing here does I/O. The input is a header-parsed `EmailMessage` (`policy=email.policy.default`;
-headers only is enough) and plain values the caller read elsewhere (envelope sender, counts).
-Header values can be malformed: every read goes through `authn.header_index` (the values of
-`authn.header_values`), which never raises.
+Nothing here does I/O. The input is the message's `mail.headers.Headers` (read once at DATA) and plain
+values the caller read elsewhere (envelope sender, counts). Header values can be malformed: every read
+goes through `Headers`, which never raises.
 
 `automatic_reason` answers "must this message never be answered?" with a short reason string
 ("bounce: ...", "auto-reply: ...", "read receipt: ...", "complaint: ...", "bulk: ...", "loop: ...")
@@ -16,40 +15,24 @@ please draft..." stay human. Weak words ("Auto", "Read", "Absence") count only w
 reply prefix ("Read: Re: ..."): the automatic mail that reaches us answers our own "Re:" replies.
 `X-Auto-Response-Suppress` is not a signal: Outlook puts it on ordinary mail.
 
-Sender authentication (`AuthVerdict`, `verify_dmarc_results`, `verify_dkim`, `trust_from_header`)
-lives in `mailgate.authn` and is re-exported here.
+Sender authentication lives in `admission.authn`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email.message import EmailMessage
 
-from mailgate.authn import (
-    AuthVerdict,
-    header_index,
-    header_text,
-    trust_from_header,
-    verify_dkim,
-    verify_dmarc_results,
-)
+from mailgate.mail.headers import Headers, header_text
 from mailgate.models import BUDGETS
 
 __all__ = [
     "LOOP_HEADER",
     "OWN_MESSAGE_ID_SUFFIX",
-    "AuthVerdict",
-    "Limit",
     "automatic_reason",
     "is_own_message_id",
-    "over_limit",
     "requested_budget",
     "sender_allowed",
-    "trust_from_header",
-    "verify_dkim",
-    "verify_dmarc_results",
 ]
 
 #: Set on every message mailgate sends; seeing it inbound means our own mail came back.
@@ -145,7 +128,7 @@ _RECEIPT_SUBJECT = re.compile(_OPEN + rf"(?:(?:{_RECEIPT_STRONG}){_END}|(?:{_REC
 _SUBJECT_NOISE = re.compile(r"^(?:[*!\s]+|\[postmaster\]\s*)+", re.I)
 
 
-def automatic_reason(msg: EmailMessage, envelope_from: str, *, own_domain: str) -> str | None:
+def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> str | None:
     """Why this message must never be answered, or None for mail a person wrote.
 
     `envelope_from` is the SMTP MAIL FROM (with or without angle brackets; "" or "<>" is the null
@@ -153,7 +136,7 @@ def automatic_reason(msg: EmailMessage, envelope_from: str, *, own_domain: str) 
     `LOOP_HEADER`, or a Message-ID we minted (`is_own_message_id`), means our own mail came back.
     """
     envelope = envelope_from.strip().strip("<>").strip()
-    headers = _Headers(header_index(msg))  # one pass over the header block, not one per signal
+    headers = _Headers(msg.index())  # one pass over the header block, not one per signal
     from_value = " ".join(headers("From"))
     subject = _subject(headers)
     return (
@@ -173,7 +156,7 @@ def automatic_reason(msg: EmailMessage, envelope_from: str, *, own_domain: str) 
 
 
 class _Headers:
-    """`authn.headers(name)` for one message, from an index built once."""
+    """`Headers.values(name)` for one message, from its index."""
 
     def __init__(self, index: dict[str, list[str]]) -> None:
         self.index = index
@@ -331,24 +314,3 @@ def requested_budget(local_part_tag: str | None, default: str, max_budget: str) 
     tag = (local_part_tag or "").strip().lower()
     wanted = tag if tag in BUDGETS else default
     return BUDGETS[min(BUDGETS.index(wanted), BUDGETS.index(max_budget))]
-
-
-# --- rate limits ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limit:
-    """At most `limit` events per sliding window of `window_seconds` (e.g. new tasks per hour)."""
-
-    name: str
-    limit: int
-    window_seconds: int
-
-    def window_start(self, now: float) -> float:
-        """The oldest timestamp that still counts, for the caller's `COUNT(*) ... WHERE at >= ?`."""
-        return now - self.window_seconds
-
-
-def over_limit(count_in_window: int, limit: Limit) -> bool:
-    """Would one more event exceed `limit`? `count_in_window` excludes the event being decided."""
-    return count_in_window >= limit.limit

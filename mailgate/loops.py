@@ -1,9 +1,10 @@
-"""Small helpers shared by the runner's and the outbox's background loops."""
+"""What the background loops (the turn scheduler and the outbox) share: waiting, draining, back-off."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Iterable
 
 
@@ -31,3 +32,9 @@ async def drain(jobs: Iterable[asyncio.Task[None]], timeout: float) -> int:
         job.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     return len(pending)
+
+
+def backoff(attempt: int, *, base: float = 2.0, cap: float = 600.0, hint: float | None = None) -> float:
+    """Seconds to wait before attempt `attempt + 1`: exponential with full jitter, at least `hint`."""
+    delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))
+    return max(delay, hint or 0.0)

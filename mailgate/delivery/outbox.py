@@ -14,11 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from mailgate.endings import backoff
+from mailgate.delivery.transports import Delivery
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
-from mailgate.jobs import drain, wait_event
+from mailgate.loops import backoff, drain, wait_event
 from mailgate.models import OutboxState
-from mailgate.outbound import Delivery
 from mailgate.store import OutboxRow, Store
 
 log = logging.getLogger("mailgate.outbox")
@@ -63,9 +62,7 @@ class Outbox:
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
         cancelled = await drain(self._busy.values(), timeout)
-        close = getattr(self.delivery, "aclose", None)
-        if close is not None:
-            await close()
+        await self.delivery.aclose()
         return cancelled
 
     async def _send(self, row: OutboxRow) -> None:
@@ -93,9 +90,7 @@ class Outbox:
             return
         except DeliveryFailed as exc:
             log.error("outbox_dead", extra={"outbox": row.id, "error": str(exc)})
-            await self.store.set_outbox(
-                row.id, state=OutboxState.DEAD, attempts=attempts, last_error=str(exc)[:1000]
-            )
+            await self.store.record_delivery(row.id, OutboxState.DEAD, attempts=attempts, error=str(exc))
             return
         now = self.clock()
         refused = {r: why for r, why in earlier.items() if r not in report.accepted} | report.refused
@@ -104,36 +99,31 @@ class Outbox:
             "outbox_sent",
             extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)},
         )
-        values: dict[str, object] = {
-            "state": OutboxState.SENT,
-            "attempts": attempts,
-            "sent_at": row.sent_at or now,
-            "last_error": report.response[:1000],
-            "refused": json.dumps(refused) if refused else None,
-        }
+        state, error, at = OutboxState.SENT, report.response, 0.0
         if deferred:  # delivered to some; the deferred recipients are tried again on their own
-            error = f"deferred for {', '.join(deferred)}: {refused[deferred[0]]}"[:1000]
+            error = f"deferred for {', '.join(deferred)}: {refused[deferred[0]]}"
             if now - row.created_at > self.horizon:
-                values |= {"state": OutboxState.DEAD, "last_error": error}
+                state = OutboxState.DEAD
             else:
-                delay = backoff(attempts, base=self.retry_base, cap=1800.0)
-                values |= {"state": OutboxState.RETRY, "next_attempt_at": now + delay, "last_error": error}
-        await self.store.set_outbox(row.id, **values)
+                state, at = OutboxState.RETRY, now + backoff(attempts, base=self.retry_base, cap=1800.0)
+        await self.store.record_delivery(
+            row.id,
+            state,
+            attempts=attempts,
+            error=error,
+            next_attempt_at=at,
+            refused=refused,
+            sent_at=row.sent_at or now,
+        )
 
     async def _defer(self, row: OutboxRow, error: str) -> None:
         attempts = row.attempts + 1
         if self.clock() - row.created_at > self.horizon:
             log.error("outbox_dead", extra={"outbox": row.id, "error": error, "why": "retry horizon"})
-            await self.store.set_outbox(
-                row.id, state=OutboxState.DEAD, attempts=attempts, last_error=error[:1000]
-            )
+            await self.store.record_delivery(row.id, OutboxState.DEAD, attempts=attempts, error=error)
             return
         delay = backoff(attempts, base=self.retry_base, cap=1800.0)
         log.warning("outbox_deferred", extra={"outbox": row.id, "error": error, "retry_in": round(delay, 1)})
-        await self.store.set_outbox(
-            row.id,
-            state=OutboxState.RETRY,
-            attempts=attempts,
-            next_attempt_at=self.clock() + delay,
-            last_error=error[:1000],
+        await self.store.record_delivery(
+            row.id, OutboxState.RETRY, attempts=attempts, error=error, next_attempt_at=self.clock() + delay
         )

@@ -1,0 +1,356 @@
+"""Admission: every decision that can refuse a message at RCPT or at the end of DATA, then the durable commit.
+
+Order at the end of DATA: header size; mail that must never be answered (accepted and recorded as
+ignored, so bounces are not bounced); sender authentication (550); the allow-list (550); the thread
+and the rate limits (450, so the sender's MTA retries later); duplicates (250, nothing new); then the
+raw message and its rows are committed with an fsync and only then answered 250.
+
+The header block is read here once (`mail.headers`); what later stages need of it is stored on each
+message's row. `Admission` speaks to the store and to the pure policy modules; it knows nothing of SMTP
+sessions (see `smtp.handler`), only the reply each recipient gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ulid import ULID
+
+from mailgate.admission import authn, policy, threads
+from mailgate.config import Settings
+from mailgate.errors import BadToken, MessageRejected
+from mailgate.mail.headers import Headers, header_size, read_facts
+from mailgate.models import HeaderFacts, InboundState, SmtpReply, TaskRef
+from mailgate.store import AdmissionFacts, Admitted, NewMessage, NewTask, Store
+
+HOUR = 3600.0
+MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
+BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
+
+
+@dataclass
+class _Plan:
+    rcpt: str
+    reply: SmtpReply
+    message: NewMessage | None = None
+    task: NewTask | None = None
+    participants: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Admission:
+    """Decides on each message and commits the ones it accepts. One per running gateway."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        secret: bytes,
+        *,
+        dkim_dns: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.secret = secret
+        self.dkim_dns = dkim_dns
+        self.clock = clock
+
+    async def check_recipient(self, address: str) -> SmtpReply:
+        """RCPT TO: a worker address (with a budget word or a valid reply token), or a refusal."""
+        split = threads.split_recipient(address, self.settings.domain)
+        if split is None:
+            return SmtpReply(550, "5.7.1 Relaying denied: this server only accepts mail for its own workers")
+        alias, tag = split
+        if self.settings.worker_for(alias) is None:
+            return SmtpReply(550, "5.1.1 No such worker here")
+        if tag is not None and threads.looks_like_token(tag):
+            task_id = threads.task_id_of_token(tag)
+            ref = await self.store.task(task_id) if task_id else None
+            if (
+                ref is None
+                or ref.alias != alias
+                or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner)
+            ):
+                return SmtpReply(550, BAD_TOKEN)
+        return SmtpReply(250, "2.1.5 Ok")
+
+    async def accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
+        """Decide on `raw` for each recipient; commit what is accepted. One reply per recipient.
+
+        Raises `StoreBusy` when the commit fails (the caller answers 451 4.3.0 and keeps nothing).
+        """
+        try:
+            return await self._accept(mail_from, rcpts, raw)
+        except MessageRejected as exc:
+            return [SmtpReply(exc.code, f"{exc.status} {exc.reason}")] * len(rcpts)
+
+    async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
+        settings = self.settings
+        if header_size(raw, settings.max_header_size) > settings.max_header_size:
+            raise MessageRejected(552, "5.3.4", "Message header too large")
+        headers = Headers.parse(raw)
+        facts = read_facts(headers)
+        now = self.clock()
+        raw_id = str(ULID())
+        digest = hashlib.sha256(raw).hexdigest()
+
+        reason = policy.automatic_reason(headers, mail_from, own_domain=settings.domain)
+        sender: str | None = None
+        if reason is None:
+            verdict = await self._authenticate(raw, headers)
+            if verdict.sender is None and verdict.temporary:
+                raise MessageRejected(
+                    451, "4.7.0", f"Sender authentication could not complete: {verdict.reason}"
+                )
+            if verdict.sender is None:
+                raise MessageRejected(550, "5.7.1", f"Sender not authenticated: {verdict.reason}")
+            if not policy.sender_allowed(verdict.sender, settings.allowed_senders):
+                raise MessageRejected(550, "5.7.1", f"{verdict.sender} may not send to this gateway")
+            sender = verdict.sender
+
+        # Every read the decisions below make, in one hop to the reader's thread (threads.resolve asks
+        # `known` the same questions; anything not read here goes to the store).
+        splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
+        keys = [_dedupe_key(rcpt, facts.message_id, digest) for rcpt in rcpts]
+        known = await self.store.admission_facts(
+            keys,
+            token_task_ids=[
+                task_id
+                for _, tag in splits
+                if tag is not None and threads.looks_like_token(tag)
+                if (task_id := threads.task_id_of_token(tag))
+            ],
+            chain=_chain(facts),
+            aliases=sorted({alias for alias, _ in splits}),
+            sender=sender,
+            since=now - HOUR,
+            max_turns=settings.max_turns_per_thread_per_hour,
+            max_new_tasks=settings.max_new_tasks_per_hour,
+        )
+        index = _Prefetched(self.store, known)
+
+        plans: list[_Plan] = []
+        new_tasks_here = 0
+        continued: dict[str, str] = {}  # task id -> the queue id of this message's turn for it
+        for rcpt, (alias, tag), key in zip(rcpts, splits, keys, strict=True):
+            duplicate = (
+                known.duplicates[key] if key in known.duplicates else await self.store.duplicate_of(key)
+            )
+            if duplicate is not None:
+                plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}")))
+                continue
+            message = _new_message(facts, raw_id, now, mail_from, rcpt, alias, sender, key)
+            if sender is None:
+                message = replace(message, state=InboundState.IGNORED, reason=reason)
+                plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"), message))
+                continue
+            try:
+                plan = await self._plan_task(
+                    index, rcpt, alias, tag, sender, facts, message, now, new_tasks_here
+                )
+            except MessageRejected as exc:
+                plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}"))
+            else:
+                assert plan.message is not None and plan.message.task_id is not None
+                first = continued.setdefault(plan.message.task_id, plan.message.id)
+                if (
+                    first != plan.message.id
+                ):  # one task reached through two addresses (token and plain): one turn
+                    ignored = replace(
+                        message, state=InboundState.IGNORED, reason=f"same task as {first}", task_id=None
+                    )
+                    plan = _Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {first}"), ignored)
+            new_tasks_here += plan.task is not None
+            plans.append(plan)
+
+        messages = [p.message for p in plans if p.message is not None]
+        if not messages:
+            return [p.reply for p in plans]
+        await self.store.admit(
+            Admitted(
+                raw_id=raw_id,
+                sha256=digest,
+                data=raw,
+                messages=messages,
+                tasks=[p.task for p in plans if p.task is not None],
+                participants=sorted({pair for p in plans for pair in p.participants}),
+                thread_ids=[
+                    (m.message_id, m.task_id)
+                    for m in messages
+                    if m.message_id and m.task_id and m.state == InboundState.RECEIVED
+                ],
+            )
+        )
+        return [p.reply for p in plans]
+
+    async def _authenticate(self, raw: bytes, headers: Headers) -> authn.AuthVerdict:
+        mode = self.settings.auth
+        if mode == "none":
+            return authn.trust_from_header(headers)
+        if mode == "dkim":
+            return await asyncio.to_thread(authn.verify_dkim, raw, headers, dnsfunc=self.dkim_dns)
+        return authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
+
+    async def _plan_task(
+        self,
+        index: _Prefetched,
+        rcpt: str,
+        alias: str,
+        tag: str | None,
+        sender: str,
+        facts: HeaderFacts,
+        message: NewMessage,
+        now: float,
+        new_tasks_here: int,
+    ) -> _Plan:
+        settings = self.settings
+        try:
+            found = await threads.resolve(
+                index,
+                self.secret,
+                alias=alias,
+                tag=tag,
+                sender=sender,
+                in_reply_to=facts.in_reply_to,
+                references=facts.references,
+            )
+        except BadToken:
+            raise MessageRejected(
+                550, "5.1.1", "This reply address is not valid (altered or unknown)"
+            ) from None
+        task: NewTask | None = None
+        if found.task is not None:
+            task_id = found.task.task_id
+            turns = await index.count_turns(task_id, now - HOUR, settings.max_turns_per_thread_per_hour)
+            if turns >= settings.max_turns_per_thread_per_hour:
+                raise MessageRejected(
+                    450, "4.7.1", "Too many messages in this conversation in the last hour; try later"
+                )
+        else:
+            worker = settings.worker_for(alias)
+            assert worker is not None  # checked at RCPT
+            recent = (
+                await index.count_new_tasks(sender, now - HOUR, settings.max_new_tasks_per_hour)
+                + new_tasks_here
+            )
+            if recent >= settings.max_new_tasks_per_hour:
+                raise MessageRejected(450, "4.7.1", "Too many new tasks from you in the last hour; try later")
+            task_id = threads.new_task_id()
+            budget = policy.requested_budget(found.budget_tag, worker.budget, settings.max_budget)
+            task = NewTask(
+                id=task_id,
+                alias=alias,
+                worker_id=worker.worker_id,
+                owner=sender,
+                budget=budget,
+                subject=message.subject,
+                created_at=now,
+            )
+        message = replace(
+            message,
+            task_id=task_id,
+            state=InboundState.RECEIVED,
+            note=found.note,
+            new_task=int(task is not None),
+        )
+        people = {sender} | {
+            a.addr
+            for a in (*facts.to, *facts.cc)
+            if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
+        }
+        return _Plan(
+            rcpt,
+            SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"),
+            message,
+            task,
+            [(task_id, p) for p in sorted(people)],
+        )
+
+
+def combine(replies: Sequence[SmtpReply]) -> SmtpReply:
+    """One SMTP reply for several recipients: a temporary failure wins, then a permanent one."""
+    for reply in replies:
+        if 400 <= reply.code < 500:
+            return reply
+    for reply in replies:
+        if reply.code >= 500:
+            return reply
+    return replies[0]
+
+
+def _dedupe_key(rcpt: str, message_id: str | None, digest: str) -> str:
+    return hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
+
+
+def _chain(facts: HeaderFacts) -> list[str]:
+    """The Message-IDs a reply may continue, strongest first: In-Reply-To, then References newest first."""
+    return list(dict.fromkeys([*facts.in_reply_to, *reversed(facts.references)]))
+
+
+def _new_message(
+    facts: HeaderFacts,
+    raw_id: str,
+    now: float,
+    mail_from: str,
+    rcpt: str,
+    alias: str,
+    sender: str | None,
+    key: str,
+) -> NewMessage:
+    on_message = list(dict.fromkeys(a.addr for a in (*facts.to, *facts.cc)))[:MAX_ON_MESSAGE]
+    return NewMessage(
+        id=str(ULID()),
+        raw_id=raw_id,
+        received_at=now,
+        mail_from=mail_from,
+        rcpt=rcpt.lower(),
+        alias=alias,
+        sender=sender,
+        message_id=facts.message_id,
+        subject=facts.subject,
+        dedupe_key=key,
+        state=InboundState.IGNORED,
+        in_reply_to=" ".join(facts.in_reply_to) or None,
+        refs=" ".join(facts.references) or None,
+        to_cc=json.dumps(on_message) if on_message else None,
+        sender_name=(facts.from_.name if facts.from_ else "") or None,
+    )
+
+
+class _Prefetched:
+    """The store's reads for one message, answered from `AdmissionFacts` where it holds the answer."""
+
+    def __init__(self, store: Store, facts: AdmissionFacts) -> None:
+        self.store = store
+        self.facts = facts
+
+    async def task(self, task_id: str) -> TaskRef | None:
+        if task_id in self.facts.tasks:
+            return self.facts.tasks[task_id]
+        return await self.store.task(task_id)
+
+    async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
+        if list(message_ids) == self.facts.chain and alias in self.facts.by_chain:
+            return self.facts.by_chain[alias]
+        return await self.store.task_for_message_ids(message_ids, alias)
+
+    async def is_participant(self, task_id: str, addr: str) -> bool:
+        if addr == self.facts.sender and task_id in self.facts.participant:
+            return self.facts.participant[task_id]
+        return await self.store.is_participant(task_id, addr)
+
+    async def count_turns(self, task_id: str, since: float, limit: int) -> int:
+        if task_id in self.facts.turns:
+            return self.facts.turns[task_id]
+        return await self.store.count_turns(task_id, since, limit)
+
+    async def count_new_tasks(self, owner: str, since: float, limit: int) -> int:
+        if owner == self.facts.sender and self.facts.new_tasks is not None:
+            return self.facts.new_tasks
+        return await self.store.count_new_tasks(owner, since, limit)

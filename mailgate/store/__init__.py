@@ -1,0 +1,30 @@
+"""The store: every hand-off between mailgate's stages is a committed row here.
+
+`Store` (SQLite, `sqlite`) is the async face: named reads and named state changes, each one
+transaction. `schema` holds the tables, their versions and the row types; `reads` the synchronous SQL
+that runs on the reader's thread. Nothing outside this package writes SQL.
+"""
+
+from mailgate.store.reads import AdmissionFacts
+from mailgate.store.schema import (
+    Admitted,
+    InboundRow,
+    NewMessage,
+    NewReply,
+    NewTask,
+    OutboxRow,
+    TaskRow,
+)
+from mailgate.store.sqlite import Store
+
+__all__ = [
+    "AdmissionFacts",
+    "Admitted",
+    "InboundRow",
+    "NewMessage",
+    "NewReply",
+    "NewTask",
+    "OutboxRow",
+    "Store",
+    "TaskRow",
+]

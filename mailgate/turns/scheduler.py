@@ -1,0 +1,225 @@
+"""The turn scheduler: which messages run now, one at a time per task and many tasks at once; the hold
+while the API refuses our key; drain on shutdown. The work of each state is in `turns.steps`, which
+returns an outcome; the scheduler acts on it (commit a retry time, hold, or end the message with its
+reply from `replies`).
+
+An inbound message's states (the `state` column of `inbound`), each committed before the next begins,
+so after a crash the row says where to resume:
+
+| state        | meaning                                                     | next                        |
+|--------------|-------------------------------------------------------------|-----------------------------|
+| `received`   | committed at DATA (250 sent); body not read yet             | `queued`, `failed`          |
+| `queued`     | the turn's input and files are ready; waits for its task's  | `submitting`                |
+|              | earlier turns, a free slot, or a retry time                 |                             |
+| `submitting` | the POST is about to go, or went without an answer: the     | `running`, `queued` (none   |
+|              | turn may exist, so it is looked for before any re-POST      | was created), `submitting`  |
+| `running`    | the API has the turn (it answered 2xx); waiting for its end | `answered`, `failed`        |
+| `answered`   | the answer is in the outbox (same transaction)              | (end)                       |
+| `ignored`    | never answered: bounce, auto-reply, loop, list mail, or a   | (end; `replay` runs it)     |
+|              | second address of the same task in one message              |                             |
+| `failed`     | failed for good, with the reason; the sender got a notice   | (end; `replay` runs it)     |
+
+A message that keeps crashing its job (a bug, a poison message) is quarantined as `failed` after
+MAILGATE_MAX_PROCESSING_ATTEMPTS; the count is taken before the work it guards, so a message that takes
+the whole process down is caught on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mailgate.config import Settings
+from mailgate.loops import backoff, drain, wait_event
+from mailgate.models import InboundState, RunResult
+from mailgate.replies.compose import Replies
+from mailgate.store import InboundRow, NewReply, Store
+from mailgate.turns.spool import Spool
+from mailgate.turns.steps import Answer, Continue, Hold, Later, Notice, Outcome, TurnSteps
+
+log = logging.getLogger("mailgate.turns")
+
+HOLD_SECONDS = 30.0
+LOUD_EVERY = 300.0
+
+
+class Scheduler:
+    """Runs message jobs. `wake()` after committing new work; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        steps: TurnSteps,
+        replies: Replies,
+        spool: Spool,
+        *,
+        on_outbox: Callable[[], None] = lambda: None,
+        hold_seconds: float = HOLD_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.steps = steps
+        self.replies = replies
+        self.spool = spool
+        self.on_outbox = on_outbox
+        self.clock = steps.timing.clock
+        self.hold_seconds = hold_seconds
+        self._wake = asyncio.Event()
+        self._busy: dict[str, asyncio.Task[None]] = {}
+        self._hold_until = 0.0
+        self._held = False  # a 401 was seen and no API call has succeeded since
+        self._last_loud = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._busy)
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            free = self.settings.concurrency - len(self._busy)
+            if free > 0 and now >= self._hold_until:
+                # ids first (cheap with many jobs in hand), whole rows only for those started
+                ids = await self.store.runnable_ids(now, free, set(self._busy))
+                for row in await self.store.inbound_rows(ids):
+                    if row.id not in self._busy:
+                        self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
+            # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
+            due = await self.store.next_due_after("inbound", now)
+            timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
+            if now < self._hold_until:
+                timeout = max(timeout, self._hold_until - now)
+            await wait_event(self._wake, timeout)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
+        return await drain(self._busy.values(), timeout)
+
+    async def _job(self, row: InboundRow) -> None:
+        try:
+            await self._drive(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a poison message: count it, quarantine after a few
+            await self._crashed(row, exc)
+        finally:
+            self._busy.pop(row.id, None)
+            self._wake.set()
+
+    async def _drive(self, row: InboundRow) -> None:
+        if row.crashes >= self.settings.max_processing_attempts:
+            await self._quarantine(row, "its processing kept failing")
+            return
+        streamed: RunResult | None = None
+        while True:
+            outcome: Outcome = await self.steps.advance(row, streamed)
+            if outcome.api_ok:
+                self._resumed()
+            if isinstance(outcome, Continue):
+                row, streamed = outcome.row, outcome.streamed
+                continue
+            if isinstance(outcome, Later):
+                await self.store.reschedule(row.id, outcome.at, state=outcome.state, error=outcome.error)
+            elif isinstance(outcome, Hold):
+                self._hold(outcome.error)
+                await self.store.reschedule(
+                    row.id,
+                    self.clock() + self.hold_seconds,
+                    state=outcome.state,
+                    error="401: the API key was refused; held until it works again",
+                )
+            elif isinstance(outcome, Answer):
+                replies = await self.replies.answer(row, outcome.answer)
+                await self._finish(
+                    row,
+                    InboundState.ANSWERED,
+                    None,
+                    replies,
+                    turn_seq=outcome.turn_seq,
+                    task_turns=outcome.task_turns,
+                    task_url=outcome.answer.task_url,
+                )
+                log.info(
+                    "turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq}
+                )
+            else:
+                await self._notify(row, outcome)
+            return
+
+    async def _notify(self, row: InboundRow, notice: Notice) -> None:
+        replies = await self.replies.notice(
+            row,
+            notice.kind,
+            detail=notice.detail,
+            task_url=notice.task_url,
+            skipped=notice.skipped,
+            once_per_thread_per_day=notice.once_per_thread_per_day,
+        )
+        await self._finish(
+            row,
+            InboundState.FAILED,
+            notice.reason,
+            replies,
+            turn_seq=notice.turn_seq,
+            task_turns=notice.task_turns,
+            task_url=notice.task_url,
+        )
+
+    async def _finish(
+        self, row: InboundRow, state: InboundState, reason: str | None, replies: list[NewReply], **task: Any
+    ) -> None:
+        await self.store.finish(row.id, state, reason, replies, task_id=row.task_id, **task)
+        self.spool.remove(row.id)
+        if replies:
+            self.on_outbox()
+        log.info("message_done", extra={"inbound": row.id, "state": str(state), "reason": reason})
+
+    async def _crashed(self, row: InboundRow, exc: Exception) -> None:
+        log.exception("message_crashed", extra={"inbound": row.id})
+        fresh = await self.store.inbound(row.id) or row
+        crashes = fresh.crashes + (0 if fresh.state == InboundState.RECEIVED else 1)
+        if crashes >= self.settings.max_processing_attempts:
+            await self._quarantine(fresh, f"{type(exc).__name__}: {exc}"[:300], crashes=crashes)
+            return
+        delay = backoff(crashes, base=self.steps.timing.retry_base)
+        await self.store.reschedule(
+            row.id, self.clock() + delay, crashes=crashes, error=f"{type(exc).__name__}: {exc}"
+        )
+
+    async def _quarantine(self, row: InboundRow, why: str, *, crashes: int | None = None) -> None:
+        """Stop trying a message that keeps failing: `failed` with the error, and a notice."""
+        count = row.crashes if crashes is None else crashes
+        log.error("message_quarantined", extra={"inbound": row.id, "crashes": count, "error": why})
+        try:
+            replies = await self.replies.notice(row, "gave_up")
+        except Exception:  # the notice itself may be what fails: the row must still come to rest
+            log.exception("notice_failed", extra={"inbound": row.id, "kind": "gave_up"})
+            replies = []
+        await self._finish(
+            row, InboundState.FAILED, f"quarantined after {count} failed attempts: {why}", replies
+        )
+
+    def _resumed(self) -> None:
+        self._hold_until = 0.0
+        if self._held:
+            self._held = False
+            log.warning("api_key_accepted: the API answers again; held messages resume")
+
+    def _hold(self, error: str) -> None:
+        now = self.clock()
+        self._held = True
+        self._hold_until = now + self.hold_seconds
+        if now - self._last_loud >= LOUD_EVERY:
+            self._last_loud = now
+            log.error(
+                "api_key_rejected: HANDINGER_API_KEY is missing, wrong or revoked; all messages are held and "
+                "will be retried",
+                extra={"error": error},
+            )

@@ -1,0 +1,334 @@
+"""The steps of one message's turn. Each does one state's work and returns an `Outcome`; it never decides
+what the gateway does next (that is the scheduler's job) and never calls back into it.
+
+- `received`: read the body (once), build the turn input, spool the files -> `queued`.
+- `queued`/`submitting`: if an earlier POST may have reached the API, ask `GET /api/tasks/{id}` whether
+  the turn is there before posting; record `submitting` with the expected turn number; POST; the row says
+  `running` as soon as the API has answered 2xx.
+- `running`: `GET /api/tasks/{id}` until the turn has ended -> an `Answer` or a `Notice`.
+
+API failures become outcomes here: a 401 is `Hold`, other transient failures `Later` (backing off, until
+the retry horizon, then a "gave up" `Notice`), refusals a `Notice` for the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from mailgate.api import HandingerClient
+from mailgate.config import Settings
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, MailgateError
+from mailgate.loops import backoff
+from mailgate.mail.parse import parse_body
+from mailgate.models import InboundState, RunResult, SkippedFile, TaskSnapshot, Turn, TurnAnswer
+from mailgate.store import InboundRow, Store
+from mailgate.turns.spool import Spool
+from mailgate.turns.turn_input import build_turn_input
+
+log = logging.getLogger("mailgate.turns")
+
+DONE_STATUSES = {"completed", "complete", "done", "succeeded", "success"}
+FAILED_STATUSES = {"error", "failed", "aborted", "cancelled", "canceled"}
+# A POST whose answer was lost (the process died, or the connection dropped without a response) may
+# still be on its way through the API; it is looked for again after this long before anything is re-sent.
+SETTLE_SECONDS = 5.0
+
+
+# --- outcomes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Continue:
+    """The row moved to its next state: step it again (`streamed`: what the POST's answer told)."""
+
+    row: InboundRow
+    streamed: RunResult | None = None
+    api_ok: bool = False  # an API call succeeded (so the key works)
+
+
+@dataclass(frozen=True)
+class Later:
+    """Look at the row again at `at`, writing `state` (if given) and `error` with it."""
+
+    at: float
+    state: str | None = None
+    error: str | None = None
+    api_ok: bool = False
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The API refused our key: hold every message until it works again (`state`: the row's, if it
+    must change)."""
+
+    error: str
+    state: str | None = None
+    api_ok: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The turn ended with an answer: reply with it, and the message is `answered`."""
+
+    answer: TurnAnswer
+    turn_seq: int
+    task_turns: int
+    api_ok: bool = True
+
+
+@dataclass(frozen=True)
+class Notice:
+    """The message ends `failed` with `reason`; the sender is told (`kind`, with `detail` shown)."""
+
+    kind: str
+    reason: str
+    detail: str | None = None
+    task_url: str | None = None
+    skipped: tuple[SkippedFile, ...] = ()
+    once_per_thread_per_day: bool = False
+    turn_seq: int | None = None
+    task_turns: int | None = None
+    api_ok: bool = False
+
+
+Outcome = Continue | Later | Hold | Answer | Notice
+
+
+@dataclass
+class Timing:
+    """How patient the steps are (tests shorten these)."""
+
+    poll_base: float = 1.0  # the shortest wait between looks at a running turn
+    retry_base: float = 2.0  # the first back-off after a transient API failure
+    settle_seconds: float = SETTLE_SECONDS
+    clock: Callable[[], float] = field(default=time.time)
+
+
+class TurnSteps:
+    """One state's work for one message. `advance(row)` does it and says what happened."""
+
+    def __init__(
+        self, settings: Settings, store: Store, api: HandingerClient, spool: Spool, timing: Timing
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.api = api
+        self.spool = spool
+        self.timing = timing
+
+    async def advance(self, row: InboundRow, streamed: RunResult | None = None) -> Outcome:
+        try:
+            if row.state == InboundState.RECEIVED:
+                return await self._prepare(row)
+            if row.state in (InboundState.QUEUED, InboundState.SUBMITTING):
+                return await self._submit(row)
+            return await self._await_end(row, streamed)
+        except ApiUnauthorized as exc:
+            fresh = await self.store.inbound(row.id) or row
+            # a 401 is an answer: nothing was created, so a row that was about to post is simply queued
+            state = InboundState.QUEUED if fresh.state == InboundState.SUBMITTING else None
+            return Hold(str(exc), state)
+        except ApiUnavailable as exc:
+            return await self._retry(row, exc)
+        except ApiRejected as exc:
+            return await self._rejected(row, exc)
+
+    # --- received -> queued ------------------------------------------------------------------------
+
+    async def _prepare(self, row: InboundRow) -> Outcome:
+        assert row.task_id is not None and row.sender is not None
+        await self.store.count_crash(row.id, row.crashes + 1)  # counts a crash while parsing, too
+        raw = await self.store.raw(row.raw_id)
+        body = await asyncio.to_thread(parse_body, raw)
+        del raw
+        already = set() if row.new_task else await self.store.file_hashes_of_task(row.task_id, before=row.id)
+        turn = build_turn_input(
+            body,
+            subject=row.subject,
+            sender=row.sender,
+            sender_name=row.sender_name,
+            new_task=bool(row.new_task),
+            already_sent=already,
+        )
+        del body
+        if not turn.input:
+            return Notice("empty_reply", "nothing new after removing quoted text", skipped=turn.skipped)
+        files = await self.spool.write(row.id, turn.files)
+        await self.store.set_turn_input(
+            row.id,
+            input=turn.input,
+            files=[
+                {
+                    "filename": f.filename,
+                    "content_type": f.content_type,
+                    "path": str(f.path),
+                    "size": f.size,
+                    "sha256": f.sha256,
+                }
+                for f in files
+            ],
+            skipped=[{"filename": s.filename, "reason": s.reason} for s in turn.skipped],
+        )
+        fresh = await self.store.inbound(row.id)
+        assert fresh is not None
+        return Continue(fresh)
+
+    # --- queued/submitting -> running ---------------------------------------------------------------
+
+    async def _submit(self, row: InboundRow) -> Outcome:
+        assert row.task_id is not None and row.input is not None
+        task = await self.store.task_row(row.task_id)
+        assert task is not None
+        snapshot: TaskSnapshot | None = None
+        if row.attempts > 0 or row.state == InboundState.SUBMITTING or not row.new_task:
+            snapshot = await self.api.get_task(row.task_id)
+            if snapshot is not None and row.attempts > 0:
+                turn = find_turn(snapshot, row)
+                if turn is not None:  # the earlier POST did reach the API: never post it twice
+                    log.info(
+                        "turn_recovered", extra={"inbound": row.id, "task": row.task_id, "seq": turn.seq}
+                    )
+                    await self.store.mark_running(row.id, turn_seq=turn.seq)
+                    running = replace(row, state=InboundState.RUNNING, turn_seq=turn.seq)
+                    return Continue(running, api_ok=True)
+            if snapshot is None and not row.new_task and task.turns > 0:
+                raise ApiRejected(404, "the task no longer exists")
+            settle_until = row.updated_at + self.timing.settle_seconds
+            if row.state == InboundState.SUBMITTING and self.timing.clock() < settle_until:
+                # the lost POST may not have reached the API yet: never race it with a second one
+                log.info("turn_settling", extra={"inbound": row.id, "task": row.task_id})
+                return Later(settle_until, api_ok=True)
+        expected = len(snapshot.turns) if snapshot is not None else 0
+        await self.store.mark_submitting(row.id, turn_seq=expected, attempts=row.attempts + 1)
+        uploads = self.spool.uploads(row.files)
+        log.info(
+            "turn_post",
+            extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)},
+        )
+
+        async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
+            await self.store.mark_running(row.id)
+
+        result = await self.api.create_turn(
+            task_id=row.task_id,
+            worker_id=task.worker_id,
+            input=row.input,
+            budget=task.budget,
+            files=uploads,
+            on_accepted=accepted,
+        )
+        running = replace(
+            row,
+            updated_at=time.time(),  # as `mark_running` stamped it
+            state=InboundState.RUNNING,
+            last_error=None,
+            turn_seq=expected,
+            attempts=row.attempts + 1,
+        )
+        return Continue(running, result, api_ok=True)
+
+    # --- running -> answered -------------------------------------------------------------------------
+
+    async def _await_end(self, row: InboundRow, streamed: RunResult | None) -> Outcome:
+        assert row.task_id is not None
+        snapshot = await self.api.get_task(row.task_id)
+        if snapshot is None:
+            raise ApiRejected(404, "the task no longer exists")
+        turn = find_turn(snapshot, row)
+        if turn is None:
+            if row.attempts == 0:  # nothing was ever posted (state came from an operator edit)
+                return Later(0.0, state=InboundState.QUEUED, api_ok=True)
+            return self._poll_later(row)
+        status = turn.status.lower()
+        if status not in DONE_STATUSES | FAILED_STATUSES and not (snapshot.finished and turn.output_text):
+            return self._poll_later(row)
+        if status in FAILED_STATUSES or snapshot.status in ("error", "aborted"):
+            ended = snapshot.status if snapshot.status in ("error", "aborted") else status
+            return Notice(
+                "task_failed",
+                f"task {snapshot.status}",
+                detail=ended,
+                task_url=snapshot.url,
+                turn_seq=turn.seq,
+                task_turns=len(snapshot.turns),
+                api_ok=True,
+            )
+        result = streamed or RunResult()
+        if not result.sources and not result.files:
+            with contextlib.suppress(MailgateError):
+                task = await self.store.task_row(row.task_id)
+                recovered = await self.api.worker_run(task.worker_id if task else "", row.task_id)
+                # older servers ignore ?taskId= and answer the worker's latest run: use it only if it is ours
+                if recovered is not None and recovered.text.strip() == turn.output_text.strip():
+                    result = recovered
+        answer = TurnAnswer(
+            text=turn.output_text or result.text,
+            sources=tuple(result.sources),
+            files=tuple(turn.files) or tuple(result.files),
+            task_url=snapshot.url or result.url,
+        )
+        return Answer(answer, turn_seq=turn.seq, task_turns=len(snapshot.turns))
+
+    def _poll_later(self, row: InboundRow) -> Outcome:
+        """The turn is still running: look again later (sooner for young turns), up to the horizon."""
+        now = self.timing.clock()
+        if now - row.received_at > self.settings.retry_horizon:
+            return Notice("gave_up", "the turn did not finish within the retry horizon", api_ok=True)
+        waited = now - row.updated_at
+        return Later(now + min(30.0, max(self.timing.poll_base, waited / 4)), api_ok=True)
+
+    # --- failures --------------------------------------------------------------------------------------
+
+    async def _retry(self, row: InboundRow, exc: ApiUnavailable) -> Outcome:
+        fresh = await self.store.inbound(row.id) or row
+        now = self.timing.clock()
+        if now - fresh.received_at > self.settings.retry_horizon:
+            return Notice("gave_up", f"gave up after the retry horizon: {exc}")
+        delay = backoff(max(1, fresh.attempts), base=self.timing.retry_base, hint=exc.retry_after)
+        state = InboundState.RUNNING if fresh.state == InboundState.RUNNING else InboundState.QUEUED
+        if fresh.state == InboundState.SUBMITTING and exc.maybe_sent and not exc.answered:
+            state = InboundState.SUBMITTING  # no answer came: the next try lets the POST settle first
+        log.warning(
+            "api_unavailable", extra={"inbound": row.id, "error": str(exc), "retry_in": round(delay, 1)}
+        )
+        return Later(now + delay, state=state, error=str(exc))
+
+    async def _rejected(self, row: InboundRow, exc: ApiRejected) -> Outcome:
+        fresh = await self.store.inbound(row.id) or row
+        once = False
+        if exc.status == 402:
+            kind, once = "out_of_credits", True
+            log.error("api_out_of_credits", extra={"inbound": row.id, "task": row.task_id})
+        elif exc.status == 403 and not fresh.new_task:
+            kind = "wrong_worker"
+        elif exc.status == 404:
+            kind = "task_not_found"
+        else:
+            kind = "api_rejected"
+        # nothing was created: the next try (after an operator's replay) posts again
+        return Notice(
+            kind,
+            f"API {exc.status}: {exc.reason}",
+            detail=exc.reason,
+            once_per_thread_per_day=once,
+            api_ok=True,
+        )
+
+
+def find_turn(snapshot: TaskSnapshot, row: InboundRow) -> Turn | None:
+    """The turn `row` created, if the API has it: matched by input, else by its expected number."""
+    want = (row.input or "").strip()
+    start = row.turn_seq or 0
+    for turn in snapshot.turns:
+        if turn.seq >= start and turn.input.strip() == want:
+            return turn
+    if row.turn_seq is not None and row.attempts > 0:
+        for turn in snapshot.turns:
+            if turn.seq == row.turn_seq:
+                return turn
+    return None
