@@ -14,7 +14,13 @@ from mailgate.service import Gateway
 from tests.relay import RecordingRelay
 
 DOMAIN = "agents.example.com"
+# The real-mail corpus, read in place beside the checkout (never copied into it). Tests that need it skip
+# with `needs_corpus`'s reason where it is absent (a user's own clone).
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+needs_corpus = pytest.mark.skipif(
+    not CORPUS.is_dir(),
+    reason=f"the mail corpus is not at {CORPUS} (it lives beside the project, in shared/)",
+)
 
 
 @pytest.fixture

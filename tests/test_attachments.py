@@ -21,12 +21,12 @@ from mailgate.mail import bodies
 from mailgate.mail import parse as parsing
 from mailgate.mail.headers import Headers
 from mailgate.turns import turn_input
+from tests.conftest import CORPUS, needs_corpus
 from tests.mail import make_mail, smtp_send, until
 
 pytestmark = pytest.mark.anyio
 
 DATA = Path(__file__).parent / "data"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SOURCE_URL = "https://example.com/sandbox/source"
 
 
@@ -323,8 +323,6 @@ def _leaf_payloads(msg: Message) -> set[str]:
 
 
 def _corpus_with_files() -> list[Path]:
-    if not CORPUS.is_dir():
-        return []
     chosen = []
     for path in sorted(CORPUS.rglob("*.eml")):
         raw = path.read_bytes()
@@ -348,6 +346,7 @@ def _corpus_with_files() -> list[Path]:
     return chosen[:12]
 
 
+@needs_corpus
 async def test_corpus_attachments_arrive_byte_for_byte(make_gateway: Any, sandbox: Any, relay: Any) -> None:
     """Real messages with attachments: each file at the API is exactly a decoded part of that message."""
     paths = _corpus_with_files()
@@ -384,10 +383,9 @@ async def test_corpus_attachments_arrive_byte_for_byte(make_gateway: Any, sandbo
             assert f.sha256 in decoded, f"{path.name}: {f.filename} is not a part of the message"
 
 
+@needs_corpus
 def test_big_bodies_parse_exactly_as_small_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every base64-looking body kept out of the parser, corpus mail parses exactly the same."""
-    if not CORPUS.is_dir():
-        pytest.skip(f"the corpus is not at {CORPUS}")
     paths = sorted(CORPUS.rglob("*.eml")) + sorted(DATA.glob("*.eml"))
     normal = [parsing.parse_message(p.read_bytes()) for p in paths]
     monkeypatch.setattr(bodies, "LARGE", 1)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from mailgate.mail.parse import parse_message
+from tests.conftest import CORPUS, needs_corpus
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 FOLDERS = ("mikel+mail", "mailgun+flanker", "mailgun+talon", "sisimai+set-of-emails")
 _BAD_HEADER_CHARS = re.compile(r"[\r\n\x00]")
 
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+pytestmark = needs_corpus
 
 
 def _messages() -> list[Path]:

@@ -21,13 +21,13 @@ import pytest
 
 from mailgate.admission.policy import automatic_reason
 from mailgate.mail.headers import Headers
+from tests.conftest import CORPUS, needs_corpus
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SISIMAI = CORPUS / "sisimai+set-of-emails"
 OWN = "agents.example.com"
 UNKNOWN = "unknown@example.org"
 
-pytestmark = pytest.mark.skipif(not SISIMAI.is_dir(), reason=f"mail corpus not found at {CORPUS}")
+pytestmark = needs_corpus
 
 # sisimai's own "this is not a bounce" samples: ordinary mail.
 SISIMAI_HUMAN = {"maildir__not__is-not-bounce-01.eml", "maildir__not__is-not-bounce-02.eml"}

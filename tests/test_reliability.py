@@ -89,11 +89,17 @@ async def test_429_retry_after_is_honoured(
         seen = await smtp_send(
             gw.smtp_port, make_mail(body="Slow down [sandbox:status=429 times=1 retry-after=1]")
         )
-        failed = await reached(gw, queue_id(seen), "queued", "answered")
+
+        async def refused_once() -> bool:
+            return "429" in ((await row_of(gw, queue_id(seen))).last_error or "")
+
+        await until(refused_once, timeout=15, what="the 429 recorded on the row")
+        waiting = await row_of(gw, queue_id(seen))
         await reached(gw, queue_id(seen), "answered")
         elapsed = time.monotonic() - started
         await relay.wait_for(1, timeout=15)
-    assert failed.last_error is None or "429" in failed.last_error
+    assert waiting.state == "queued"  # a 429 is an answer: nothing was created, nothing to settle
+    assert waiting.next_attempt_at - waiting.updated_at >= 0.95
     assert elapsed >= 0.95
     assert len(sandbox.state.requests) == 1
 
@@ -414,14 +420,21 @@ async def test_restart_waits_for_a_running_turn_without_posting_again(
 ) -> None:
     """Stopped while the turn runs, restarted on the same database: the turn is waited for, not reposted."""
     settings = settings_for(tmp_path, sandbox.url, relay.port)
-    async with Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2) as gw:
-        seen = await smtp_send(gw.smtp_port, make_mail(body="Long one [sandbox:slow=1.5]"))
-        await reached(gw, queue_id(seen), "running")
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=0.05) as gw:
+        seen = await smtp_send(gw.smtp_port, make_mail(body="Long one [sandbox:slow=3]"))
+        await reached(gw, queue_id(seen), "running")  # the API answered 2xx: the turn runs there
+    # the stop cut the turn's stream: the turn is still running at the API and the row says so
+    with sqlite3.connect(settings.database) as db:
+        (state,) = db.execute("SELECT state FROM inbound WHERE id=?", (queue_id(seen),)).fetchone()
+    db.close()
+    [turn] = turns_with(sandbox, "Long one")
+    assert (state, turn.status) == ("running", "running")
     async with Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2) as gw:
         await reached(gw, queue_id(seen), "answered")
         await relay.wait_for(1, timeout=15)
     assert len(sandbox.state.requests) == 1
     assert len(relay.messages) == 1
+    assert "Long one" in text_of(relay.messages[0][2])
 
 
 async def test_restart_reconciles_a_submitting_row_with_get(
