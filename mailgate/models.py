@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,40 @@ class TaskSnapshot:
     @property
     def finished(self) -> bool:
         return self.status in ("completed", "error", "aborted")
+
+
+@dataclass(frozen=True)
+class AttachedFile:
+    """An output file of the worker's, downloaded, to attach to the reply."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LinkedFile:
+    """An output file that is linked instead of attached, with why ("12 MB, over the 10 MB limit")."""
+
+    filename: str
+    url: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplyHeaders:
+    """Who a reply goes to and how it threads. `subject` is the original; `reply_subject` makes "Re: "."""
+
+    from_addr: str
+    from_name: str
+    to: Sequence[str]
+    cc: Sequence[str]
+    reply_to: str
+    subject: str
+    message_id: str
+    in_reply_to: str | None
+    references: Sequence[str]
+    loop_header_value: str
 
 
 @dataclass(frozen=True)

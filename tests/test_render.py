@@ -13,17 +13,8 @@ from pathlib import Path
 import pytest
 
 from mailgate.errors import ConfigError
-from mailgate.models import Source
-from mailgate.replies.render import (
-    NOTICE_KINDS,
-    AttachedFile,
-    LinkedFile,
-    Renderer,
-    ReplyHeaders,
-    SkippedFile,
-    markdown_to_html,
-    reply_subject,
-)
+from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, Source
+from mailgate.replies.render import NOTICE_KINDS, Renderer, markdown_to_html, reply_subject
 
 TASK_URL = "https://handinger.com/tasks/tsk_01J0000000000000000000000"
 EXPECTED_HEADERS = {

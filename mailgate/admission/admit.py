@@ -26,7 +26,7 @@ from mailgate.admission import authn, policy, threads
 from mailgate.config import Settings
 from mailgate.errors import BadToken, MessageRejected
 from mailgate.mail.headers import Headers, header_size, read_facts
-from mailgate.models import HeaderFacts, InboundState, SmtpReply, TaskRef
+from mailgate.models import HeaderFacts, InboundState, SmtpReply
 from mailgate.store import AdmissionFacts, Admitted, NewMessage, NewTask, Store
 
 HOUR = 3600.0
@@ -114,8 +114,7 @@ class Admission:
                 raise MessageRejected(550, "5.7.1", f"{verdict.sender} may not send to this gateway")
             sender = verdict.sender
 
-        # Every read the decisions below make, in one hop to the reader's thread (threads.resolve asks
-        # `known` the same questions; anything not read here goes to the store).
+        # Every read the decisions below make, in one hop to the reader's thread.
         splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
         keys = [_dedupe_key(rcpt, facts.message_id, digest) for rcpt in rcpts]
         known = await self.store.admission_facts(
@@ -133,15 +132,12 @@ class Admission:
             max_turns=settings.max_turns_per_thread_per_hour,
             max_new_tasks=settings.max_new_tasks_per_hour,
         )
-        index = _Prefetched(self.store, known)
 
         plans: list[_Plan] = []
         new_tasks_here = 0
         continued: dict[str, str] = {}  # task id -> the queue id of this message's turn for it
         for rcpt, (alias, tag), key in zip(rcpts, splits, keys, strict=True):
-            duplicate = (
-                known.duplicates[key] if key in known.duplicates else await self.store.duplicate_of(key)
-            )
+            duplicate = known.duplicates.get(key)
             if duplicate is not None:
                 plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}")))
                 continue
@@ -151,9 +147,7 @@ class Admission:
                 plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"), message))
                 continue
             try:
-                plan = await self._plan_task(
-                    index, rcpt, alias, tag, sender, facts, message, now, new_tasks_here
-                )
+                plan = self._plan_task(known, rcpt, alias, tag, sender, facts, message, now, new_tasks_here)
             except MessageRejected as exc:
                 plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}"))
             else:
@@ -197,9 +191,9 @@ class Admission:
             return await asyncio.to_thread(authn.verify_dkim, raw, headers, dnsfunc=self.dkim_dns)
         return authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
 
-    async def _plan_task(
+    def _plan_task(
         self,
-        index: _Prefetched,
+        known: AdmissionFacts,
         rcpt: str,
         alias: str,
         tag: str | None,
@@ -211,15 +205,7 @@ class Admission:
     ) -> _Plan:
         settings = self.settings
         try:
-            found = await threads.resolve(
-                index,
-                self.secret,
-                alias=alias,
-                tag=tag,
-                sender=sender,
-                in_reply_to=facts.in_reply_to,
-                references=facts.references,
-            )
+            found = threads.resolve(known, self.secret, alias=alias, tag=tag, sender=sender)
         except BadToken:
             raise MessageRejected(
                 550, "5.1.1", "This reply address is not valid (altered or unknown)"
@@ -227,7 +213,7 @@ class Admission:
         task: NewTask | None = None
         if found.task is not None:
             task_id = found.task.task_id
-            turns = await index.count_turns(task_id, now - HOUR, settings.max_turns_per_thread_per_hour)
+            turns = known.turns.get(task_id, 0)
             if turns >= settings.max_turns_per_thread_per_hour:
                 raise MessageRejected(
                     450, "4.7.1", "Too many messages in this conversation in the last hour; try later"
@@ -235,10 +221,7 @@ class Admission:
         else:
             worker = settings.worker_for(alias)
             assert worker is not None  # checked at RCPT
-            recent = (
-                await index.count_new_tasks(sender, now - HOUR, settings.max_new_tasks_per_hour)
-                + new_tasks_here
-            )
+            recent = (known.new_tasks or 0) + new_tasks_here
             if recent >= settings.max_new_tasks_per_hour:
                 raise MessageRejected(450, "4.7.1", "Too many new tasks from you in the last hour; try later")
             task_id = threads.new_task_id()
@@ -271,17 +254,6 @@ class Admission:
             task,
             [(task_id, p) for p in sorted(people)],
         )
-
-
-def combine(replies: Sequence[SmtpReply]) -> SmtpReply:
-    """One SMTP reply for several recipients: a temporary failure wins, then a permanent one."""
-    for reply in replies:
-        if 400 <= reply.code < 500:
-            return reply
-    for reply in replies:
-        if reply.code >= 500:
-            return reply
-    return replies[0]
 
 
 def _dedupe_key(rcpt: str, message_id: str | None, digest: str) -> str:
@@ -321,36 +293,3 @@ def _new_message(
         to_cc=json.dumps(on_message) if on_message else None,
         sender_name=(facts.from_.name if facts.from_ else "") or None,
     )
-
-
-class _Prefetched:
-    """The store's reads for one message, answered from `AdmissionFacts` where it holds the answer."""
-
-    def __init__(self, store: Store, facts: AdmissionFacts) -> None:
-        self.store = store
-        self.facts = facts
-
-    async def task(self, task_id: str) -> TaskRef | None:
-        if task_id in self.facts.tasks:
-            return self.facts.tasks[task_id]
-        return await self.store.task(task_id)
-
-    async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-        if list(message_ids) == self.facts.chain and alias in self.facts.by_chain:
-            return self.facts.by_chain[alias]
-        return await self.store.task_for_message_ids(message_ids, alias)
-
-    async def is_participant(self, task_id: str, addr: str) -> bool:
-        if addr == self.facts.sender and task_id in self.facts.participant:
-            return self.facts.participant[task_id]
-        return await self.store.is_participant(task_id, addr)
-
-    async def count_turns(self, task_id: str, since: float, limit: int) -> int:
-        if task_id in self.facts.turns:
-            return self.facts.turns[task_id]
-        return await self.store.count_turns(task_id, since, limit)
-
-    async def count_new_tasks(self, owner: str, since: float, limit: int) -> int:
-        if owner == self.facts.sender and self.facts.new_tasks is not None:
-            return self.facts.new_tasks
-        return await self.store.count_new_tasks(owner, since, limit)

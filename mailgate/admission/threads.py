@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,14 +83,17 @@ def split_recipient(addr: str, domain: str) -> tuple[str, str | None] | None:
     return alias, (tag if plus else None)
 
 
-class ThreadIndex(Protocol):
-    """The store's side of thread resolution."""
+class Known(Protocol):
+    """What the store knows that resolution needs, read before resolving (`store.AdmissionFacts`)."""
 
-    async def task(self, task_id: str) -> TaskRef | None: ...
+    @property
+    def tasks(self) -> Mapping[str, TaskRef | None]: ...  # task id named by a reply token -> the task
 
-    async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None: ...
+    @property
+    def by_chain(self) -> Mapping[str, TaskRef | None]: ...  # alias -> the task the Message-IDs name
 
-    async def is_participant(self, task_id: str, addr: str) -> bool: ...
+    @property
+    def participant(self) -> Mapping[str, bool]: ...  # task id -> the sender takes part in it
 
 
 @dataclass(frozen=True)
@@ -100,16 +103,7 @@ class Resolution:
     budget_tag: str | None = None  # the +tag when it names a budget
 
 
-async def resolve(
-    index: ThreadIndex,
-    secret: bytes,
-    *,
-    alias: str,
-    tag: str | None,
-    sender: str,
-    in_reply_to: Sequence[str],
-    references: Sequence[str],
-) -> Resolution:
+def resolve(known: Known, secret: bytes, *, alias: str, tag: str | None, sender: str) -> Resolution:
     """Find the task a message from `sender` to `alias[+tag]` continues, or decide on a new one.
 
     Raises `BadToken` for a token that names no task of this alias or fails its MAC: such mail is refused
@@ -118,17 +112,15 @@ async def resolve(
     found: TaskRef | None = None
     if tag is not None and looks_like_token(tag):
         task_id = task_id_of_token(tag)
-        ref = await index.task(task_id) if task_id else None
+        ref = known.tasks.get(task_id) if task_id else None
         if ref is None or ref.alias != alias or not verify_token(secret, tag, ref.task_id, ref.owner):
             raise BadToken(tag)
         found = ref
     if found is None:
-        chain = [*in_reply_to, *reversed(references)]
-        if chain:
-            found = await index.task_for_message_ids(list(dict.fromkeys(chain)), alias)
+        found = known.by_chain.get(alias)
     budget_tag = tag if tag in BUDGETS else None
     if found is None:
         return Resolution(None, budget_tag=budget_tag)
-    if sender == found.owner or await index.is_participant(found.task_id, sender):
+    if sender == found.owner or known.participant.get(found.task_id, False):
         return Resolution(found)
     return Resolution(None, note=NOT_PARTICIPANT_NOTE, budget_tag=budget_tag)

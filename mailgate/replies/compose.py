@@ -22,9 +22,9 @@ from ulid import ULID
 
 from mailgate.admission import policy, threads
 from mailgate.config import Settings
-from mailgate.models import SkippedFile, TurnAnswer
+from mailgate.models import ReplyHeaders, SkippedFile, TurnAnswer
 from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import Renderer, ReplyHeaders
+from mailgate.replies.render import Renderer
 from mailgate.store import InboundRow, NewReply, Store
 
 log = logging.getLogger("mailgate.replies")

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from mailgate.api import HandingerClient
 from mailgate.config import Settings
 from mailgate.errors import MailgateError, TooLarge
-from mailgate.models import OutputFile, human_size
-from mailgate.replies.render import AttachedFile, LinkedFile
+from mailgate.models import AttachedFile, LinkedFile, OutputFile, human_size
 
 
 class OutputFiles:

@@ -21,7 +21,6 @@ import contextlib
 import importlib.resources
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import Policy
@@ -38,8 +37,7 @@ from markdown_it.token import Token
 from markupsafe import Markup
 
 from mailgate.errors import ConfigError
-from mailgate.models import SkippedFile as SkippedFile  # re-exported: part of the render API
-from mailgate.models import Source
+from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, Source
 
 NOTICE_KINDS = (
     "empty_reply", "api_rejected", "wrong_worker", "task_not_found",
@@ -48,38 +46,6 @@ NOTICE_KINDS = (
 _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
 ]
-
-
-@dataclass(frozen=True)
-class LinkedFile:
-    """An output file that is linked instead of attached, with why ("12 MB, over the 10 MB limit")."""
-
-    filename: str
-    url: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class AttachedFile:
-    filename: str
-    content_type: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ReplyHeaders:
-    """Who a reply goes to and how it threads. `subject` is the original; `reply_subject` makes "Re: "."""
-
-    from_addr: str
-    from_name: str
-    to: Sequence[str]
-    cc: Sequence[str]
-    reply_to: str
-    subject: str
-    message_id: str
-    in_reply_to: str | None
-    references: Sequence[str]
-    loop_header_value: str
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

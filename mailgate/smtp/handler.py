@@ -7,11 +7,11 @@ so the sending MTA keeps the message and retries; no exception text ever reaches
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailgate.admission.admit import Admission, combine
+from mailgate.admission.admit import Admission
 from mailgate.errors import StoreBusy
 from mailgate.models import SmtpReply
 
@@ -78,3 +78,14 @@ class Handler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp_session_error", exc_info=error)
         return TRY_LATER
+
+
+def combine(replies: Sequence[SmtpReply]) -> SmtpReply:
+    """One SMTP reply for several recipients: a temporary failure wins, then a permanent one."""
+    for reply in replies:
+        if 400 <= reply.code < 500:
+            return reply
+    for reply in replies:
+        if reply.code >= 500:
+            return reply
+    return replies[0]

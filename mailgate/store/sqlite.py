@@ -211,30 +211,12 @@ class Store:
             max_new_tasks,
         )
 
-    async def duplicate_of(self, dedupe_key: str) -> str | None:
-        return await self._read(reads.duplicate_of, dedupe_key)
-
-    # ThreadIndex (see threads.py)
     async def task(self, task_id: str) -> TaskRef | None:
         return await self._read(reads.task, task_id)
-
-    async def task_for_message_ids(self, message_ids: Sequence[str], alias: str) -> TaskRef | None:
-        return await self._read(reads.task_for_message_ids, list(message_ids), alias)
-
-    async def is_participant(self, task_id: str, addr: str) -> bool:
-        return await self._read(reads.is_participant, task_id, addr)
 
     async def participants(self, task_id: str) -> list[str]:
         rows = await self._all("SELECT addr FROM participant WHERE task_id=? ORDER BY addr", (task_id,))
         return [str(r["addr"]) for r in rows]
-
-    async def count_new_tasks(self, owner: str, since: float, limit: int | None = None) -> int:
-        """Tasks `owner` started since `since`, counted up to `limit` at most."""
-        return await self._read(reads.count_new_tasks, owner, since, limit)
-
-    async def count_turns(self, task_id: str, since: float, limit: int | None = None) -> int:
-        """Messages received for `task_id` since `since`, counted up to `limit` at most."""
-        return await self._read(reads.count_turns, task_id, since, limit)
 
     async def count_notices(self, addr: str, since: float, notice: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM outbox WHERE kind='notice' AND created_at>=? AND recipients LIKE ?"
