@@ -37,6 +37,7 @@ _ERROR_BODY_MAX = 64 * 1024
 _MAX_REDIRECTS = 5
 _PROGRESS_INTERVAL = 0.5  # seconds between on_progress calls while text streams in
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+STREAM_RETRY_AFTER = 3600.0  # seconds to use the blocking form after the API refused a stream
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 Progress = Callable[[RunResult], None] | None
 Accepted = Callable[[], Awaitable[None]] | None
@@ -65,6 +66,8 @@ class HandingerClient:
         self.send_triggered_by = send_triggered_by
         self.files_field = files_field
         self.stream = stream
+        self._stream_refused_until = 0.0  # after a refusal, ask for a stream again only after an hour
+        self._stream_warned = False
         # Sent per request (never as a client default) so that only the API's origin ever sees it.
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
@@ -98,12 +101,14 @@ class HandingerClient:
         fields: dict[str, Any] = {"input": input, "workerId": worker_id, "taskId": task_id, "budget": budget}
         if self.send_triggered_by:
             fields["triggeredBy"] = "email"
-        if self.stream:
+        if self.stream and time.monotonic() >= self._stream_refused_until:
             try:
                 return await self._create({**fields, "stream": True}, files, on_progress, on_accepted)
             except _StreamRefused:
-                logger.warning("api.stream_refused: the API does not stream; using the blocking form")
-                self.stream = False
+                if not self._stream_warned:  # the API's era does not change often: say it once
+                    self._stream_warned = True
+                    logger.warning("api.stream_refused: the API does not stream; using the blocking form")
+                self._stream_refused_until = time.monotonic() + STREAM_RETRY_AFTER
         return await self._create(fields, files, on_progress, on_accepted)
 
     async def _create(

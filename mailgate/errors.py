@@ -16,6 +16,7 @@ MailgateError
     ├── BadToken             (a recipient's reply token does not verify)
     ├── ApiRejected          (400/402/403/404/422) carries the status and the API's reason
     ├── TooLarge             (a download past its limit)
+    ├── RawMissing           (a message's raw bytes are gone: pruned, or the store was edited)
     └── DeliveryFailed       (relay 5xx)
 ```
 
@@ -123,6 +124,10 @@ class TooLarge(PermanentError):
         super().__init__(f"download of at least {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class RawMissing(PermanentError):
+    """A message's raw bytes are not in the store (pruned after the retention time, or edited away)."""
 
 
 class DeliveryFailed(PermanentError):

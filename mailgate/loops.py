@@ -1,11 +1,20 @@
-"""What the background loops (the turn scheduler and the outbox) share: waiting, draining, back-off."""
+"""What the background loops (the turn scheduler and the outbox) share: waiting, draining, back-off, and
+pausing for a condition of the whole gateway (a refused API key, a full or failing disk)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+
+from mailgate.errors import StoreBusy
+
+# OS errors that say the disk, not the message, is the problem
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -38,3 +47,69 @@ def backoff(attempt: int, *, base: float = 2.0, cap: float = 600.0, hint: float 
     """Seconds to wait before attempt `attempt + 1`: exponential with full jitter, at least `hint`."""
     delay = random.uniform(base, min(cap, base * 2 ** max(0, attempt - 1)))
     return max(delay, hint or 0.0)
+
+
+def storage_trouble(exc: BaseException) -> bool:
+    """Is `exc` the disk's or the database's fault (full, read-only, failing, locked), not a message's?"""
+    if isinstance(exc, StoreBusy):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+class Pause:
+    """A pause of a whole loop for a condition that is nobody's message's fault (a refused API key, a full
+    disk): `trip()` starts or lengthens it (back-off from `base` doubling to `cap`), `clear()` ends it.
+    The condition is logged at ERROR when it starts and then at most once every `log_every` seconds, and
+    once at WARNING when it clears. Nothing of it is written to the store (which may be what is failing).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        log: logging.Logger,
+        *,
+        base: float = 1.0,
+        cap: float = 60.0,
+        log_every: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.log = log
+        self.base = base
+        self.cap = cap
+        self.log_every = log_every
+        self.clock = clock
+        self.until = 0.0
+        self.reason = ""
+        self._delay = 0.0
+        self._last_log = float("-inf")
+        self.trips = 0  # how often it was tripped since it last cleared
+
+    @property
+    def active(self) -> bool:
+        return self.clock() < self.until
+
+    @property
+    def tripped(self) -> bool:
+        """Tripped and not cleared since (it may be between two tries)."""
+        return self.trips > 0
+
+    def trip(self, reason: str, *, delay: float | None = None) -> None:
+        now = self.clock()
+        self._delay = delay if delay is not None else min(self.cap, max(self.base, self._delay * 2))
+        self.until = max(self.until, now + self._delay)
+        self.reason = reason
+        self.trips += 1
+        if now - self._last_log >= self.log_every:
+            self._last_log = now
+            self.log.error(
+                f"{self.name}_paused", extra={"reason": reason, "retry_in": round(self._delay, 1)}
+            )
+
+    def clear(self) -> None:
+        if self.trips:
+            self.log.warning(f"{self.name}_resumed", extra={"after": self.trips})
+        self.until = 0.0
+        self._delay = 0.0
+        self.trips = 0
+        self._last_log = float("-inf")

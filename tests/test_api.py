@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import mailgate.api as api_module
 from mailgate import __version__
 from mailgate.api import HandingerClient
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
@@ -281,7 +282,6 @@ async def test_refused_stream_is_retried_once_without_it_and_remembered() -> Non
     async with serve(("/api/tasks", handler, ["POST"])) as url, client_for(url) as client:
         first = await create(client)
         second = await create(client, input="Again")
-        assert client.stream is False
     assert first.done
     assert second.done
     assert ["stream" in body for _, body in seen] == [True, False, False]
@@ -290,6 +290,29 @@ async def test_refused_stream_is_retried_once_without_it_and_remembered() -> Non
         "application/json",
         "application/json",
     ]
+
+
+async def test_a_refused_stream_is_asked_for_again_after_a_while(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the retry time (an hour; none here) a stream is asked for again; the warning comes once."""
+    monkeypatch.setattr(api_module, "STREAM_RETRY_AFTER", 0.0)
+    seen: Seen = []
+
+    async def handler(request: Request) -> Response:
+        body = await request.json()
+        seen.append((dict(request.headers), body))
+        if "stream" in body:
+            return JSONResponse({"error": "Unrecognized key(s) in object: 'stream'"}, status_code=400)
+        return JSONResponse(WORKER_RUN)
+
+    async with serve(("/api/tasks", handler, ["POST"])) as url, client_for(url) as client:
+        for n in range(3):
+            assert (await create(client, input=f"Turn {n}")).done
+    assert ["stream" in body for _, body in seen] == [True, False] * 3
+    assert [r.getMessage() for r in caplog.records].count(
+        "api.stream_refused: the API does not stream; using the blocking form"
+    ) == 1
 
 
 async def test_optional_fields_can_be_switched_off() -> None:

@@ -4,6 +4,10 @@
 `dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row (`refused`,
 recipient -> the relay's reply); those refused with a 4xx are retried on their own (the row goes back to
 `retry`). The message bytes, and so the Message-ID, never change between attempts.
+
+When the store cannot take the outcome of an attempt (a full or failing disk), the outcome is kept in
+memory and written once the store takes writes again, so a delivered reply is never sent twice; the
+loop pauses meanwhile (`loops.Pause`), logging once a minute at most.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mailgate.delivery.transports import Delivery
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
-from mailgate.loops import backoff, drain, wait_event
+from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import OutboxState
 from mailgate.store import OutboxRow, Store
 
@@ -42,6 +47,8 @@ class Outbox:
         self.retry_base = retry_base
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._unrecorded: dict[str, dict[str, Any]] = {}  # outbox id -> an attempt's outcome to write
+        self.storage = Pause("outbox_storage", log, base=retry_base, clock=clock)
 
     def wake(self) -> None:
         self._wake.set()
@@ -49,15 +56,31 @@ class Outbox:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            now = self.clock()
-            free = self.parallel - len(self._busy)
-            if free > 0:
-                for row in await self.store.outbox_due(now, free, set(self._busy)):
-                    self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
-            # rows due already are being sent or wait for a free sender (which wakes us when done)
-            due = await self.store.next_due_after("outbox", now)
-            timeout = 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
+            try:
+                timeout = await self._start_due()
+            except Exception as exc:
+                if not storage_trouble(exc):
+                    raise
+                self.storage.trip(str(exc))
+                timeout = self.storage.until - self.clock()
             await wait_event(self._wake, timeout)
+
+    async def _start_due(self) -> float:
+        """Write outcomes kept in memory, start the sends that are due; return how long to wait."""
+        now = self.clock()
+        if now < self.storage.until:
+            return self.storage.until - now
+        for outbox_id, outcome in list(self._unrecorded.items()):
+            await self.store.record_delivery(outbox_id, **outcome)
+            del self._unrecorded[outbox_id]
+        self.storage.clear()
+        free = self.parallel - len(self._busy)
+        if free > 0:
+            for row in await self.store.outbox_due(now, free, set(self._busy) | set(self._unrecorded)):
+                self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
+        # rows due already are being sent or wait for a free sender (which wakes us when done)
+        due = await self.store.next_due_after("outbox", now)
+        return 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
@@ -70,9 +93,12 @@ class Outbox:
             await self._attempt(row)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # never lose the row: treat as a deferral
-            log.exception("outbox_crashed", extra={"outbox": row.id})
-            await self._defer(row, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if storage_trouble(exc):  # the row stays due; the loop pauses
+                self.storage.trip(f"{type(exc).__name__}: {exc}")
+            else:  # never lose the row: treat as a deferral
+                log.exception("outbox_crashed", extra={"outbox": row.id})
+                await self._defer(row, f"{type(exc).__name__}: {exc}")
         finally:
             self._busy.pop(row.id, None)
             self._wake.set()
@@ -90,7 +116,7 @@ class Outbox:
             return
         except DeliveryFailed as exc:
             log.error("outbox_dead", extra={"outbox": row.id, "error": str(exc)})
-            await self.store.record_delivery(row.id, OutboxState.DEAD, attempts=attempts, error=str(exc))
+            await self._record(row.id, OutboxState.DEAD, attempts=attempts, error=str(exc))
             return
         now = self.clock()
         refused = {r: why for r, why in earlier.items() if r not in report.accepted} | report.refused
@@ -106,7 +132,7 @@ class Outbox:
                 state = OutboxState.DEAD
             else:
                 state, at = OutboxState.RETRY, now + backoff(attempts, base=self.retry_base, cap=1800.0)
-        await self.store.record_delivery(
+        await self._record(
             row.id,
             state,
             attempts=attempts,
@@ -120,10 +146,20 @@ class Outbox:
         attempts = row.attempts + 1
         if self.clock() - row.created_at > self.horizon:
             log.error("outbox_dead", extra={"outbox": row.id, "error": error, "why": "retry horizon"})
-            await self.store.record_delivery(row.id, OutboxState.DEAD, attempts=attempts, error=error)
+            await self._record(row.id, OutboxState.DEAD, attempts=attempts, error=error)
             return
         delay = backoff(attempts, base=self.retry_base, cap=1800.0)
         log.warning("outbox_deferred", extra={"outbox": row.id, "error": error, "retry_in": round(delay, 1)})
-        await self.store.record_delivery(
+        await self._record(
             row.id, OutboxState.RETRY, attempts=attempts, error=error, next_attempt_at=self.clock() + delay
         )
+
+    async def _record(self, outbox_id: str, state: str, **outcome: Any) -> None:
+        """Write an attempt's outcome; when the store cannot take it, keep it for later and pause."""
+        try:
+            await self.store.record_delivery(outbox_id, state, **outcome)
+        except Exception as exc:
+            if not storage_trouble(exc):
+                raise
+            self._unrecorded[outbox_id] = {"state": state, **outcome}
+            self.storage.trip(f"{type(exc).__name__}: {exc}")

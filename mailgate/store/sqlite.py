@@ -22,7 +22,7 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from mailgate.errors import StoreBusy
+from mailgate.errors import RawMissing, StoreBusy
 from mailgate.models import InboundState, OutboxState, TaskRef
 from mailgate.store import reads
 from mailgate.store.reads import AdmissionFacts
@@ -237,7 +237,7 @@ class Store:
     async def raw(self, raw_id: str) -> bytes:
         row = await self._one("SELECT data FROM raw_message WHERE id=?", (raw_id,))
         if row is None:
-            raise StoreBusy(f"raw message {raw_id} is missing")
+            raise RawMissing(f"raw message {raw_id} is missing")
         return bytes(row["data"])
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
@@ -296,7 +296,7 @@ class Store:
         """The start of a raw message, at most `size` bytes: enough for an operator to see its header."""
         row = await self._one("SELECT substr(data, 1, ?) AS head FROM raw_message WHERE id=?", (size, raw_id))
         if row is None:
-            raise StoreBusy(f"raw message {raw_id} is missing")
+            raise RawMissing(f"raw message {raw_id} is missing")
         return bytes(row["head"])
 
     async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[InboundRow]:

@@ -22,17 +22,24 @@ so after a crash the row says where to resume:
 A message that keeps crashing its job (a bug, a poison message) is quarantined as `failed` after
 MAILGATE_MAX_PROCESSING_ATTEMPTS; the count is taken before the work it guards, so a message that takes
 the whole process down is caught on the next start.
+
+Two conditions pause the whole scheduler instead of failing anyone's message: the API refusing our key
+(the hold: nothing is posted until a call succeeds again) and trouble with the disk or the database
+(full, read-only, failing, locked: `loops.storage_trouble`). The storage pause backs off from 1 s to a
+minute, lives only in memory (the store may be what fails), logs once a minute at most, counts no
+crash, and ends by itself when a job's work is committed again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from mailgate.config import Settings
-from mailgate.loops import backoff, drain, wait_event
+from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
@@ -72,6 +79,7 @@ class Scheduler:
         self._hold_until = 0.0
         self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
+        self.storage = Pause("storage", log, base=steps.timing.retry_base, clock=self.clock)
 
     def wake(self) -> None:
         self._wake.set()
@@ -83,20 +91,32 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            now = self.clock()
-            free = self.settings.concurrency - len(self._busy)
-            if free > 0 and now >= self._hold_until:
-                # ids first (cheap with many jobs in hand), whole rows only for those started
-                ids = await self.store.runnable_ids(now, free, set(self._busy))
-                for row in await self.store.inbound_rows(ids):
-                    if row.id not in self._busy:
-                        self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
-            # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
-            due = await self.store.next_due_after("inbound", now)
-            timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
-            if now < self._hold_until:
-                timeout = max(timeout, self._hold_until - now)
+            try:
+                timeout = await self._start_due()
+            except Exception as exc:
+                if not storage_trouble(exc):
+                    raise
+                self.storage.trip(str(exc))
+                timeout = self.storage.until - self.clock()
             await wait_event(self._wake, timeout)
+
+    async def _start_due(self) -> float:
+        """Start the jobs that are due and may run; return how long to wait before looking again."""
+        now = self.clock()
+        paused_until = max(self._hold_until, self.storage.until)
+        free = self.settings.concurrency - len(self._busy)
+        if free > 0 and now >= paused_until:
+            # ids first (cheap with many jobs in hand), whole rows only for those started
+            ids = await self.store.runnable_ids(now, free, set(self._busy))
+            for row in await self.store.inbound_rows(ids):
+                if row.id not in self._busy:
+                    self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
+        # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
+        due = await self.store.next_due_after("inbound", now)
+        timeout = 5.0 if due is None else min(5.0, max(0.0, due - self.clock()))
+        if now < paused_until:
+            timeout = max(timeout, paused_until - now)
+        return timeout
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
@@ -107,8 +127,11 @@ class Scheduler:
             await self._drive(row)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug or a poison message: count it, quarantine after a few
-            await self._crashed(row, exc)
+        except Exception as exc:
+            if storage_trouble(exc):  # the disk's fault, not the message's: pause, count nothing
+                await self._stalled(row, exc)
+            else:  # a bug or a poison message: count it, quarantine after a few
+                await self._crashed(row, exc)
         finally:
             self._busy.pop(row.id, None)
             self._wake.set()
@@ -151,6 +174,7 @@ class Scheduler:
                 )
             else:
                 await self._notify(row, outcome)
+            self.storage.clear()  # the outcome is committed: the store takes writes
             return
 
     async def _notify(self, row: InboundRow, notice: Notice) -> None:
@@ -180,6 +204,13 @@ class Scheduler:
         if replies:
             self.on_outbox()
         log.info("message_done", extra={"inbound": row.id, "state": str(state), "reason": reason})
+
+    async def _stalled(self, row: InboundRow, exc: Exception) -> None:
+        """Pause everything for a while; the message keeps its state and is tried again after the pause."""
+        self.storage.trip(f"{type(exc).__name__}: {exc}")
+        if row.state == InboundState.RECEIVED:  # the crash counted before reading the body was not one
+            with contextlib.suppress(Exception):
+                await self.store.count_crash(row.id, row.crashes)
 
     async def _crashed(self, row: InboundRow, exc: Exception) -> None:
         log.exception("message_crashed", extra={"inbound": row.id})

@@ -1,0 +1,140 @@
+"""A full disk under the store or the spool: the gateway pauses, logs a little, fails nobody, and answers
+every message once when space returns. The disk is a small tmpfs mounted by the test (root only)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailgate.sandbox import RunningSandbox
+from mailgate.service import Gateway
+from tests.conftest import settings_for
+from tests.mail import make_mail, smtp_send, until
+from tests.relay import RecordingRelay
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: a disk the test can fill without touching the machine's."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full; return it (deleting it gives the space back)."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        chunk = b"\0" * 65536
+        while True:
+            try:
+                f.write(chunk)
+                f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    with contextlib.suppress(OSError), filler.open("ab") as f:  # the last bytes the page cache held
+        while True:
+            f.write(b"\0" * 512)
+            f.flush()
+            os.fsync(f.fileno())
+    return filler
+
+
+async def states(gw: Gateway) -> list[str]:
+    return sorted(row.state for row in await gw.store.list_inbound())
+
+
+async def test_a_full_store_mid_turn_pauses_and_every_message_is_answered_once(
+    tmp_path: Path,
+    small_disk: Path,
+    sandbox: RunningSandbox,
+    relay: RecordingRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Turns end while the store's disk is full: no crash loop, failure or notice; later one answer each."""
+    caplog.set_level(logging.INFO, logger="mailgate")
+    settings = settings_for(
+        tmp_path,
+        sandbox.url,
+        relay.port,
+        MAILGATE_DATABASE=str(small_disk / "mailgate.db"),
+        MAILGATE_SPOOL_DIR=str(small_disk / "spool"),
+    )
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05, settle_seconds=0.2) as gw:
+        for n in range(3):
+            seen = await smtp_send(gw.smtp_port, make_mail(body=f"Number {n} [sandbox:slow=1]"))
+            assert seen.accepted
+        await until(lambda: len(sandbox.state.requests) == 3, timeout=15, what="three turns posted")
+        filler = fill(small_disk)
+        caplog.clear()
+        await until(lambda: gw.scheduler.storage.trips >= 3, timeout=20, what="the scheduler pausing")
+        outage = list(caplog.records)
+        assert await states(gw) == ["running"] * 3  # nobody failed, nothing half-written
+        filler.unlink()
+        await relay.wait_for(3, timeout=30)
+
+        async def answered() -> bool:
+            return await states(gw) == ["answered"] * 3
+
+        await until(answered, timeout=15, what="every message answered")
+        rows = await gw.store.list_inbound()
+    assert len(sandbox.state.requests) == 3  # never posted again
+    assert len(relay.messages) == 3  # one answer each, no notice
+    assert sorted(text.split(b"Number ")[1][:1] for _, _, text in relay.messages) == [b"0", b"1", b"2"]
+    assert all(row.crashes == 0 for row in rows)
+    noisy = [r for r in outage if r.levelno >= logging.WARNING]
+    assert not [r for r in noisy if r.getMessage() == "message_crashed"]
+    assert 1 <= len(noisy) <= 6, [r.getMessage() for r in noisy]  # once a minute, not once a try
+    assert any(r.getMessage() == "storage_resumed" for r in caplog.records)
+
+
+async def test_a_full_spool_holds_the_message_until_space_returns(
+    tmp_path: Path,
+    small_disk: Path,
+    sandbox: RunningSandbox,
+    relay: RecordingRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The attachment cannot be spooled (ENOSPC): the message waits, uncounted, and goes out with its file."""
+    caplog.set_level(logging.INFO, logger="mailgate")
+    settings = settings_for(tmp_path, sandbox.url, relay.port, MAILGATE_SPOOL_DIR=str(small_disk / "spool"))
+    filler = fill(small_disk)
+    data = os.urandom(256 * 1024)
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05) as gw:
+        seen = await smtp_send(
+            gw.smtp_port,
+            make_mail(body="Read this", attachments=[("data.bin", "application/octet-stream", data)]),
+        )
+        assert seen.accepted  # the store is on another disk: the mail is safe
+        await until(lambda: gw.scheduler.storage.trips >= 3, timeout=20, what="the scheduler pausing")
+        [row] = await gw.store.list_inbound()
+        assert (row.state, row.crashes) == ("received", 0)
+        assert sandbox.state.requests == []
+        filler.unlink()
+        await relay.wait_for(1, timeout=30)
+    [request] = sandbox.state.requests
+    assert [f.sha256 for f in request.files] == [hashlib.sha256(data).hexdigest()]
+    assert not [r for r in caplog.records if r.getMessage() in ("message_crashed", "message_quarantined")]
