@@ -73,6 +73,8 @@ scache    unix  - - y -  1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
 
+HEADER_CHECKS = "/^Authentication-Results:[[:space:]]*mx\\.example\\.com([[:space:];]|$)/ IGNORE\n"
+
 
 class PrivatePostfix:
     """One Postfix instance under `base`, smtpd on 127.0.0.1:`port`; started and stopped by the test."""
@@ -111,6 +113,8 @@ class PrivatePostfix:
             "relay_recipient_maps": f"hash:{self.config}/relay_recipients",
             "recipient_delimiter": "+",
             "transport_maps": f"hash:{self.config}/transport",
+            # only the milters (OpenDMARC) may write Authentication-Results in our name
+            "header_checks": f"regexp:{self.config}/header_checks",
             # where the replies land: a virtual Maildir domain for the sender
             "virtual_mailbox_domains": "example.org",
             "virtual_mailbox_base": str(self.mail),
@@ -132,6 +136,7 @@ class PrivatePostfix:
         }
         for name, text in maps.items():
             (self.config / name).write_text(text)
+        (self.config / "header_checks").write_text(HEADER_CHECKS)
 
     async def start(self, transport: str, **main: str) -> None:
         self.configure(transport, **main)
@@ -376,4 +381,27 @@ async def test_mail_over_mailgate_size_is_bounced_to_its_sender_by_postfix(
     report = " ".join(bounce.as_string().split())
     assert "Status: 5.3.4" in report
     assert re.search(r"message size \d+ exceeds size limit 50000 of server 127\.0\.0\.1\[127", report)
+    assert sandbox.state.requests == []
+
+
+async def test_forged_authentication_results_are_stripped_by_postfix(
+    tmp_path: Path, sandbox: RunningSandbox, postfix: PrivatePostfix
+) -> None:
+    """header_checks drops an incoming Authentication-Results in our authserv-id's name, so with
+    MAILGATE_AUTH=dmarc a forged `dmarc=pass` is not believed: mailgate says 550, Postfix tells the sender."""
+    forged = make_mail(
+        subject="Trust me",
+        headers={"Authentication-Results": "mx.example.com; dmarc=pass header.from=example.org"},
+    )
+    dmarc = {"MAILGATE_AUTH": "dmarc", "MAILGATE_AUTHSERV_ID": "mx.example.com"}
+    async with gateway(tmp_path, sandbox, postfix, **dmarc) as gw:
+        await postfix.start(f"smtp:[127.0.0.1]:{gw.smtp_port}")
+        code, transcript = await swaks(postfix.port, forged)
+        assert code == 0, transcript
+        bounce = await postfix.delivered()
+        assert await gw.store.list_inbound() == []
+
+    report = " ".join(bounce.as_string().split())
+    assert "Status: 5.7.1" in report
+    assert "Sender not authenticated: no Authentication-Results from mx.example.com" in report
     assert sandbox.state.requests == []
