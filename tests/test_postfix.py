@@ -73,6 +73,7 @@ scache    unix  - - y -  1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
 
+MAPS = ("transport", "relay_recipients", "vmailbox")
 HEADER_CHECKS = "/^Authentication-Results:[[:space:]]*mx\\.example\\.com([[:space:];]|$)/ IGNORE\n"
 
 
@@ -88,8 +89,8 @@ class PrivatePostfix:
         self.maillog = base / "maillog"
         self.proc: asyncio.subprocess.Process | None = None
 
-    def configure(self, transport: str, **main: str) -> None:
-        """The recipe's main.cf lines (plus the test's own paths), the transport map, `postmap`."""
+    def configure(self, transport: str) -> None:
+        """main.cf: the recipe's lines plus the instance's own paths; master.cf; the lookup tables."""
         for path in (self.config, self.queue, base_data := self.base / "data", self.mail):
             path.mkdir()
         shutil.chown(base_data, "postfix")
@@ -125,7 +126,6 @@ class PrivatePostfix:
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
             "maximal_backoff_time": "2s",
-            **main,
         }
         (self.config / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         (self.config / "master.cf").write_text(MASTER_CF.format(port=self.port))
@@ -138,8 +138,9 @@ class PrivatePostfix:
             (self.config / name).write_text(text)
         (self.config / "header_checks").write_text(HEADER_CHECKS)
 
-    async def start(self, transport: str, **main: str) -> None:
-        self.configure(transport, **main)
+    async def start(self, transport: str) -> None:
+        """Configure, `postmap`, start, and return once smtpd greets."""
+        self.configure(transport)
         await self._run(TOOLS["postmap"], "-c", str(self.config), *(str(self.config / m) for m in MAPS))
         self.proc = await asyncio.create_subprocess_exec(
             str(TOOLS["postfix"]),
@@ -177,7 +178,7 @@ class PrivatePostfix:
         new = self.mail / "example.org" / user / "new"
         await self.until(lambda: new.is_dir() and any(new.iterdir()), timeout, f"a message in {new}")
         [path] = new.iterdir()
-        return email.message_from_bytes(path.read_bytes(), policy=default)  # type: ignore[return-value]
+        return email.message_from_bytes(path.read_bytes(), policy=default)
 
     def sent_to(self, rcpt: str) -> list[str]:
         """The `status=sent` lines of Postfix's log for `rcpt` (who took the mail, and its reply)."""
@@ -204,9 +205,6 @@ class PrivatePostfix:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {out.decode()}")
-
-
-MAPS = ("transport", "relay_recipients", "vmailbox")
 
 
 def free_port() -> int:
@@ -265,7 +263,7 @@ def assert_reply_came_through_postfix(reply: EmailMessage, question: EmailMessag
     assert reply["Delivered-To"] == "alice@example.org"
     assert reply["Return-Path"] == "<research@agents.example.com>"
     assert "by mx.example.com (Postfix) with ESMTP" in str(reply["Received"])
-    assert "Which port does the relay use?" in str(reply.get_body(("plain",)).get_content())  # type: ignore[union-attr]
+    assert "Which port does the relay use?" in str(reply.get_body(("plain",)).get_content())
 
 
 async def test_smtp_on_loopback_round_trip(
