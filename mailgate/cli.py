@@ -116,23 +116,31 @@ def _run(coro: Any) -> int:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT; exit code as documented."""
     from mailgate.service import Gateway
+    from mailgate.systemd import Notifier
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    systemd = Notifier.from_environ(os.environ)
     gateway = Gateway(settings)
     try:
         await gateway.start()
     except StartupError as exc:
         print(f"mailgate: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    listening = f"smtp {settings.listen.host}:{gateway.smtp_port}, lmtp {settings.lmtp_listen or 'off'}"
+    systemd.notify(f"READY=1\nSTATUS=listening: {listening}")
+    watchdog = asyncio.create_task(systemd.watchdog(), name="watchdog")
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
+        systemd.notify("STOPPING=1\nSTATUS=stopping: finishing the work in hand")
         await gateway.stop()
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ collected and raised together as one `ConfigError`, so an operator fixes them in
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -66,6 +67,8 @@ class Settings:
     authserv_id: str | None = None
     listen: Listen = Listen()
     lmtp_listen: Listen | None = None
+    lmtp_socket_mode: int = 0o660
+    lmtp_socket_group: int | None = None  # a gid; None keeps the group the socket was created with
     database: Path = Path("var/mailgate.db")
     smtp_relay: Relay | None = None
     relay_verify_tls: bool = True
@@ -170,6 +173,8 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         authserv_id=authserv_id,
         listen=p.get("MAILGATE_LISTEN", _listen, Listen()) or Listen(),
         lmtp_listen=p.get("MAILGATE_LMTP_LISTEN", _listen_or_unix, None),
+        lmtp_socket_mode=p.get("MAILGATE_LMTP_SOCKET_MODE", _file_mode, 0o660) or 0o660,
+        lmtp_socket_group=p.get("MAILGATE_LMTP_SOCKET_GROUP", _group, None),
         database=Path(p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"),
         smtp_relay=p.get("MAILGATE_SMTP_RELAY", _relay, None),
         relay_verify_tls=p.get("MAILGATE_RELAY_VERIFY_TLS", _bool, True) is not False,
@@ -344,6 +349,24 @@ def _listen_or_unix(value: str) -> Listen:
             raise ValueError("unix: needs a path")
         return Listen(unix_path=value[5:])
     return _listen(value)
+
+
+def _file_mode(value: str) -> int:
+    try:
+        mode = int(value.removeprefix("0o"), 8)
+    except ValueError:
+        raise ValueError(f"expected an octal mode such as 0660, got {value!r}") from None
+    if not 0 < mode <= 0o777:
+        raise ValueError(f"expected a mode between 0001 and 0777, got {value!r}")
+    return mode
+
+
+def _group(value: str) -> int:
+    """A group name or number, resolved to a gid now so a typo is a bad key, not a failed start."""
+    try:
+        return grp.getgrnam(value).gr_gid if not value.isdigit() else grp.getgrgid(int(value)).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group: {value!r}") from None
 
 
 def _relay(value: str) -> Relay:

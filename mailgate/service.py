@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -154,10 +156,10 @@ class Gateway:
                     require_starttls=s.require_starttls,
                     lmtp=lmtp,
                 )
-                self._servers.append(await _listen(loop, factory, listen))
+                self._servers.append(await _listen(loop, factory, listen, s))
         except OSError as exc:
             await self.stop()
-            raise StartupError(f"cannot listen: {exc}") from exc
+            raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         log.info(
             "started",
             extra={
@@ -224,11 +226,32 @@ class Gateway:
 
 
 async def _listen(
-    loop: asyncio.AbstractEventLoop, factory: Any, listen: Listen
+    loop: asyncio.AbstractEventLoop, factory: Any, listen: Listen, settings: Settings
 ) -> asyncio.base_events.Server:
     if listen.unix_path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen.unix_path)
-        return await loop.create_unix_server(factory, listen.unix_path)
+        return await _listen_unix(loop, factory, listen.unix_path, settings)
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     return await loop.create_server(factory, listen.host, listen.port, family=family, reuse_address=True)
+
+
+async def _listen_unix(
+    loop: asyncio.AbstractEventLoop, factory: Any, path: str, settings: Settings
+) -> asyncio.base_events.Server:
+    """Bind the LMTP socket at `path` with the configured mode and group (the MTA's client connects).
+
+    A socket left by an earlier run is removed; anything else at `path` is refused, never deleted.
+    The mode is set after bind, so it holds whatever the umask (systemd's UMask=0077 included).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket")
+        os.unlink(path)
+    server = await loop.create_unix_server(factory, path)
+    try:
+        if settings.lmtp_socket_group is not None and os.stat(path).st_gid != settings.lmtp_socket_group:
+            os.chown(path, -1, settings.lmtp_socket_group)
+        os.chmod(path, settings.lmtp_socket_mode)
+    except OSError:
+        server.close()
+        raise
+    return server
