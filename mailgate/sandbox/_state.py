@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Literal
+from urllib.parse import quote
 
-from mailgate.sandbox._agent import Directives, FileInfo, chunks, count_tokens, echo_answer
+from mailgate.sandbox._agent import CHUNKS, Directives, FileInfo, count_tokens, deltas, echo_answer
+from mailgate.sandbox._bulk import markdown_answer
 
 Event = dict[str, object]
 
@@ -135,6 +137,7 @@ class SandboxTurn:
     error: str | None = None
     files: list[dict[str, object]] = field(default_factory=list)
     sources: list[dict[str, object]] = field(default_factory=list)
+    served: dict[str, int | None] = field(default_factory=dict)  # name -> generated size (None: the answer)
     events: list[Event] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced after every emit
@@ -222,11 +225,13 @@ class SandboxState:
             base_url=task.base_url,
         )
         task.turns.append(turn)
-        infos = [FileInfo(f.filename, f.size, f.sha256) for f in files]
-        answer = echo_answer(task.id, seq, text, infos)
+        answer: str | None = None  # `answer-bytes`: made by the turn, in a thread
+        if directives.answer_bytes is None:
+            infos = [FileInfo(f.filename, f.size, f.sha256) for f in files]
+            answer = echo_answer(task.id, seq, text, infos)
         delay = directives.slow if directives.slow is not None else self.options.turn_seconds
         runner = asyncio.get_running_loop().create_task(
-            _run_turn(turn, answer, delay, directives.error), name=f"sandbox turn {task.id}#{seq}"
+            _run_turn(turn, answer, delay, directives), name=f"sandbox turn {task.id}#{seq}"
         )
         self._running.add(runner)
         runner.add_done_callback(self._running.discard)
@@ -245,32 +250,42 @@ class SandboxState:
             await asyncio.wait(set(self._running))
 
 
-async def _run_turn(turn: SandboxTurn, answer: str, delay: float, fail: bool) -> None:
-    """The echo agent at work: start, text deltas spread over `delay`, a source, a file, finish.
+async def _run_turn(turn: SandboxTurn, answer: str | None, delay: float, directives: Directives) -> None:
+    """The echo agent at work: start, text deltas spread over `delay`, a source, files, finish.
 
-    A failing turn (`[sandbox:error]`) stops after two deltas with an `error` event. The turn's fields
+    `answer` None: the answer is `directives.answer_bytes` of Markdown, made in a worker thread. A
+    failing turn (`[sandbox:error]`) stops after two deltas with an `error` event. The turn's fields
     are final before `finish` is emitted, so a client that reads `finish` and then GETs the task sees
     the completed turn.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
     turn.input_tokens = count_tokens(turn.input)
-    pieces = chunks(answer)
-    step = delay / len(pieces)
+    credits = directives.credits
     try:
         turn.emit({"type": "start", "messageId": turn.run_id})
         turn.emit({"type": "text-start", "id": "txt_0"})
+        if answer is None:
+            size = directives.answer_bytes or 0
+            heading = f"Sandbox answer of {size} bytes (turn {turn.seq + 1} of {turn.task_id})"
+            answer = await asyncio.to_thread(markdown_answer, size, heading)
+        pieces = deltas(answer)
+        step = delay / len(pieces)
+        written = 0
         for index, piece in enumerate(pieces):
             if step > 0:
                 await asyncio.sleep(step)
-            if fail and index == 2:
+            elif index >= CHUNKS:
+                await asyncio.sleep(0)  # a long answer: let the streams send while it is written
+            if directives.error and index == 2:
                 break
-            turn.output_text += piece
+            written += len(piece)
+            turn.output_text = answer if written == len(answer) else answer[:written]
             turn.emit({"type": "text-delta", "id": "txt_0", "delta": piece})
         turn.emit({"type": "text-end", "id": "txt_0"})
-        if fail:
+        if directives.error:
             turn.error = "the agent failed, as asked by [sandbox:error]"
-            _settle(turn, "error", started)
+            _settle(turn, "error", started, credits)
             turn.emit({"type": "error", "errorText": turn.error})
             return
         source: dict[str, object] = {
@@ -281,24 +296,44 @@ async def _run_turn(turn: SandboxTurn, answer: str, delay: float, fail: bool) ->
         }
         turn.sources.append(source)
         turn.emit({"type": "source-url", "sourceId": "src_1", "url": source["url"], "title": source["title"]})
-        url = f"{turn.base_url}/files/{turn.task_id}/{turn.seq}/echo.txt"
-        size = len(answer.encode())
-        turn.files.append({"filename": "echo.txt", "mediaType": "text/plain", "url": url, "size": size})
-        turn.emit({"type": "file", "url": url, "mediaType": "text/plain"})
-        _settle(turn, "completed", started)
+        if directives.echo_file:
+            length = len(answer.encode()) if directives.answer_bytes is None else directives.answer_bytes
+            echo: dict[str, object] = {"filename": "echo.txt", "mediaType": "text/plain"}
+            _add_file(turn, echo, length, url=None, served=None)
+        for spec in directives.outputs:
+            wire: dict[str, object] = {"filename": spec.name, "mediaType": spec.guessed_type()}
+            declared = spec.size if spec.size is not None else spec.served
+            _add_file(turn, wire, declared, url=spec.url, served=spec.served)
+        _settle(turn, "completed", started, credits)
         turn.emit({"type": "finish"})
     except asyncio.CancelledError:
         turn.error = "the sandbox shut down while the turn ran"
-        _settle(turn, "aborted", started)
+        _settle(turn, "aborted", started, credits)
         raise
     finally:
         turn.done.set()
         turn.emit()
 
 
-def _settle(turn: SandboxTurn, status: str, started: float) -> None:
+def _add_file(
+    turn: SandboxTurn, wire: dict[str, object], size: int | None, *, url: str | None, served: int | None
+) -> None:
+    """Add an output file at `url`, or (`url` None) served by the sandbox under its filename: `served`
+    generated bytes, or the answer text when `served` is None too (echo.txt)."""
+    if url is None:
+        name = str(wire["filename"])
+        turn.served[name] = served
+        url = f"{turn.base_url}/files/{turn.task_id}/{turn.seq}/{quote(name, safe='')}"
+    wire["url"] = url
+    if size is not None:
+        wire["size"] = size
+    turn.files.append(wire)
+    turn.emit({"type": "file", "url": url, "mediaType": wire["mediaType"]})
+
+
+def _settle(turn: SandboxTurn, status: str, started: float, credits: int) -> None:
     turn.status = status
     turn.completed_at = now_iso()
     turn.duration_ms = int((asyncio.get_running_loop().time() - started) * 1000)
-    turn.credits = 1
+    turn.credits = credits
     turn.output_tokens = count_tokens(turn.output_text)
