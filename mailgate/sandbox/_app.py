@@ -19,7 +19,7 @@ from dataclasses import asdict
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from ulid import ULID
@@ -31,7 +31,15 @@ from mailgate.sandbox._bulk import served_file_chunks
 from mailgate.sandbox._dashboard import missing_page, task_page
 from mailgate.sandbox._sse import EventStream
 from mailgate.sandbox._state import RecordedRequest, SandboxState, SandboxTask
-from mailgate.sandbox._wire import error, retry_headers, task_json, turn_json, worker_run_json
+from mailgate.sandbox._wire import (
+    error,
+    json_body,
+    retry_headers,
+    task_json,
+    text_body,
+    turn_json,
+    worker_run_json,
+)
 
 TRIGGERS = ("api", "ui", "email", "schedule")
 
@@ -160,7 +168,7 @@ class _Api:
             return EventStream(turn, options.heartbeat_seconds, cut=directives.cut)
         await turn.done.wait()
         if turn.status == "completed":
-            return JSONResponse(worker_run_json(task, turn))
+            return await json_body(worker_run_json(task, turn))
         return error(503 if turn.status == "aborted" else 500, turn.error or "the turn failed")
 
     def _task(self, request: Request) -> SandboxTask:
@@ -173,13 +181,13 @@ class _Api:
         task = self._task(request)
         if self.state.options.era == "new":
             return JSONResponse({"task": task_json(task)})
-        return JSONResponse({"task": task_json(task), "turns": [turn_json(t) for t in task.turns]})
+        return await json_body({"task": task_json(task), "turns": [turn_json(t) for t in task.turns]})
 
     async def get_turns(self, request: Request) -> Response:
         if self.state.options.era != "new":
             return error(404, "not found (turns have their own endpoint only in the new era)")
         task = self._task(request)
-        return JSONResponse({"items": [turn_json(t) for t in task.turns], "taskId": task.id})
+        return await json_body({"items": [turn_json(t) for t in task.turns], "taskId": task.id})
 
     async def delete_task(self, request: Request) -> Response:
         self._task(request).archived = True
@@ -194,7 +202,7 @@ class _Api:
         task = next((t for t in tasks if wanted is None or t.id == wanted), None)
         if task is None:
             return error(404, "task not found" if wanted else f"no task has run on worker {worker_id}")
-        return JSONResponse(worker_run_json(task, task.turns[-1]))
+        return await json_body(worker_run_json(task, task.turns[-1]))
 
     async def get_file(self, request: Request) -> Response:
         """An output file the sandbox serves: echo.txt (the answer) or a `file-bytes` file."""
@@ -206,7 +214,7 @@ class _Api:
             return error(404, "file not found")
         size = turn.served[name]
         if size is None:
-            return PlainTextResponse(turn.output_text)
+            return await text_body(turn.output_text)
         kind = next((str(f["mediaType"]) for f in turn.files if f.get("filename") == name), "")
         return StreamingResponse(
             _aiter(served_file_chunks(name, size)),
