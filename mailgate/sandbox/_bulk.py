@@ -1,6 +1,7 @@
 """Bulk output for load and limit tests: Markdown answers and file bytes of an exact size. Pure: no I/O.
 
-`markdown_answer(size, heading)` is exactly `size` bytes of UTF-8 and the same for the same arguments.
+`long_answer(task_id, seq, size)` (the `answer-bytes` switch) is `markdown_answer(size, heading)`:
+exactly `size` bytes of UTF-8 and the same for the same arguments.
 It reads like an agent's long report: headings, paragraphs with emphasis, inline code and links, bullet,
 numbered, nested and task lists, block quotes, tables and fenced code, with numbers that change from
 section to section, so a renderer does the work it would do on a real answer (nothing is repeated
@@ -54,9 +55,16 @@ _TOPICS = (
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
+_OPENERS = ("In run {}, ", "For batch {}, ", "Across {} samples, ", "As of step {}, ", "In region {}, ")
+
+
 def _sentences(i: int, count: int) -> str:
+    """`count` sentences, the first opened with a phrase naming `i` (so paragraphs rarely repeat)."""
     n = len(_SENTENCES)
-    return " ".join(_SENTENCES[(i * 7 + j * 11) % n] for j in range(count))
+    first = _SENTENCES[i * 7 % n]
+    opener = _OPENERS[i % len(_OPENERS)].format(i * 37 % 1009)
+    rest = (_SENTENCES[(i * 7 + j * 11) % n] for j in range(1, count))
+    return " ".join((opener + first[0].lower() + first[1:], *rest))
 
 
 def _section(i: int) -> str:
@@ -110,7 +118,8 @@ def _section(i: int) -> str:
             f"\n\n---\n\n"
         )
     tasks = "".join(
-        f"- [{'x' if (i + j) % 2 else ' '}] {_SENTENCES[(i + j * 3) % len(_SENTENCES)]}\n" for j in range(3)
+        f"- [{'x' if (i + j) % 2 else ' '}] Ticket {i * 3 + j}: {_SENTENCES[(i + j * 3) % len(_SENTENCES)]}\n"
+        for j in range(3)
     )
     return f"{tasks}\n```sh\nmake report REGION={word} RUN={i} --limit {i % 50 + 10}\n```\n\n"
 
@@ -132,6 +141,12 @@ def markdown_answer(size: int, heading: str) -> str:
     while end > 0 and raw[end] & 0xC0 == 0x80:  # do not split a character: pad with spaces instead
         end -= 1
     return raw[:end].decode() + " " * (size - 1 - end) + "\n"
+
+
+def long_answer(task_id: str, seq: int, size: int) -> str:
+    """The answer of `[sandbox:answer-bytes=size]` in turn `seq` (0-based) of `task_id`: `size` bytes
+    under the heading "Sandbox answer of {size} bytes (turn {seq + 1} of {task_id})"."""
+    return markdown_answer(size, f"Sandbox answer of {size} bytes (turn {seq + 1} of {task_id})")
 
 
 def _block(name: str) -> bytes:

@@ -17,7 +17,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from mailgate.sandbox._agent import CHUNKS, Directives, FileInfo, count_tokens, deltas, echo_answer
-from mailgate.sandbox._bulk import markdown_answer
+from mailgate.sandbox._bulk import long_answer
 
 Event = dict[str, object]
 
@@ -267,8 +267,7 @@ async def _run_turn(turn: SandboxTurn, answer: str | None, delay: float, directi
         turn.emit({"type": "text-start", "id": "txt_0"})
         if answer is None:
             size = directives.answer_bytes or 0
-            heading = f"Sandbox answer of {size} bytes (turn {turn.seq + 1} of {turn.task_id})"
-            answer = await asyncio.to_thread(markdown_answer, size, heading)
+            answer = await asyncio.to_thread(long_answer, turn.task_id, turn.seq, size)
         pieces = deltas(answer)
         step = delay / len(pieces)
         written = 0
