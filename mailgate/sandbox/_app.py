@@ -212,14 +212,12 @@ class _Api:
         turn = task.turns[seq] if 0 <= seq < len(task.turns) else None
         if turn is None or name not in turn.served:
             return error(404, "file not found")
-        size = turn.served[name]
-        if size is None:
+        served = turn.served[name]
+        if served is None:
             return await text_body(turn.output_text)
-        kind = next((str(f["mediaType"]) for f in turn.files if f.get("filename") == name), "")
+        size, kind = served
         return StreamingResponse(
-            _aiter(served_file_chunks(name, size)),
-            media_type=kind or "application/octet-stream",
-            headers={"content-length": str(size)},
+            _aiter(served_file_chunks(name, size)), media_type=kind, headers={"content-length": str(size)}
         )
 
     async def redirect(self, request: Request) -> Response:
