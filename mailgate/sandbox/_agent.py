@@ -190,15 +190,12 @@ def echo_answer(task_id: str, seq: int, text: str, files: list[FileInfo]) -> str
     return "\n".join(lines) + "\n"
 
 
-def deltas(answer: str) -> list[str]:
-    """The text deltas of `answer`: `CHUNKS` of them, or 64 KiB each when that makes more."""
-    return chunks(answer, max(CHUNKS, -(-len(answer) // _BIG_DELTA)))
-
-
-def chunks(answer: str, count: int = CHUNKS) -> list[str]:
-    """Split `answer` into at most `count` non-empty pieces whose concatenation is `answer`."""
-    size = max(1, -(-len(answer) // count))
-    return [answer[i : i + size] for i in range(0, len(answer), size)] or [""]
+def delta_starts(length: int) -> range:
+    """Where the text deltas of an answer of `length` characters start (each runs to the next, the
+    last to the end): `CHUNKS` deltas, or 64 KiB each when that makes more; one empty delta for "".
+    Slicing each delta when it is sent keeps a 10 MB answer from being copied all at once."""
+    size = max(1, -(-length // max(CHUNKS, -(-length // _BIG_DELTA))))
+    return range(0, max(length, 1), size)
 
 
 def title_of(text: str, limit: int = 80) -> str:

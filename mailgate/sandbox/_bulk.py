@@ -7,7 +7,8 @@ numbered, nested and task lists, block quotes, tables and fenced code, with numb
 section to section, so a renderer does the work it would do on a real answer (nothing is repeated
 verbatim for long). Its non-ASCII characters are all in Latin-1 (é, °, ±, ×, «»; no em dash or
 curly quotes), so CPython keeps the text at one byte per character: a 10 MB answer costs 10 MB of
-memory, not 20. About 0.3 s per 10 MB on one core; the sandbox makes it in a worker thread.
+memory, not 20. About 0.3 s per 10 MB on one core; the sandbox makes it a slice at a time on its
+loop (`markdown_pieces`): in a thread it would hold the GIL in 5 ms turns and slow the loop more.
 
 `served_file_bytes(name, size)` are the bytes the sandbox serves for `[sandbox:file-bytes=size
 name=name]`: a 64 KiB block of seeded random bytes (seed: the name) repeated, so different names give
@@ -126,27 +127,37 @@ def _section(i: int) -> str:
 
 def markdown_answer(size: int, heading: str) -> str:
     """Exactly `size` bytes (UTF-8) of Markdown under a `# heading`, ending in a newline; "" for 0."""
+    return "".join(markdown_pieces(size, heading))
+
+
+def markdown_pieces(size: int, heading: str) -> Iterator[str]:
+    """`markdown_answer(size, heading)` a section (0.5 to 1.5 KB) at a time, for callers that yield
+    to an event loop between pieces instead of holding it for the whole text."""
     if size <= 0:
-        return ""
-    parts = [f"# {heading}\n\n"]
-    total = len(parts[0].encode())
-    i = 0
-    while total < size:
-        section = _section(i)
-        parts.append(section)
-        total += len(section.encode())
-        i += 1
-    raw = "".join(parts).encode()
-    end = size - 1
-    while end > 0 and raw[end] & 0xC0 == 0x80:  # do not split a character: pad with spaces instead
-        end -= 1
-    return raw[:end].decode() + " " * (size - 1 - end) + "\n"
+        return
+    budget = size - 1  # bytes before the final newline
+    piece, i = f"# {heading}\n\n", 0
+    while True:
+        raw = piece.encode()
+        if len(raw) > budget:  # the last piece: cut it
+            end = budget
+            while end > 0 and raw[end] & 0xC0 == 0x80:  # do not split a character: pad instead
+                end -= 1
+            yield raw[:end].decode() + " " * (budget - end) + "\n"
+            return
+        yield piece
+        budget -= len(raw)
+        piece, i = _section(i), i + 1
 
 
 def long_answer(task_id: str, seq: int, size: int) -> str:
     """The answer of `[sandbox:answer-bytes=size]` in turn `seq` (0-based) of `task_id`: `size` bytes
     under the heading "Sandbox answer of {size} bytes (turn {seq + 1} of {task_id})"."""
-    return markdown_answer(size, f"Sandbox answer of {size} bytes (turn {seq + 1} of {task_id})")
+    return markdown_answer(size, long_heading(task_id, seq, size))
+
+
+def long_heading(task_id: str, seq: int, size: int) -> str:
+    return f"Sandbox answer of {size} bytes (turn {seq + 1} of {task_id})"
 
 
 def _block(name: str) -> bytes:

@@ -16,8 +16,8 @@ from fnmatch import fnmatchcase
 from typing import Literal
 from urllib.parse import quote
 
-from mailgate.sandbox._agent import CHUNKS, Directives, FileInfo, count_tokens, deltas, echo_answer
-from mailgate.sandbox._bulk import long_answer
+from mailgate.sandbox._agent import CHUNKS, Directives, FileInfo, count_tokens, delta_starts, echo_answer
+from mailgate.sandbox._bulk import long_heading, markdown_pieces
 
 Event = dict[str, object]
 
@@ -128,7 +128,8 @@ class SandboxTurn:
     started_at: str = field(default_factory=now_iso)
     created_at: int = field(default_factory=lambda: int(datetime.now(UTC).timestamp()))
     status: str = "running"  # running | completed | error | aborted
-    output_text: str = ""
+    answer: str = ""  # the whole answer the agent is writing (set when it starts to)
+    written: int = 0  # characters of `answer` sent as text deltas so far
     completed_at: str | None = None
     credits: int = 0
     duration_ms: int = 0
@@ -146,6 +147,12 @@ class SandboxTurn:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def output_text(self) -> str:
+        """The answer as far as written (a copy is made only when read mid-turn: a 10 MB answer
+        streamed as 160 deltas would otherwise copy about 800 MB)."""
+        return self.answer if self.written >= len(self.answer) else self.answer[: self.written]
 
     def emit(self, event: Event | None = None) -> None:
         """Append a stream event (None only wakes the listeners) and wake whoever waits on `changed`."""
@@ -254,7 +261,7 @@ class SandboxState:
 async def _run_turn(turn: SandboxTurn, answer: str | None, delay: float, directives: Directives) -> None:
     """The echo agent at work: start, text deltas spread over `delay`, a source, files, finish.
 
-    `answer` None: the answer is `directives.answer_bytes` of Markdown, made in a worker thread. A
+    `answer` None: the answer is `directives.answer_bytes` of Markdown, made a slice at a time. A
     failing turn (`[sandbox:error]`) stops after two deltas with an `error` event. The turn's fields
     are final before `finish` is emitted, so a client that reads `finish` and then GETs the task sees
     the completed turn.
@@ -267,20 +274,19 @@ async def _run_turn(turn: SandboxTurn, answer: str | None, delay: float, directi
         turn.emit({"type": "start", "messageId": turn.run_id})
         turn.emit({"type": "text-start", "id": "txt_0"})
         if answer is None:
-            size = directives.answer_bytes or 0
-            answer = await asyncio.to_thread(long_answer, turn.task_id, turn.seq, size)
-        pieces = deltas(answer)
-        step = delay / len(pieces)
-        written = 0
-        for index, piece in enumerate(pieces):
+            answer = await _long_answer(turn, directives.answer_bytes or 0)
+        starts = delta_starts(len(answer))
+        step = delay / len(starts)
+        turn.answer = answer
+        for index, start in enumerate(starts):
             if step > 0:
                 await asyncio.sleep(step)
             elif index >= CHUNKS:
                 await asyncio.sleep(0)  # a long answer: let the streams send while it is written
             if directives.error and index == 2:
                 break
-            written += len(piece)
-            turn.output_text = answer if written == len(answer) else answer[:written]
+            piece = answer[start : start + starts.step]
+            turn.written += len(piece)
             turn.emit({"type": "text-delta", "id": "txt_0", "delta": piece})
         turn.emit({"type": "text-end", "id": "txt_0"})
         if directives.error:
@@ -313,6 +319,16 @@ async def _run_turn(turn: SandboxTurn, answer: str | None, delay: float, directi
     finally:
         turn.done.set()
         turn.emit()
+
+
+async def _long_answer(turn: SandboxTurn, size: int) -> str:
+    """`long_answer(...)` made 128 sections (~150 KB, a few ms) at a time, yielding to the loop between."""
+    parts: list[str] = []
+    for piece in markdown_pieces(size, long_heading(turn.task_id, turn.seq, size)):
+        parts.append(piece)
+        if len(parts) % 128 == 0:
+            await asyncio.sleep(0)
+    return "".join(parts)
 
 
 def _add_file(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from mailgate.sandbox._state import SandboxTask, SandboxTurn
 
@@ -133,16 +133,29 @@ async def json_body(payload: object, status: int = 200) -> Response:
             await asyncio.sleep(0)
         parts.append(b'"')
     parts.append(text.encode())
-    return Response(b"".join(parts), status_code=status, media_type="application/json")
+    return _slices(parts, status, "application/json")
 
 
 async def text_body(text: str) -> Response:
     """`PlainTextResponse(text)`, encoded a slice at a time when long."""
+    if len(text) <= _LONG:
+        return PlainTextResponse(text)
     parts: list[bytes] = []
     for start in range(0, len(text), _LONG):
         parts.append(text[start : start + _LONG].encode())
         await asyncio.sleep(0)
-    return Response(b"".join(parts), media_type="text/plain")
+    return _slices(parts, 200, "text/plain")
+
+
+def _slices(parts: list[bytes], status: int, media_type: str) -> Response:
+    """A body sent slice by slice with its Content-Length (never joined into one 10 MB copy)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    length = str(sum(len(p) for p in parts))
+    return StreamingResponse(body(), status, {"content-length": length}, media_type)
 
 
 def _dumps(value: object) -> str:
