@@ -233,7 +233,7 @@ class SandboxState:
             base_url=task.base_url,
         )
         task.turns.append(turn)
-        answer: str | None = None  # `answer-bytes`: made by the turn, in a thread
+        answer: str | None = None  # `answer-bytes`: the turn makes it, a slice at a time
         if directives.answer_bytes is None:
             infos = [FileInfo(f.filename, f.size, f.sha256) for f in files]
             answer = echo_answer(task.id, seq, text, infos)
