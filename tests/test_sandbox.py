@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
+from html.parser import HTMLParser
 
 import handinger
 import httpx
@@ -14,7 +17,7 @@ from handinger.types import DeleteTaskResponse, Task, TaskWithTurns, Worker
 from handinger.types.task_with_turns import Turn
 from httpx_sse import aconnect_sse
 
-from mailgate.sandbox import RunningSandbox, SandboxOptions, run_sandbox
+from mailgate.sandbox import RunningSandbox, SandboxOptions, long_answer, run_sandbox, served_file_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -255,6 +258,15 @@ async def test_worker_allowlist() -> None:
         ({"input": "x", "workerId": "wrk_1", "taskId": "t" * 101}, 400, "taskId"),
         ({"input": "x", "workerId": "wrk_1", "triggeredBy": "fax"}, 422, "triggeredBy"),
         ({"input": "[sandbox:status=abc]", "workerId": "wrk_1"}, 400, "sandbox directive"),
+        ({"input": "[sandbox:name=a.txt]", "workerId": "wrk_1"}, 400, "'name=a.txt'"),
+        ({"input": "[sandbox:answer-bytes=-1]", "workerId": "wrk_1"}, 400, "answer-bytes"),
+        ({"input": "[sandbox:answer-bytes=999999999999]", "workerId": "wrk_1"}, 400, "answer-bytes"),
+        ({"input": "[sandbox:file-url=]", "workerId": "wrk_1"}, 400, "file-url"),
+        ({"input": "[sandbox:file-bytes=1 size=-1]", "workerId": "wrk_1"}, 400, "size"),
+        ({"input": "[sandbox:file-bytes=1 name=echo.txt]", "workerId": "wrk_1"}, 400, "echo.txt"),
+        ({"input": "[sandbox:file-bytes=1 name=a%2Fb]", "workerId": "wrk_1"}, 400, "'a/b'"),
+        ({"input": "[sandbox:file-bytes=1 name=x file-bytes=2 name=x]", "workerId": "wrk_1"}, 400, "unique"),
+        ({"input": "[sandbox:credits=-1]", "workerId": "wrk_1"}, 400, "credits"),
         ([1, 2], 400, "JSON object"),
     ],
 )
@@ -445,3 +457,245 @@ async def test_leaving_aborts_running_turns() -> None:
     (task,) = sb.state.tasks.values()
     assert task.status == "aborted"
     assert task.turns[0].completed_at is not None
+
+
+# --- switches for load, output-file and usage tests ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 300_001, 3 * MiB + 7])
+async def test_answer_bytes_is_exactly_that_long(
+    sb: RunningSandbox, sdk: handinger.AsyncHandinger, http: httpx.AsyncClient, size: int
+) -> None:
+    """`answer-bytes=N` answers exactly N bytes (UTF-8), the same text in the run, the turn and echo.txt."""
+    run = await sdk.tasks.create(
+        input=f"big [sandbox:answer-bytes={size}]", worker_id="wrk_b", task_id="tsk_b"
+    )
+    assert len(run.output_text.encode()) == size
+    assert run.output_text == long_answer("tsk_b", 0, size)
+    assert run.output[0].content[0].text == run.output_text
+    (turn,) = (await sdk.tasks.retrieve("tsk_b")).turns
+    assert turn.output_text == run.output_text
+    assert turn.output_tokens == (max(1, len(turn.output_text) // 4) if size else 0)
+    echo = await http.get(run.files[0].url)
+    assert echo.content == run.output_text.encode()
+    assert sb.state.tasks["tsk_b"].turns[0].files[0]["size"] == size
+
+
+async def test_long_answer_reads_like_varied_markdown() -> None:
+    """The generated answer has headings, lists, a table, code, quotes, links and non-ASCII text."""
+    text = long_answer("tsk_md", 0, 200_000)
+    assert text.startswith("# Sandbox answer of 200000 bytes (turn 1 of tsk_md)\n\n## 1. ")
+    for mark in ("\n## ", "\n### ", "\n- **", "\n1. Step", "\n   - ", "|---|---:|", "```python\n", "```sh\n",
+                 "\n> ", "](https://example.com/", "\n- [x] ", "\n---\n", "°C", "×", "«"):  # fmt: skip
+        assert mark in text, mark
+    paragraphs = [p for p in text.split("\n\n") if len(p) > 20]
+    assert len(set(paragraphs)) > 0.9 * len(paragraphs)
+    assert long_answer("tsk_md", 0, 200_000) == text
+    assert long_answer("tsk_md", 1, 200_000) != text
+
+
+async def test_long_answer_streams_in_large_deltas(sb: RunningSandbox, http: httpx.AsyncClient) -> None:
+    """A 10 MiB answer streams as 64 KiB deltas (160 events, not one per word) that add up to it."""
+    size = 10 * MiB
+    body = {
+        "input": f"[sandbox:answer-bytes={size}]",
+        "workerId": "wrk_s",
+        "taskId": "tsk_m",
+        "stream": True,
+    }
+    data = await sse_events(http, body)
+    assert data[-1] == "[DONE]"
+    deltas = [e["delta"] for e in map(json.loads, data[:-1]) if e["type"] == "text-delta"]
+    assert 150 <= len(deltas) <= 170
+    assert max(len(d) for d in deltas) <= 64 * 1024
+    assert "".join(deltas) == sb.state.turns_of("tsk_m")[0].output_text
+    assert len("".join(deltas).encode()) == size
+
+
+async def test_long_texts_keep_every_character(sb: RunningSandbox, sdk: handinger.AsyncHandinger) -> None:
+    """Inputs and answers over 256 KiB (encoded in slices) keep quotes, backslashes and controls."""
+    text = 'q"\\\x01\té—😀 [x]\n' * 30_000
+    run = await sdk.tasks.create(input=text, worker_id="wrk_t", task_id="tsk_t")
+    got = await sdk.tasks.retrieve("tsk_t")
+    assert got.turns[0].input == text
+    assert got.turns[0].output_text == run.output_text == sb.state.turns_of("tsk_t")[0].output_text
+    assert '> q"\\\x01\té—😀 [x]' in run.output_text
+    assert (await sdk.workers.retrieve("wrk_t")).output_text == run.output_text
+
+
+async def test_file_url_outputs_appear_everywhere(sb: RunningSandbox, http: httpx.AsyncClient) -> None:
+    """`file-url` files keep their exact URL (IPv6 brackets, query) in the run, the stream and the turn."""
+    redirect = f"{sb.url}/files/redirect?to=http://10.0.0.1/secret&status=307"
+    text = (
+        "[sandbox:file-url=http://127.0.0.1:18999/x.bin] "
+        "[sandbox:file-url=http://[::1]:9/y name=a%20b.pdf size=5 type=application/x-thing] "
+        f"[sandbox:no-echo-file file-url={redirect} name=r.txt]"
+    )
+    expected = [
+        {"filename": None, "mediaType": "application/octet-stream", "url": "http://127.0.0.1:18999/x.bin"},
+        {"filename": "a b.pdf", "mediaType": "application/x-thing", "url": "http://[::1]:9/y", "size": 5},
+        {"filename": "r.txt", "mediaType": "text/plain", "url": redirect},
+    ]
+    body = {"input": text, "workerId": "wrk_u", "taskId": "tsk_u"}
+    run = Worker.model_validate((await http.post("/api/tasks", json=body)).json())
+    assert [(f.filename, f.media_type, f.url) for f in run.files] == [
+        (e["filename"], e["mediaType"], e["url"]) for e in expected
+    ]
+    assert (await http.get("/api/tasks/tsk_u")).json()["turns"][0]["files"] == expected
+    data = await sse_events(http, {"input": text, "taskId": "tsk_u", "stream": True})
+    files = [e for e in map(json.loads, data[:-1]) if e["type"] == "file"]
+    assert files == [{"type": "file", "url": e["url"], "mediaType": e["mediaType"]} for e in expected]
+
+
+async def test_file_bytes_are_served_with_their_length(
+    sb: RunningSandbox, sdk: handinger.AsyncHandinger, http: httpx.AsyncClient
+) -> None:
+    """`file-bytes=N` serves N deterministic bytes at /files/...; `size=` may declare something else."""
+    text = (
+        "[sandbox:file-bytes=12000000 name=big.bin] [sandbox:file-bytes=300 size=7 file-bytes=10 name=r.pdf]"
+    )
+    run = await sdk.tasks.create(input=text, worker_id="wrk_f", task_id="tsk_fb")
+    assert [(f.filename, f.media_type) for f in run.files] == [
+        ("echo.txt", "text/plain"),
+        ("big.bin", "application/octet-stream"),
+        ("file-2.bin", "application/octet-stream"),
+        ("r.pdf", "application/pdf"),
+    ]
+    assert run.files[1].url == f"{sb.url}/files/tsk_fb/0/big.bin"
+    assert [f.get("size") for f in sb.state.turns_of("tsk_fb")[0].files][1:] == [12_000_000, 7, 10]
+    big = await http.get(run.files[1].url)
+    assert (big.status_code, big.headers["content-length"]) == (200, "12000000")
+    assert big.content == served_file_bytes("big.bin", 12_000_000)
+    assert len(zlib.compress(big.content[:MiB])) > 0.99 * MiB  # like real files, not a run of zeros
+    liar = await http.get(run.files[2].url)
+    assert (len(liar.content), liar.content) == (300, served_file_bytes("file-2.bin", 300))
+    pdf = await http.get(run.files[3].url)
+    assert (pdf.headers["content-type"], pdf.content) == ("application/pdf", served_file_bytes("r.pdf", 10))
+    assert served_file_bytes("r.pdf", 10) != served_file_bytes("s.pdf", 10)
+    assert (await http.get(f"{sb.url}/files/tsk_fb/0/other.bin")).status_code == 404
+    async with httpx.AsyncClient() as anonymous:
+        assert (await anonymous.get(run.files[1].url)).status_code == 401
+
+
+async def test_redirect_endpoint(sb: RunningSandbox, http: httpx.AsyncClient) -> None:
+    """GET /files/redirect?to=URL answers 302 (or the status asked) to URL as given; it needs the key."""
+    to = "http://127.0.0.1:18999/x.bin?a=1&b=%2F"
+    response = await http.get("/files/redirect", params={"to": to})
+    assert (response.status_code, response.headers["location"]) == (302, to)
+    moved = await http.get("/files/redirect", params={"to": "/files/x", "status": "308"})
+    assert (moved.status_code, moved.headers["location"]) == (308, "/files/x")
+    assert (await http.get("/files/redirect")).status_code == 400
+    assert (await http.get("/files/redirect", params={"to": to, "status": "200"})).status_code == 400
+    run = Worker.model_validate(
+        (await http.post("/api/tasks", json={"input": "hi", "workerId": "wrk_r"})).json()
+    )
+    followed = await http.get("/files/redirect", params={"to": run.files[0].url}, follow_redirects=True)
+    assert followed.text == run.output_text
+    async with httpx.AsyncClient(base_url=sb.url) as anonymous:
+        assert (await anonymous.get("/files/redirect", params={"to": to})).status_code == 401
+
+
+class _Page(HTMLParser):
+    """The tags, links and text of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.hrefs: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.hrefs += [v or "" for k, v in attrs if k == "href"]
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+async def test_dashboard_page_escapes_attacker_text(sb: RunningSandbox, http: httpx.AsyncClient) -> None:
+    """The task url answers a small HTML page without a key; inputs, answers and URLs are escaped."""
+    hostile = '<script>alert(1)</script> "quoted" & <img src=x onerror=alert(2)>'
+    text = f"{hostile}\n[sandbox:file-url=javascript:alert(3) name=<b>evil</b>.exe] [sandbox:credits=4]"
+    run = Worker.model_validate(
+        (await http.post("/api/tasks", json={"input": text, "workerId": "wrk_d", "taskId": "tsk_d"})).json()
+    )
+    async with httpx.AsyncClient() as browser:
+        page = await browser.get(run.url)
+        missing = await browser.get(f"{sb.url}/dashboard/tasks/tsk_<none>")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["referrer-policy"] == "no-referrer"
+    parsed = _Page()
+    parsed.feed(page.text)
+    assert not {"script", "img", "b", "iframe"} & set(parsed.tags)
+    assert parsed.hrefs == [run.files[0].url, "https://example.com/sandbox/source"]
+    shown = "".join(parsed.text)
+    assert hostile in shown
+    assert "<b>evil</b>.exe" in shown
+    assert "tsk_d" in shown
+    assert "completed" in shown
+    assert "4 credits" in shown
+    assert missing.status_code == 404
+    assert "<none>" not in missing.text
+    assert "tsk_&lt;none&gt;" in missing.text
+
+
+async def test_dashboard_page_cuts_long_answers(sdk: handinger.AsyncHandinger) -> None:
+    """A 1 MiB answer gives a page of about 64 KiB that says how much it left out."""
+    run = await sdk.tasks.create(input=f"[sandbox:answer-bytes={MiB}]", worker_id="wrk_l")
+    async with httpx.AsyncClient() as browser:
+        page = await browser.get(run.url)
+    assert page.status_code == 200
+    assert len(page.content) < 80_000
+    assert f"[… {len(run.output_text) - 64 * 1024} more characters not shown]" in page.text
+    assert "Sandbox answer of 1048576 bytes" in page.text
+
+
+@pytest.mark.parametrize("era", ["seed", "new"])
+async def test_usage_figures(era: str) -> None:
+    """Task totals sum the turns' credits and durations; turns carry credits, duration and tokens."""
+    async with (
+        run_sandbox(SandboxOptions(era=era)) as sb,  # type: ignore[arg-type]
+        httpx.AsyncClient(base_url=sb.url, timeout=10) as http,
+    ):
+        first = await http.post(
+            "/api/tasks",
+            json={"input": "one [sandbox:credits=3 slow=0.2]", "workerId": "wrk_u", "taskId": "tsk_use"},
+        )
+        usage = Worker.model_validate(first.json()).usage
+        assert usage is not None
+        assert usage.credits == 3
+        assert usage.duration_ms is not None and usage.duration_ms >= 200
+        await http.post("/api/tasks", json={"input": "two [sandbox:credits=5]", "taskId": "tsk_use"})
+        await http.post("/api/tasks", json={"input": "three", "taskId": "tsk_use"})
+        task = Task.model_validate((await http.get("/api/tasks/tsk_use")).json()["task"])
+        raw = (
+            (await http.get("/api/tasks/tsk_use/turns")).json()["items"]
+            if era == "new"
+            else ((await http.get("/api/tasks/tsk_use")).json()["turns"])
+        )
+    turns = [Turn.model_validate(t) for t in raw]
+    assert [t.credits for t in turns] == [3, 5, 1]
+    assert turns[0].duration_ms >= 200
+    assert (task.totals.credits, task.totals.turn_count) == (9, 3)
+    assert task.totals.duration_ms == sum(t.duration_ms for t in turns)
+    assert all(t.input_tokens == len(t.input) // 4 for t in turns)
+    assert all(t.output_tokens == len(t.output_text) // 4 > 0 for t in turns)
+
+
+async def test_long_turn_heartbeats_throughout() -> None:
+    """A turn of `turn_seconds` sends `: ping` while quiet, before and between its text deltas."""
+    async with (
+        run_sandbox(SandboxOptions(turn_seconds=1.2, heartbeat_seconds=0.1)) as sb,
+        httpx.AsyncClient(base_url=sb.url) as http,
+        http.stream("POST", "/api/tasks", json={"input": "slow", "workerId": "wrk_h", "stream": True}) as r,
+    ):
+        lines = [line async for line in r.aiter_lines() if line]
+    kinds = [line if line == ": ping" else json.loads(line[6:])["type"] for line in lines[:-1]]
+    deltas = [i for i, kind in enumerate(kinds) if kind == "text-delta"]
+    assert len(deltas) == 4
+    assert ": ping" in kinds[: deltas[0]]
+    assert all(": ping" in kinds[a:b] for a, b in itertools.pairwise(deltas))
+    (turn,) = next(iter(sb.state.tasks.values())).turns
+    assert turn.duration_ms >= 1200

@@ -1,7 +1,8 @@
 """The sandbox's HTTP surface: the Handinger API subset mailgate uses, plus `/_sandbox/` controls.
 
 Every `/api` and `/files` request first meets `_Gate`: a queued global fault answers it, then a wrong
-or missing bearer key gets 401 (only when `SandboxOptions.api_key` is set). `/_sandbox/` needs no key.
+or missing bearer key gets 401 (only when `SandboxOptions.api_key` is set). `/_sandbox/` needs no key
+and meets no fault; the `/dashboard/` pages meet faults but need no key (see `_dashboard`).
 Checks on POST /api/tasks, in order: body (400/413), `input` (400), `budget` (422), `stream` in the new
 era (400), ids (400), `triggeredBy` (422), directives (400, or the status they ask for), then the task
 and worker (404 unknown worker or archived task, 403 another worker's task, 409 a turn still running).
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from ulid import ULID
@@ -25,9 +27,19 @@ from ulid import ULID
 from mailgate.models import BUDGETS
 from mailgate.sandbox._agent import parse_directives, title_of
 from mailgate.sandbox._body import Body, drain, read_body
+from mailgate.sandbox._bulk import served_file_chunks
+from mailgate.sandbox._dashboard import missing_page, task_page
 from mailgate.sandbox._sse import EventStream
 from mailgate.sandbox._state import RecordedRequest, SandboxState, SandboxTask
-from mailgate.sandbox._wire import error, retry_headers, task_json, turn_json, worker_run_json
+from mailgate.sandbox._wire import (
+    error,
+    json_body,
+    retry_headers,
+    task_json,
+    text_body,
+    turn_json,
+    worker_run_json,
+)
 
 TRIGGERS = ("api", "ui", "email", "schedule")
 
@@ -41,7 +53,9 @@ def create_app(state: SandboxState) -> Starlette:
         Route("/api/tasks/{task_id}", api.delete_task, methods=["DELETE"]),
         Route("/api/tasks/{task_id}/turns", api.get_turns, methods=["GET"]),
         Route("/api/workers/{worker_id}", api.get_worker, methods=["GET"]),
+        Route("/files/redirect", api.redirect, methods=["GET"]),
         Route("/files/{task_id}/{seq:int}/{name}", api.get_file, methods=["GET"]),
+        Route("/dashboard/tasks/{task_id}", api.dashboard, methods=["GET"]),
         Route("/_sandbox/faults", api.push_fault, methods=["POST"]),
         Route("/_sandbox/faults", api.clear_faults, methods=["DELETE"]),
         Route("/_sandbox/requests", api.list_requests, methods=["GET"]),
@@ -75,7 +89,7 @@ class _Gate:
             answer = error(
                 fault.status, f"sandbox fault: HTTP {fault.status}", retry_headers(fault.retry_after)
             )
-        elif key is not None:
+        elif key is not None and not scope["path"].startswith("/dashboard/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + key.encode()):
                 answer = error(401, "missing or invalid API key")
@@ -154,7 +168,7 @@ class _Api:
             return EventStream(turn, options.heartbeat_seconds, cut=directives.cut)
         await turn.done.wait()
         if turn.status == "completed":
-            return JSONResponse(worker_run_json(task, turn))
+            return await json_body(worker_run_json(task, turn))
         return error(503 if turn.status == "aborted" else 500, turn.error or "the turn failed")
 
     def _task(self, request: Request) -> SandboxTask:
@@ -167,13 +181,13 @@ class _Api:
         task = self._task(request)
         if self.state.options.era == "new":
             return JSONResponse({"task": task_json(task)})
-        return JSONResponse({"task": task_json(task), "turns": [turn_json(t) for t in task.turns]})
+        return await json_body({"task": task_json(task), "turns": [turn_json(t) for t in task.turns]})
 
     async def get_turns(self, request: Request) -> Response:
         if self.state.options.era != "new":
             return error(404, "not found (turns have their own endpoint only in the new era)")
         task = self._task(request)
-        return JSONResponse({"items": [turn_json(t) for t in task.turns], "taskId": task.id})
+        return await json_body({"items": [turn_json(t) for t in task.turns], "taskId": task.id})
 
     async def delete_task(self, request: Request) -> Response:
         self._task(request).archived = True
@@ -188,15 +202,35 @@ class _Api:
         task = next((t for t in tasks if wanted is None or t.id == wanted), None)
         if task is None:
             return error(404, "task not found" if wanted else f"no task has run on worker {worker_id}")
-        return JSONResponse(worker_run_json(task, task.turns[-1]))
+        return await json_body(worker_run_json(task, task.turns[-1]))
 
     async def get_file(self, request: Request) -> Response:
+        """An output file the sandbox serves: echo.txt (the answer) or a `file-bytes` file."""
         task = self._task(request)
         seq: int = request.path_params["seq"]
+        name: str = request.path_params["name"]
         turn = task.turns[seq] if 0 <= seq < len(task.turns) else None
-        if turn is None or request.path_params["name"] != "echo.txt" or not turn.files:
+        if turn is None or name not in turn.served:
             return error(404, "file not found")
-        return PlainTextResponse(turn.output_text)
+        served = turn.served[name]
+        if served is None:
+            return await text_body(turn.output_text)
+        size, kind = served
+        return StreamingResponse(
+            _aiter(served_file_chunks(name, size)), media_type=kind, headers={"content-length": str(size)}
+        )
+
+    async def redirect(self, request: Request) -> Response:
+        """`?to=URL` answered with a redirect there (302, or `status=` 301/303/307/308), URL as given."""
+        to = request.query_params.get("to", "")
+        status = request.query_params.get("status", "302")
+        if not to or status not in ("301", "302", "303", "307", "308"):
+            return error(400, "give ?to=<url> and optionally status=301|302|303|307|308")
+        return Response(status_code=int(status), headers={"location": to})
+
+    async def dashboard(self, request: Request) -> Response:
+        task = self.state.tasks.get(request.path_params["task_id"])
+        return missing_page(request.path_params["task_id"]) if task is None else task_page(task)
 
     async def push_fault(self, request: Request) -> Response:
         try:
@@ -218,6 +252,12 @@ class _Api:
 
     async def list_requests(self, request: Request) -> Response:
         return JSONResponse({"items": [asdict(r) for r in self.state.requests]})
+
+
+async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """An async view of a cheap iterator (starlette would run a plain one in a thread per chunk)."""
+    for chunk in chunks:
+        yield chunk
 
 
 def _flag(value: object) -> bool | None:

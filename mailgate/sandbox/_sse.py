@@ -3,7 +3,7 @@
 Framing: UTF-8, LF line endings, one `data: <json>` line per event, a blank line after each event,
 `: ping` comment lines while the turn is quiet for `heartbeat` seconds, and `data: [DONE]` after the
 last event. The stream replays the turn's events from the first one, so nothing is lost between the
-POST and the first read.
+POST and the first read. A backlog is written in slices of about 256 KiB, yielding between them.
 
 A dropped client stops only the stream, never the turn. A cut stream (`[sandbox:cut]`, or a turn
 aborted by shutdown) returns without completing the HTTP response, so uvicorn closes the connection
@@ -18,11 +18,13 @@ import logging
 from contextvars import ContextVar
 
 import anyio
+import anyio.lowlevel
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mailgate.sandbox._state import SandboxTurn
 
+_BATCH = 256 * 1024  # bytes of events per write when a backlog builds up
 _CUT: ContextVar[bool] = ContextVar("mailgate_sandbox_cut", default=False)
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -81,15 +83,22 @@ class EventStream(Response):
             changed = turn.changed
             if sent < len(turn.events):
                 out: list[bytes] = []
+                pending = 0
                 for event in turn.events[sent:]:
                     sent += 1
                     out.append(b"data: " + _dumps(event) + b"\n\n")
+                    pending += len(out[-1])
                     if self.cut and event["type"] == "text-delta":
                         deltas += 1
                         if deltas >= 2:
                             await _body(send, b"".join(out))
                             return False
-                await _body(send, b"".join(out))
+                    if pending >= _BATCH:  # a long answer: send it in slices, letting others run between
+                        await _body(send, b"".join(out))
+                        await anyio.lowlevel.checkpoint()
+                        out, pending = [], 0
+                if out:
+                    await _body(send, b"".join(out))
             if turn.done.is_set():
                 if turn.status == "aborted":
                     return False

@@ -1,11 +1,19 @@
 """The JSON shapes on the wire. camelCase everywhere except the worker-run object (snake_case),
-exactly as the official `handinger` SDK models (`Task`, `Turn`, `Worker`) expect them."""
+exactly as the official `handinger` SDK models (`Task`, `Turn`, `Worker`) expect them.
+
+`json_body` and `text_body` encode long texts (a 10 MB answer) a slice at a time, yielding to the
+event loop between slices: one `json.dumps` of 10 MB holds the loop (and the GIL, so a thread would
+not help) for about 100 ms, and the sandbox often shares its loop with the gateway under test.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Mapping
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from mailgate.sandbox._state import SandboxTask, SandboxTurn
 
@@ -91,3 +99,65 @@ def worker_run_json(task: SandboxTask, turn: SandboxTurn) -> dict[str, object]:
         "error": None,
         "incomplete_details": None,
     }
+
+
+_LONG = 256 * 1024  # characters: a string this long is encoded in slices of this size
+
+
+async def json_body(payload: object, status: int = 200) -> Response:
+    """The same bytes as `JSONResponse(payload)`, made without holding the loop for long strings."""
+    long: list[str] = []
+    marker = f"\x00long-{secrets.token_hex(8)}-"
+
+    def swap(value: object) -> object:
+        if isinstance(value, str) and len(value) > _LONG:
+            long.append(value)
+            return f"{marker}{len(long) - 1}"
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    skeleton = swap(payload)
+    if not long:
+        return JSONResponse(payload, status_code=status)
+    text = _dumps(skeleton)
+    parts: list[bytes] = []
+    for index, value in enumerate(long):
+        before, _, text = text.partition(_dumps(f"{marker}{index}"))
+        parts.append(before.encode())
+        parts.append(b'"')
+        for start in range(0, len(value), _LONG):
+            parts.append(_dumps(value[start : start + _LONG])[1:-1].encode())
+            await asyncio.sleep(0)
+        parts.append(b'"')
+    parts.append(text.encode())
+    return _slices(parts, status, "application/json")
+
+
+async def text_body(text: str) -> Response:
+    """`PlainTextResponse(text)`, encoded a slice at a time when long."""
+    if len(text) <= _LONG:
+        return PlainTextResponse(text)
+    parts: list[bytes] = []
+    for start in range(0, len(text), _LONG):
+        parts.append(text[start : start + _LONG].encode())
+        await asyncio.sleep(0)
+    return _slices(parts, 200, "text/plain")
+
+
+def _slices(parts: list[bytes], status: int, media_type: str) -> Response:
+    """A body sent slice by slice with its Content-Length (never joined into one 10 MB copy)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    length = str(sum(len(p) for p in parts))
+    return StreamingResponse(body(), status, {"content-length": length}, media_type)
+
+
+def _dumps(value: object) -> str:
+    """As starlette's JSONResponse renders (compact, UTF-8 kept, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
