@@ -13,6 +13,8 @@ from mailgate.sandbox import RunningSandbox, SandboxOptions, run_sandbox
 from mailgate.service import Gateway
 from tests.relay import RecordingRelay
 
+pytest_plugins = ("tests.pgserver",)  # postgres_server, postgres_url, postgres_db
+
 DOMAIN = "agents.example.com"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
