@@ -95,10 +95,11 @@ def find_bin_dir() -> Path:
     for candidate in candidates:
         if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
             return candidate
-    looked = ", ".join(str(c) for c in candidates) or "nowhere"
+    tried = [str(c) for c in candidates]
     raise PostgresUnavailable(
-        f"no PostgreSQL server binaries (initdb, pg_ctl) found (looked in: {looked}, ${BIN_ENV}, PATH, "
-        f"/usr/lib/postgresql/*/bin); install Debian's `postgresql` or set ${URL_ENV}"
+        "no PostgreSQL server binaries (initdb, pg_ctl) in "
+        + (", ".join(tried) if tried else f"${BIN_ENV}, PATH or /usr/lib/postgresql/*/bin")
+        + f"; install Debian's `postgresql`, or set ${BIN_ENV} or ${URL_ENV}"
     )
 
 
@@ -258,7 +259,8 @@ def _start(bin_dir: Path, data: Path, base: Path, log: Path, account: pwd.struct
     raise RuntimeError(f"PostgreSQL did not start: {last}")
 
 
-def _unavailable(reason: str) -> None:
+def skip_or_fail(reason: str) -> None:
+    """Skip for want of a server, or fail where one is required (CI)."""
     if os.environ.get(REQUIRED_ENV) == "1":
         pytest.fail(f"{REQUIRED_ENV}=1 but {reason}")
     pytest.skip(reason)
@@ -284,7 +286,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         bin_dir = find_bin_dir()
     except PostgresUnavailable as e:
-        _unavailable(str(e))
+        skip_or_fail(str(e))
         return
     with running_postgres(bin_dir) as server:
         yield server

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import DIR_PREFIX, PostgresServer, find_bin_dir, reap_stale_clusters, running_postgres
+from tests.pgserver import (
+    DIR_PREFIX,
+    PostgresServer,
+    PostgresUnavailable,
+    find_bin_dir,
+    reap_stale_clusters,
+    running_postgres,
+    skip_or_fail,
+)
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -202,8 +210,8 @@ def test_running_postgres_stops_and_removes_the_cluster() -> None:
     """The context manager's server is gone (refused, dir removed) once the block exits."""
     try:
         bin_dir = find_bin_dir()
-    except Exception as e:  # the fixture-free path skips the same way the fixtures do
-        pytest.skip(str(e))
+    except PostgresUnavailable as e:  # the fixture-free path skips (or fails) as the fixtures do
+        skip_or_fail(str(e))
     with running_postgres(bin_dir) as server:
         assert server.data_dir is not None
         with psycopg.connect(server.url) as conn:
@@ -218,8 +226,8 @@ def test_a_killed_runs_cluster_is_reaped_by_the_next_start(tmp_path: Path) -> No
     """A cluster left running by a SIGKILLed run is stopped and removed by the next run's reaper."""
     try:
         bin_dir = find_bin_dir()
-    except Exception as e:
-        pytest.skip(str(e))
+    except PostgresUnavailable as e:
+        skip_or_fail(str(e))
     script = (
         "import sys, time\n"
         "from tests.pgserver import running_postgres\n"
