@@ -7,6 +7,8 @@ and `LISTEN/NOTIFY` wake-ups that arrive only once the notifying transaction com
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -164,6 +166,50 @@ async def test_lease_claim_keeps_one_tasks_turns_in_order(
         assert await claim(host2, "host2") == [3]  # host1's lease on 3 expired: host2 resumes it
         owners = await (await db.execute("SELECT id, lease_owner FROM messages ORDER BY id")).fetchall()
     assert owners == [(1, None), (2, "host2"), (3, "host2"), (4, None), (5, "host1")]
+
+
+async def test_concurrent_lease_claims_run_each_message_once_in_task_order(
+    postgres_db: str, db: psycopg.AsyncConnection[tuple[object, ...]]
+) -> None:
+    """Four hosts racing the lease claim over 200 messages of 10 tasks: each runs once, tasks in order."""
+    await db.execute("INSERT INTO messages (task) SELECT 'task-' || (g % 10) FROM generate_series(1, 200) g")
+    ran: list[tuple[str, int, str]] = []  # (task, id, host) in the order the turns ran
+    progress = asyncio.Event()
+
+    async def host(name: str) -> None:
+        async with await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(CLAIM, {"owner": name, "lease": 60, "n": 5})
+                claimed = await cur.fetchall()
+                for message_id, task in claimed:
+                    await conn.execute(
+                        "SELECT %s", [message_id]
+                    )  # the turn: a round trip other hosts overtake
+                    ran.append((task, message_id, name))
+                    await conn.execute(
+                        "UPDATE messages SET state = 'done' WHERE id = %s AND lease_owner = %s",
+                        [message_id, name],
+                    )
+                    progress.set()
+                if claimed:
+                    continue
+                left = await (
+                    await conn.execute("SELECT count(*) FROM messages WHERE state <> 'done'")
+                ).fetchone()
+                if left == (0,):
+                    return
+                progress.clear()
+                with contextlib.suppress(TimeoutError):  # another host finishing a turn frees the next one
+                    await asyncio.wait_for(progress.wait(), timeout=1)
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(host(f"host{i}") for i in range(4)))
+    ids = [message_id for _, message_id, _ in ran]
+    assert sorted(ids) == list(range(1, 201))  # every message once, none twice
+    for task in {t for t, _, _ in ran}:
+        order = [message_id for t, message_id, _ in ran if t == task]
+        assert order == sorted(order), task
+    assert len({h for _, _, h in ran}) > 1  # the work really was shared
 
 
 async def test_notify_wakes_a_listener_only_after_commit(
