@@ -13,6 +13,8 @@ from mailgate.sandbox import RunningSandbox, SandboxOptions, run_sandbox
 from mailgate.service import Gateway
 from tests.relay import RecordingRelay
 
+pytest_plugins = ("tests.pgserver",)  # postgres_server, postgres_url, postgres_db
+
 DOMAIN = "agents.example.com"
 # The real-mail corpus, read in place beside the checkout (never copied into it). Tests that need it skip
 # with `needs_corpus`'s reason where it is absent (a user's own clone).
