@@ -23,6 +23,7 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from inscriptis import get_text
 from inscriptis.model.config import ParserConfig
 
+from mailgate.html_quotes import split_html_reply
 from mailgate.mime import LargeBodies, header_block
 from mailgate.models import Address, Attachment, InboundMail
 from mailgate.trimming import trim_reply
@@ -158,10 +159,20 @@ def parse_message(raw: bytes) -> InboundMail:
         cc=address_list(msg, "cc"),
         reply_to=address_list(msg, "reply-to"),
         text=text,
-        reply_text=trim_reply(text),
+        reply_text=_reply_text(walker, text),
         attachments=tuple(walker.files),
         unreadable=tuple(walker.unreadable),
     )
+
+
+def _reply_text(walker: _Walker, text: str) -> str:
+    """The sender's own text: from the HTML body's quote markup when it has some, else by the text rules."""
+    if walker.html_split is not None:
+        index, new = walker.html_split
+        head = "\n\n".join(t for t in [*walker.texts[:index], new] if t.strip())
+        if head.strip():
+            return trim_reply(head)  # the text rules still drop signatures and footers
+    return trim_reply(text)
 
 
 def _parse_tree(raw: bytes) -> Message:
@@ -268,6 +279,8 @@ class _Walker:
         self.texts: list[str] = []
         self.files: list[Attachment] = []
         self.unreadable: list[tuple[str, str]] = []
+        # the first HTML body whose client markup shows a quote: (its index in `texts`, its own text)
+        self.html_split: tuple[int, str] | None = None
         self._seen: set[str] = set()
 
     def walk(self, part: Message, *, want_text: bool = True, depth: int = 0) -> None:
@@ -326,6 +339,10 @@ class _Walker:
             return
         text = _decode_text(data, part.get_content_charset())
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if ctype == "text/html" and self.html_split is None:
+            own = split_html_reply(text)
+            if own is not None:
+                self.html_split = (len(self.texts), html_to_text(own))
         self.texts.append(html_to_text(text) if ctype == "text/html" else text.strip("\n"))
 
     def _message(self, part: Message, filename: str) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_TRIMMED_CHARS", "is_attribution", "trim_reply"]
+__all__ = ["MAX_TRIMMED_CHARS", "is_attribution", "is_banner", "trim_reply"]
 
 MAX_TRIMMED_CHARS = 200_000  # characters of a body trimming reads; the rest is not part of the result
 
@@ -55,7 +55,7 @@ _JUNK = re.compile(r"^[\s\-_=*#~+.ᐧ—–•\u200b\ufeff]*$")  # empty, or a r
 # a line's kind in one match: group 1 set: quoted; matched without it: empty or a rule ("e"); no match: text
 _KIND = re.compile(r"[\s\-_=*#~+.ᐧ—–•\u200b\ufeff]*+$|(\s*+(?:>|\|(?:\s|$)|[A-Za-z]{1,12}>))")
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_SIG_SEPARATOR = re.compile(r"^--\s?$")
+_SIG_SEPARATOR = re.compile(r"^\s*--\s?$")  # indented too: HTML converted to text indents blocks
 _UNDERSCORE_RULE = re.compile(r"^\s*_{5,}\s*$")
 _BINARY = re.compile(r"[\x00-\x08\x0e-\x1f]")
 
@@ -295,8 +295,11 @@ def _has_name(text: str) -> bool:
     return any(word.lower() not in _NOT_NAMES for word in _WORD.findall(text))
 
 
-def _is_attribution(joined: str, *, quote_next: bool) -> bool:
-    """Does `joined` (one attribution candidate, already known to start like one) have what one has?"""
+def _is_attribution(joined: str, *, quote_next: bool, compact: bool = True) -> bool:
+    """Does `joined` (one attribution candidate, already known to start like one) have what one has?
+
+    `compact`: it spans at most two physical lines and no blank line, as a verbless form must.
+    """
     if _GMAIL_GMT.fullmatch(joined):
         return True  # Gmail's fixed "2016-03-03 17:21 GMT+01:00 Name", with or without a colon
     tail = joined.rstrip(" \t-")
@@ -312,7 +315,7 @@ def _is_attribution(joined: str, *, quote_next: bool) -> bool:
             return True
         return address and colon  # "Name <address> wrote:"
     # no verb: a date-first webmail line ("26.08.2021, 19:40, "Bob" <b@x>:") or "2013/7/20 Bob <b@x>"
-    return dated and address and quote_next and (colon or _ISO_START.match(joined) is not None)
+    return compact and dated and address and quote_next and (colon or _ISO_START.match(joined) is not None)
 
 
 def _ends_sentence(tail: str) -> bool:
@@ -340,7 +343,7 @@ def _attribution_end(lines: _Lines, i: int) -> int:
         return -1  # no line within reach can end an attribution
     parts: list[str] = []
     size = 0
-    after_blank = False
+    after_blank = crossed = False
     for j in range(i, min(i + _WINDOW, lines.n)):
         part = lines.text[j]
         if not part:
@@ -350,6 +353,7 @@ def _attribution_end(lines: _Lines, i: int) -> int:
             continue
         if after_blank and _LEAD_STRONG.match(part):
             return -1  # the line after the blank starts an attribution of its own
+        crossed = crossed or after_blank
         after_blank = False
         parts.append(part)
         size += len(part) + 1
@@ -357,7 +361,8 @@ def _attribution_end(lines: _Lines, i: int) -> int:
             return -1
         flags = lines.flags(j)
         if flags & (_ENDING | _QUOTE_NEXT) or (j == i and part[:1].isdigit() and _ISO_START.match(part)):
-            if _is_attribution(" ".join(parts), quote_next=bool(flags & _QUOTE_NEXT)):
+            compact = len(parts) <= 2 and not crossed
+            if _is_attribution(" ".join(parts), quote_next=bool(flags & _QUOTE_NEXT), compact=compact):
                 return j + 1
             if flags & _ENDING:
                 return -1
@@ -372,6 +377,12 @@ def is_attribution(text: str) -> bool:
     if not text or len(text) > _MAX_ATTRIBUTION or not _LEAD.match(text) or _BINARY.search(text):
         return False
     return _is_attribution(text, quote_next=True)
+
+
+def is_banner(text: str) -> bool:
+    """Is `text` a forwarded/original-message banner ("---------- Forwarded message ---------", ...)?"""
+    text = text.strip()
+    return len(text) <= 80 and _BANNER.fullmatch(text) is not None
 
 
 def _header_block_end(lines: _Lines, i: int) -> int:
