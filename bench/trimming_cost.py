@@ -1,5 +1,7 @@
 """Trimming's cost: microseconds per line of `trim_reply`, now and before issue 16.5, in the same run.
 
+Also the HTML side (`split_html_reply`, issue 18): microseconds per KB of markup, typical and hostile.
+
     .venv/bin/python bench/trimming_cost.py [--repeat 5]
 
 The baseline is `mailgate/trimming.py` as it stood at BASELINE_COMMIT, loaded from git history at run
@@ -22,13 +24,14 @@ from _common import ROOT, header
 
 sys.path.insert(0, str(ROOT))
 
+from mailgate.html_quotes import split_html_reply
 from mailgate.trimming import trim_reply
 
 BASELINE_COMMIT = "fc2356d"  # trimming before issue 16.5 / 18
 CORPUS = ROOT.parent / "shared" / "corpus" / "reply-bodies" / "discourse+email_reply_trimmer" / "emails"
 TARGET_US_PER_LINE = 5.0
 
-Trim = Callable[[str], str]
+Trim = Callable[[str], object]
 
 
 def baseline() -> Trim | None:
@@ -99,6 +102,32 @@ def adversarial() -> list[tuple[str, str]]:
     ]
 
 
+def html_inputs() -> list[tuple[str, str]]:
+    fixtures = sorted((ROOT / "tests" / "data").glob("quote-*.eml"))
+    bodies = [f.read_bytes().split(b"\r\n\r\n", 1)[1].decode("utf-8") for f in fixtures]
+    thread = (
+        '<div>Thanks.</div><div class="gmail_quote">'
+        + (
+            '<div class="gmail_attr">On Mon, Jun 2, 2025 at 6:26 PM Bob &lt;b@example.com&gt; wrote:</div>'
+            '<blockquote class="gmail_quote"><div>Earlier message, with a few words in it.</div>'
+        )
+        * 200
+        + "</blockquote>" * 200
+        + "</div>"
+    )
+    return [
+        (f"client fixtures ({len(bodies)}, all)", "\x00".join(bodies)),
+        ("gmail thread, 200 nested quotes", thread),
+        (
+            "outlook reply above 300 KB of history",
+            '<div>Thanks.</div><div id="divRplyFwdMsg">x</div>'
+            + "<p>old text of the thread, paragraph after paragraph.</p>" * 6000,
+        ),
+        ("2 MB of <div> with a blockquote at the end", "<div>x</div>" * 170_000 + "<blockquote type=cite>q"),
+        ("5,000 nested plain blockquotes", "<blockquote>" * 5000 + "x"),
+    ]
+
+
 def _lines(text: str) -> int:
     return text.count("\n") + 1
 
@@ -141,6 +170,11 @@ def main() -> int:
             print(f"   {name:58} {lines:>7} {now:>12.2f} {before:>12.2f} {before / now:>7.0f}x")
     ok = worst <= TARGET_US_PER_LINE
     print(f"\n   worst now: {worst:.2f} us/line: {'meets target' if ok else 'SHORT of target'}")
+    print(f"\n   {'split_html_reply input':58} {'KB':>7} {'us/KB':>12} {'total ms':>12}")
+    for name, html in html_inputs():
+        seconds = _best(split_html_reply, html, args.repeat)
+        kb = len(html.encode()) / 1024
+        print(f"   {name:58} {kb:>7.0f} {seconds / kb * 1e6:>12.1f} {seconds * 1e3:>12.1f}")
     return 0
 
 

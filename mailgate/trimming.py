@@ -194,15 +194,37 @@ _BANNER_STARTS = _words(
     původní исходное пересылаемое пересланное begin début anfang
     """
 )
-# can a line be a marker at all? It starts (after any quote marks) with a digit, a rule, a fence,
-# "weekday, 1", or a word that starts an attribution, a banner or a footer; or it holds an "@" or a colon;
-# or it is a CJK footer
+# can a line be a marker at all, and which? It starts (after any quote marks) with a rule or a fence, a
+# date or "weekday, 1", or a word that starts an attribution, a banner or a footer; or it holds an "@" or a
+# colon; or it is a CJK footer. Only candidates reach the marker tests, and only the tests their group names.
 _CANDIDATE = re.compile(
-    r"[\s>|*]*+(?:[\d\-_=~`]|[^\W\d]++,\s*+\d|(?:"
+    r"[\s>|*]*+(?:(?P<rule>[\-_=~`])|(?P<date>\d|[^\W\d]++,\s*+\d)|(?P<word>(?:"
     + "|".join(sorted({*_LEAD_WORD_SET, "w dniu", *_FOOTER_STARTS, *_BANNER_STARTS}, key=len, reverse=True))
-    + r")\b)|[^@:：\n]*+[@:：]|从我的|發自我的|发自我的|從我的|[^\n]{0,40}から送信",
+    + r")\b))|(?P<colon>[^@:：\n]*+[@:：])|(?P<cjk>从我的|發自我的|发自我的|從我的|[^\n]{0,40}から送信)",
     _I,
 )
+_BANNER_TEST, _ATTRIBUTION_TEST, _FOOTER_TEST, _RULE_TEST = 1, 2, 4, 8
+_GROUP_TESTS = {
+    "rule": _BANNER_TEST | _ATTRIBUTION_TEST | _RULE_TEST,
+    "date": _ATTRIBUTION_TEST,
+    "colon": _BANNER_TEST | _ATTRIBUTION_TEST | _FOOTER_TEST,
+    "cjk": _FOOTER_TEST,
+}
+_BANNER_WORDS = frozenset(_BANNER_STARTS)
+
+
+def _tests(line: str) -> int:
+    """Which marker tests line `line` needs (0: none, it cannot be a marker)."""
+    match = _CANDIDATE.match(line, 0, _CANDIDATE_SPAN)
+    if match is None:
+        return 0
+    group = match.lastgroup or ""
+    if group != "word":
+        return _GROUP_TESTS.get(group, 0)
+    word = match.group("word").lower()
+    if word in _FOOTER_STARTS:
+        return _FOOTER_TEST
+    return _BANNER_TEST if word in _BANNER_WORDS else _ATTRIBUTION_TEST
 
 
 def _unquote(line: str) -> str:
@@ -222,7 +244,7 @@ class _Lines:
         self._flags: dict[int, int] = {}
         kinds: list[str] = []
         text: list[str] = []
-        candidate: list[bool] = []
+        candidate: list[int] = []
         for line in lines:
             kind = _KIND.match(line)
             if kind is None:
@@ -234,31 +256,24 @@ class _Lines:
             else:
                 kinds.append("q")
                 text.append(_unquote(line))
-            candidate.append(_CANDIDATE.match(line, 0, _CANDIDATE_SPAN) is not None)
+            candidate.append(_tests(line))
         self.kinds, self.text, self.candidate = kinds, text, candidate
-        self._next_closing: list[int] | None = None
+        self._clear = (0, 0)  # no line in [lo, hi) can close an attribution
 
-    def next_closing(self, k: int) -> int:
-        """The first line at or after `k` that could close an attribution (it ends like one, or a quoted line
-        comes next, or it starts with an ISO date); `n` when none. One backward pass, on first use."""
-        if self._next_closing is None:
-            n = self.n
-            found = [n] * (n + 1)
-            next_kind = ""  # the kind of the next line with text
-            for j in range(n - 1, -1, -1):
-                line = self.text[j]
-                closing = next_kind == "q"
-                if line:
-                    if not closing:
-                        tail = line.rstrip(" \t-")
-                        closing = _ends_like_attribution(tail) or (
-                            line[0].isdigit() and _ISO_START.match(line) is not None
-                        )
-                    if self.kinds[j] == "t" or not _JUNK.match(line):
-                        next_kind = self.kinds[j]
-                found[j] = j if closing else found[j + 1]
-            self._next_closing = found
-        return self._next_closing[k]
+    def closing_within(self, i: int, stop: int) -> bool:
+        """Could a line in [i, stop) close an attribution (it ends like one, a quoted line comes next, or it
+        starts with an ISO date)? Lines already known not to are not looked at again."""
+        lo, hi = self._clear
+        j = hi if lo <= i <= hi else i
+        while j < stop:
+            if self.flags(j) & (_ENDING | _QUOTE_NEXT):
+                return True
+            line = self.text[j]
+            if line[:1].isdigit() and _ISO_START.match(line):
+                return True
+            j += 1
+        self._clear = (lo if lo <= i <= hi else i, max(stop, hi if lo <= i <= hi else stop))
+        return False
 
     def quote_after(self, k: int) -> bool:
         """Is the next line with text after `k` a quoted line?"""
@@ -339,7 +354,7 @@ def _attribution_end(lines: _Lines, i: int) -> int:
     first = lines.text[i]
     if not first or len(first) > _MAX_ATTRIBUTION or not _may_lead(first) or not _LEAD.match(first):
         return -1
-    if lines.next_closing(i) >= i + _WINDOW or _BINARY.search(first):
+    if not lines.closing_within(i, min(i + _WINDOW, lines.n)) or _BINARY.search(first):
         return -1  # no line within reach can end an attribution
     parts: list[str] = []
     size = 0
@@ -423,10 +438,12 @@ def _is_footer(line: str) -> bool:
 
 def _intro(lines: _Lines, i: int) -> int:
     """If line `i` starts a quote's introduction (banner, attribution, header block): its end, else -1."""
-    if len(lines.text[i]) <= 80 and _BANNER.fullmatch(lines.text[i]):
+    tests = lines.candidate[i]
+    text = lines.text[i]
+    if tests & _BANNER_TEST and len(text) <= 80 and _BANNER.fullmatch(text):
         end = _header_block_end(lines, i + 1) if i + 1 < lines.n else -1
         return max(end, i + 1)
-    end = _attribution_end(lines, i)
+    end = _attribution_end(lines, i) if tests & _ATTRIBUTION_TEST else -1
     return end if end >= 0 else _header_block_end(lines, i)
 
 
@@ -435,11 +452,14 @@ def _at_end(lines: _Lines, i: int) -> bool:
     k = i + 1
     while k < lines.n and lines.kinds[k] == "e":
         k += 1
-    if k >= lines.n or lines.kinds[k] == "q" or _is_footer(lines.raw[k]):
+    if k >= lines.n or lines.kinds[k] == "q":
+        return True
+    tests = lines.candidate[k]
+    if tests & _FOOTER_TEST and _is_footer(lines.raw[k]):
         return True
     if _SIG_SEPARATOR.match(lines.raw[k].rstrip("\r")) or _UNDERSCORE_RULE.match(lines.raw[k]):
         return True
-    return k < _MAX_SCANNED_LINES and lines.candidate[k] and _intro(lines, k) >= 0
+    return k < _MAX_SCANNED_LINES and tests != 0 and _intro(lines, k) >= 0
 
 
 def _marker(lines: _Lines, i: int) -> tuple[str, int]:
@@ -452,9 +472,10 @@ def _marker(lines: _Lines, i: int) -> tuple[str, int]:
     line = lines.raw[i]
     if lines.kinds[i] == "q":
         return "", -1
-    if _SIG_SEPARATOR.match(line.rstrip("\r")) or _UNDERSCORE_RULE.match(line):
+    tests = lines.candidate[i]
+    if tests & _RULE_TEST and (_SIG_SEPARATOR.match(line.rstrip("\r")) or _UNDERSCORE_RULE.match(line)):
         return "cut", i + 1
-    if _is_footer(line) and _at_end(lines, i):
+    if tests & _FOOTER_TEST and _is_footer(line) and _at_end(lines, i):
         return "cut", i + 1
     return "", -1
 
