@@ -23,10 +23,11 @@ answer, quote, answer) keep the quoted lines each answer refers to, re-marked as
 level), and drop the attribution and the quote after the last answer. Quotes that only trail the new text
 are dropped. A message that is only a quote with no attribution is kept as written (someone pasted it).
 
-In doubt the text is kept: when trimming would leave nothing of a message that has unquoted text of its
-own, `trim_reply` returns the whole text (line endings normalised), so a caller can tell by comparing the
-result with its input. Only a blank message, or one made only of quoted lines with an attribution inside
-them, gives "".
+In doubt the text is kept: when trimming would leave nothing of a message that has an unquoted line,
+`trim_reply` returns the whole text (line endings normalised) instead of "". `split_reply` says which
+happened (`Reply.kept_whole`), for a caller that wants to tell "nothing was trimmed" from "nothing was
+left, so nothing was trimmed". Only a blank message, or one made only of quoted lines with an attribution
+among them, gives "".
 
 Cost is bounded: only the first `MAX_TRIMMED_CHARS` characters are read (the worker's input is cut at
 100,000 anyway), markers are looked for in the first `_MAX_SCANNED_LINES` lines, every line gets one cheap
@@ -36,8 +37,9 @@ anchored test before any multi-line check, and at most a few windows per line ar
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
-__all__ = ["MAX_TRIMMED_CHARS", "is_attribution", "is_banner", "trim_reply"]
+__all__ = ["MAX_TRIMMED_CHARS", "Reply", "is_attribution", "is_banner", "split_reply", "trim_reply"]
 
 MAX_TRIMMED_CHARS = 200_000  # characters of a body trimming reads; the rest is not part of the result
 
@@ -512,11 +514,23 @@ def _requote(line: str) -> str:
     return ("> " * depth + line[prefix.end() :]).rstrip()
 
 
+class Reply(NamedTuple):
+    """The outcome of trimming a reply."""
+
+    text: str  # the new text; the whole text (line endings normalised) when `kept_whole`
+    kept_whole: bool  # trimming would have left nothing of a message with an unquoted line
+
+
 def trim_reply(text: str) -> str:
     """The new text of a reply (see the module docstring); the whole text when trimming would leave nothing.
 
     "" only for a blank message or one made only of quoted lines (with an attribution among them).
     """
+    return split_reply(text).text
+
+
+def split_reply(text: str) -> Reply:
+    """`trim_reply`, saying whether the text was kept whole because trimming would have left nothing."""
     normalized = text[:MAX_TRIMMED_CHARS].replace("\r\n", "\n").replace("\r", "\n")
     lines = _Lines(normalized.split("\n"))
     kinds = lines.kinds
@@ -571,5 +585,7 @@ def trim_reply(text: str) -> str:
     result = [_requote(lines.raw[k]) if kinds[k] == "q" and k not in fenced else lines.raw[k] for k in kept]
     trimmed = "\n".join(result).strip("\n").rstrip()
     if not trimmed and "t" in kinds:
-        return normalized.strip("\n").rstrip()  # in doubt, keep the text: a lost message is worse
-    return trimmed
+        return Reply(
+            normalized.strip("\n").rstrip(), kept_whole=True
+        )  # in doubt, keep: a lost message is worse
+    return Reply(trimmed, kept_whole=False)

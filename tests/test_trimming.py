@@ -9,7 +9,7 @@ import pytest
 
 from mailgate.compose import compose
 from mailgate.parsing import parse_message
-from mailgate.trimming import MAX_TRIMMED_CHARS, is_attribution, trim_reply
+from mailgate.trimming import MAX_TRIMMED_CHARS, Reply, is_attribution, split_reply, trim_reply
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 TRIMMER = CORPUS / "reply-bodies" / "discourse+email_reply_trimmer"
@@ -150,6 +150,19 @@ def test_reply_that_would_trim_to_nothing_is_kept_whole(text: str) -> None:
     """When trimming would leave nothing of a message with unquoted text, the whole text is returned."""
     assert trim_reply(text) == text
     assert trim_reply(text.replace("\n", "\r\n") + "\r\n\r\n") == text
+    assert split_reply(text) == Reply(text, kept_whole=True)
+    assert split_reply("Thanks!\n\n" + text) == Reply("Thanks!", kept_whole=False)
+    assert split_reply("Thanks!") == Reply("Thanks!", kept_whole=False)
+
+
+def test_quote_only_follow_up_reaches_the_worker() -> None:
+    """A follow-up that only quotes (an attachment-only reply, say) is a turn with the text, not a notice."""
+    raw = (
+        b"From: Ann <ann@example.org>\r\nTo: research@agents.example.com\r\nSubject: Re: Numbers\r\n\r\n"
+        b"On Mon, 2 Jun 2025 at 18:26, Research <research@agents.example.com> wrote:\r\n> The numbers.\r\n"
+    )
+    turn = compose(parse_message(raw), sender="ann@example.org", new_task=False)
+    assert "> The numbers." in turn.input
 
 
 @pytest.mark.parametrize(
