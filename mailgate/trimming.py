@@ -88,9 +88,11 @@ _VERB_MID = re.compile(r"\b(?:schrieb|schreef|skrev|skriver|wrote|a [ée]crit|es
 _ISO_DATE = r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\s+\d{1,2}:\d{2}(?::\d{2})?)?"
 _ISO_START = re.compile(_ISO_DATE)
 _GMAIL_GMT = re.compile(rf"{_ISO_DATE}\s*GMT[+-]\d{{1,2}}:?\d{{2}}\s+\S.{{0,120}}", _I)  # Gmail, 2016
+# a date or a time: every branch starts at a digit, so the search skips to digits (5-25x faster than
+# branches that start with a month name)
 _DATETIME = re.compile(
-    r"\d{4}|\d{1,2}\s?[:.h]\s?\d{2}|\d{1,2}[/.-]\d{1,2}|\d{1,2}\.?\s[^\W\d_]{3}|[^\W\d_]{3}\.?\s\d{1,2}\b"
-    r"|\d\s?[年月日]"
+    r"\d(?:\d{3}|\d?\s?[:.h]\s?\d{2}|\d?[/.-]\d{1,2}|\d?\.?\s[^\W\d_]{3}|\d?\s?[年月日]"
+    r"|(?<=[^\W\d_]{3}\s\d)|(?<=[^\W\d_]{3}\.\s\d))"
 )
 _WORD = re.compile(r"[^\W\d_]{2,}")
 # words of dates, times and attribution phrasing in the languages above: whatever else is left is a name
@@ -199,34 +201,34 @@ _BANNER_STARTS = _words(
 # can a line be a marker at all, and which? It starts (after any quote marks) with a rule or a fence, a
 # date or "weekday, 1", or a word that starts an attribution, a banner or a footer; or it holds an "@" or a
 # colon; or it is a CJK footer. Only candidates reach the marker tests, and only the tests their group names.
-_CANDIDATE = re.compile(
-    r"[\s>|*]*+(?:(?P<rule>[\-_=~`])|(?P<date>\d|[^\W\d]++,\s*+\d)|(?P<word>(?:"
-    + "|".join(sorted({*_LEAD_WORD_SET, "w dniu", *_FOOTER_STARTS, *_BANNER_STARTS}, key=len, reverse=True))
-    + r")\b))|(?P<colon>[^@:：\n]*+[@:：])|(?P<cjk>从我的|發自我的|发自我的|從我的|[^\n]{0,40}から送信)",
-    _I,
-)
+_CANDIDATE = re.compile(r"[\s>|*]*+(?:(?P<rule>[\-_=~`])|(?P<date>\d|[^\W\d]++,\s*+\d)|(?P<word>[^\W\d_]++))")
 _BANNER_TEST, _ATTRIBUTION_TEST, _FOOTER_TEST, _RULE_TEST = 1, 2, 4, 8
-_GROUP_TESTS = {
-    "rule": _BANNER_TEST | _ATTRIBUTION_TEST | _RULE_TEST,
-    "date": _ATTRIBUTION_TEST,
-    "colon": _BANNER_TEST | _ATTRIBUTION_TEST | _FOOTER_TEST,
-    "cjk": _FOOTER_TEST,
+_RULE_TESTS = _BANNER_TEST | _ATTRIBUTION_TEST | _RULE_TEST
+_COLON_TESTS = _BANNER_TEST | _ATTRIBUTION_TEST | _FOOTER_TEST
+_WORD_TESTS = {
+    **dict.fromkeys([*_LEAD_WORD_SET, "w"], _ATTRIBUTION_TEST),
+    **dict.fromkeys(_BANNER_STARTS, _BANNER_TEST),
+    **dict.fromkeys(_FOOTER_STARTS, _FOOTER_TEST),
 }
-_BANNER_WORDS = frozenset(_BANNER_STARTS)
 
 
 def _tests(line: str) -> int:
-    """Which marker tests line `line` needs (0: none, it cannot be a marker)."""
+    """Which marker tests `line` needs (0: none, it cannot be a marker)."""
     match = _CANDIDATE.match(line, 0, _CANDIDATE_SPAN)
-    if match is None:
-        return 0
-    group = match.lastgroup or ""
-    if group != "word":
-        return _GROUP_TESTS.get(group, 0)
-    word = match.group("word").lower()
-    if word in _FOOTER_STARTS:
+    if match is not None:
+        if match.lastgroup == "rule":
+            return _RULE_TESTS
+        if match.lastgroup == "date":
+            return _ATTRIBUTION_TEST
+        tests = _WORD_TESTS.get(match.group("word").lower(), 0)
+        if tests:
+            return tests
+    head = line[:_CANDIDATE_SPAN]
+    if "@" in head or ":" in head or "：" in head:
+        return _COLON_TESTS
+    if not head.isascii() and _CJK_FOOTER.search(head):
         return _FOOTER_TEST
-    return _BANNER_TEST if word in _BANNER_WORDS else _ATTRIBUTION_TEST
+    return 0
 
 
 def _unquote(line: str) -> str:
@@ -356,6 +358,8 @@ def _attribution_end(lines: _Lines, i: int) -> int:
     first = lines.text[i]
     if not first or len(first) > _MAX_ATTRIBUTION or not _may_lead(first) or not _LEAD.match(first):
         return -1
+    if "@" not in first and _DATETIME.search(first) is None:
+        return -1  # an attribution's first line holds its date or the address (the corpus has no other)
     if not lines.closing_within(i, min(i + _WINDOW, lines.n)) or _BINARY.search(first):
         return -1  # no line within reach can end an attribution
     parts: list[str] = []
