@@ -205,7 +205,9 @@ _BANNER_STARTS = _words(
 # can a line be a marker at all, and which? It starts (after any quote marks) with a rule or a fence, a
 # date or "weekday, 1", or a word that starts an attribution, a banner or a footer; or it holds an "@" or a
 # colon; or it is a CJK footer. Only candidates reach the marker tests, and only the tests their group names.
-_CANDIDATE = re.compile(r"[\s>|*]*+(?:(?P<rule>[\-_=~`])|(?P<date>\d|[^\W\d]++,\s*+\d)|(?P<word>[^\W\d_]++))")
+_CANDIDATE = re.compile(
+    r"[\s>|*]*+(?:(?P<rule>[\-_=~`])|(?P<date>\d|[^\W\d]{1,24}+,\s*+\d)|(?P<word>[^\W\d_]{1,24}+))"
+)
 _BANNER_TEST, _ATTRIBUTION_TEST, _FOOTER_TEST, _RULE_TEST = 1, 2, 4, 8
 _RULE_TESTS = _BANNER_TEST | _ATTRIBUTION_TEST | _RULE_TEST
 _COLON_TESTS = _BANNER_TEST | _ATTRIBUTION_TEST | _FOOTER_TEST
