@@ -244,8 +244,9 @@ def _unquote(line: str) -> str:
 class _Lines:
     """The lines of a body with what the markers need per line: kinds, unquoted text, marker candidates.
 
-    One regex per line tells its kind; one more tells whether it could be a marker at all (`_CANDIDATE`);
-    only candidates reach the marker tests, and the per-line flags those read are computed once.
+    One regex per line tells its kind, up front; the rest is computed on first use and kept: a line's text
+    without quote marks, whether it could be a marker at all (`_tests`), and the flags the attribution
+    tests read. Only candidates reach the marker tests.
     """
 
     def __init__(self, lines: list[str]) -> None:
@@ -253,22 +254,29 @@ class _Lines:
         self.n = len(lines)
         self._flags: dict[int, int] = {}
         kinds: list[str] = []
-        text: list[str] = []
-        candidate: list[int] = []
         for line in lines:
             kind = _KIND.match(line)
-            if kind is None:
-                kinds.append("t")
-                text.append(line.strip())
-            elif kind.group(1) is None:
-                kinds.append("e")
-                text.append(line.strip())
-            else:
-                kinds.append("q")
-                text.append(_unquote(line))
-            candidate.append(_tests(line))
-        self.kinds, self.text, self.candidate = kinds, text, candidate
+            kinds.append("t" if kind is None else "e" if kind.group(1) is None else "q")
+        self.kinds = kinds
+        # computed on first use: a top-posted reply never looks at the lines of the quote below it
+        self._text: list[str | None] = [None] * self.n
+        self._tests: list[int] = [-1] * self.n
         self._clear = (0, 0)  # no line in [lo, hi) can close an attribution
+
+    def text(self, k: int) -> str:
+        """Line `k` without its quote marks and surrounding blanks."""
+        text = self._text[k]
+        if text is None:
+            line = self.raw[k]
+            text = self._text[k] = _unquote(line) if self.kinds[k] == "q" else line.strip()
+        return text
+
+    def tests(self, k: int) -> int:
+        """The marker tests line `k` needs (see `_tests`)."""
+        tests = self._tests[k]
+        if tests < 0:
+            tests = self._tests[k] = _tests(self.raw[k])
+        return tests
 
     def closing_within(self, i: int, stop: int) -> bool:
         """Could a line in [i, stop) close an attribution (it ends like one, a quoted line comes next, or it
@@ -278,7 +286,7 @@ class _Lines:
         while j < stop:
             if self.flags(j) & (_ENDING | _QUOTE_NEXT):
                 return True
-            line = self.text[j]
+            line = self.text(j)
             if line[:1].isdigit() and _ISO_START.match(line):
                 return True
             j += 1
@@ -288,7 +296,8 @@ class _Lines:
     def quote_after(self, k: int) -> bool:
         """Is the next line with text after `k` a quoted line?"""
         for j in range(k + 1, self.n):
-            if self.text[j] and (self.kinds[j] == "t" or not _JUNK.match(self.text[j])):
+            text = self.text(j)
+            if text and (self.kinds[j] == "t" or not _JUNK.match(text)):
                 return self.kinds[j] == "q"
         return False
 
@@ -296,7 +305,7 @@ class _Lines:
         """What line `k` says about an attribution (ENDING | QUOTE_NEXT | SENTENCE); computed once."""
         cached = self._flags.get(k)
         if cached is None:
-            tail = self.text[k].rstrip(" \t-")
+            tail = self.text(k).rstrip(" \t-")
             cached = (_ENDING if _ends_like_attribution(tail) else 0) | (
                 _QUOTE_NEXT if self.quote_after(k) else 0
             )
@@ -361,7 +370,7 @@ def _may_lead(first: str) -> bool:
 
 def _attribution_end(lines: _Lines, i: int) -> int:
     """If an attribution starts at line `i`, return the index after its last line, else -1."""
-    first = lines.text[i]
+    first = lines.text(i)
     if not first or len(first) > _MAX_ATTRIBUTION or not _may_lead(first) or not _LEAD.match(first):
         return -1
     if "@" not in first and _DATETIME.search(first) is None:
@@ -372,7 +381,7 @@ def _attribution_end(lines: _Lines, i: int) -> int:
     size = 0
     after_blank = crossed = False
     for j in range(i, min(i + _WINDOW, lines.n)):
-        part = lines.text[j]
+        part = lines.text(j)
         if not part:
             if after_blank:
                 return -1  # two blank lines: not one wrapped attribution
@@ -414,12 +423,12 @@ def is_banner(text: str) -> bool:
 
 def _header_block_end(lines: _Lines, i: int) -> int:
     """If three or more "From:/Sent:/To:" header lines start at `i`, return the index after them, else -1."""
-    first = lines.text[i]
+    first = lines.text(i)
     if (":" not in first[:40] and "：" not in first[:40]) or not _HEADER.match(first.strip("* ")):
         return -1
     headers, j, end, loose = 0, i, i, 0
     while j < lines.n:
-        text = lines.text[j]
+        text = lines.text(j)
         if not text:
             break
         if _HEADER.match(text.lstrip("* ")):
@@ -450,8 +459,8 @@ def _is_footer(line: str) -> bool:
 
 def _intro(lines: _Lines, i: int) -> int:
     """If line `i` starts a quote's introduction (banner, attribution, header block): its end, else -1."""
-    tests = lines.candidate[i]
-    text = lines.text[i]
+    tests = lines.tests(i)
+    text = lines.text(i)
     if tests & _BANNER_TEST and len(text) <= 80 and _BANNER.fullmatch(text):
         end = _header_block_end(lines, i + 1) if i + 1 < lines.n else -1
         return max(end, i + 1)
@@ -466,7 +475,7 @@ def _at_end(lines: _Lines, i: int) -> bool:
         k += 1
     if k >= lines.n or lines.kinds[k] == "q":
         return True
-    tests = lines.candidate[k]
+    tests = lines.tests(k)
     if tests & _FOOTER_TEST and _is_footer(lines.raw[k]):
         return True
     if _SIG_SEPARATOR.match(lines.raw[k].rstrip("\r")) or _UNDERSCORE_RULE.match(lines.raw[k]):
@@ -484,7 +493,7 @@ def _marker(lines: _Lines, i: int) -> tuple[str, int]:
     line = lines.raw[i]
     if lines.kinds[i] == "q":
         return "", -1
-    tests = lines.candidate[i]
+    tests = lines.tests(i)
     if tests & _RULE_TEST and (_SIG_SEPARATOR.match(line.rstrip("\r")) or _UNDERSCORE_RULE.match(line)):
         return "cut", i + 1
     if tests & _FOOTER_TEST and _is_footer(line) and _at_end(lines, i):
@@ -549,9 +558,8 @@ def split_reply(text: str) -> Reply:
     fenced: set[int] = set()
     has_text = bottom_posting = in_fence = False
     i = 0
-    candidate = lines.candidate
     while i < lines.n:
-        if not candidate[i] and not in_fence:  # the common case: a line that cannot be a marker
+        if not in_fence and (i >= _MAX_SCANNED_LINES or not lines.tests(i)):  # the common case: no marker
             kept.append(i)
             has_text = has_text or kinds[i] == "t"
             i += 1
