@@ -373,10 +373,10 @@ def _group(value: str) -> int:
         raise ValueError(f"no such group: {value!r}") from None
 
 
-def default_helo_name(domain: str) -> str:
-    """The machine's fully qualified name, or `domain` when the machine knows itself only as localhost
-    (or by a bare host name, which no relay can look up)."""
-    fqdn = _fqdn()
+def default_helo_name(domain: str, fqdn: str | None = None) -> str:
+    """The machine's fully qualified name (`fqdn`, default `socket.getfqdn()`), or `domain` when the
+    machine knows itself only as localhost (or by a bare host name, which no relay can look up)."""
+    fqdn = (_fqdn() if fqdn is None else fqdn).lower().rstrip(".")
     local = fqdn in ("localhost", "localhost.localdomain") or fqdn.endswith(".localdomain")
     return domain if local or "." not in fqdn else fqdn
 
