@@ -1,7 +1,8 @@
 """The attachment spool: a message's files on disk, so uploads stream from open files.
 
 `var/spool/<queue id>/<n>-<name>`; written once when the message is composed, removed when the message
-is done. Everything can be made again from the raw message in the store, so no fsync is needed.
+is done. Everything can be made again from the raw message in the store, so no fsync is needed. The
+folders are 0700 and the files 0600 whatever the umask (they are mail).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from mailgate import private
 from mailgate.models import Attachment, UploadFile
 
 
@@ -29,11 +31,11 @@ class Spool:
         shutil.rmtree(folder, ignore_errors=True)
         if not files:
             return []
-        folder.mkdir(parents=True)
+        private.make_dir(folder)
         out = []
         for n, att in enumerate(files, 1):
             path = folder / f"{n:02d}.bin"
-            path.write_bytes(att.data)
+            private.write_file(path, att.data)
             out.append(
                 UploadFile(
                     att.filename, att.content_type, path, att.size, hashlib.sha256(att.data).hexdigest()
