@@ -1,4 +1,4 @@
-"""Quotes found by the HTML structure mail clients write (mailgate.mail.html_quotes), end to end through parsing.
+"""Quotes found by the HTML structure mail clients write (mail.html_quotes), end to end through parsing.
 
 The fixtures in tests/data/quote-*.eml are HTML-only replies written for these tests from each client's
 quote markup. inscriptis indents nested blocks, so texts are compared line by line without indentation.
