@@ -336,24 +336,29 @@ async def test_a_partial_deferral_retries_only_the_deferred_recipient(
     assert message_id_of(messages[0][2]) == message_id_of(messages[1][2]) == row.message_id
 
 
-@pytest.mark.parametrize("partial", [False, True], ids=["whole", "partial"])
+@pytest.mark.parametrize("how", ["whole", "no-recipient", "partial"])
 async def test_the_retry_horizon_makes_a_row_dead(
-    store: Store, relay: SessionRelay, clock: Clock, partial: bool
+    store: Store, relay: SessionRelay, clock: Clock, how: str
 ) -> None:
-    """A deferral after MAILGATE_RETRY_HORIZON since the row was queued ends it `dead` with the error."""
-    if partial:
-        relay.refuse(BOB, "451 4.2.2 Mailbox full")
-    else:
+    """A deferral after MAILGATE_RETRY_HORIZON since the row was queued ends it `dead` with the error:
+    a whole deferral, a retry no recipient accepts, and a retry delivered to some but deferred again."""
+    if how == "whole":
         relay.fail_next("451 4.3.0 Try again later", times=10, stage="MAIL")
-    row = await queue_reply(store, [ALICE, BOB], created_at=clock.now)
+    else:
+        relay.refuse(BOB, "451 4.2.2 Mailbox full")
+        relay.refuse(CAROL, "451 4.2.2 Mailbox full")
+    row = await queue_reply(store, [ALICE, BOB, CAROL], created_at=clock.now)
     async with running(store, relay_delivery(relay), clock, horizon=60.0) as outbox:
         first = await settled(store, row.id, 1)
         assert first.state == OutboxState.RETRY
+        if how == "partial":
+            relay.accept(CAROL)
         clock.now = row.created_at + 61.0
         outbox.wake()
         dead = await settled(store, row.id, 2)
     assert dead.state == OutboxState.DEAD
     assert dead.last_error is not None and "451" in dead.last_error
+    assert len(relay.messages) == {"whole": 0, "no-recipient": 1, "partial": 2}[how]
 
 
 async def test_the_bytes_and_message_id_never_change_between_attempts(

@@ -66,24 +66,23 @@ async def test_two_messages_of_one_task_are_posted_in_arrival_order(
 async def test_concurrency_bounds_how_many_tasks_run_at_once(
     tmp_path: Path, sandbox: RunningSandbox, concurrency: int
 ) -> None:
-    """With MAILGATE_CONCURRENCY=1 two tasks run one after the other; with 2 they run side by side."""
+    """With MAILGATE_CONCURRENCY=1 a quick task waits for a slow one; with 2 it runs beside it, ends first."""
     async with turn_stack(tmp_path, sandbox, run=False, MAILGATE_CONCURRENCY=str(concurrency)) as stack:
-        one = await admit(stack, "One", "Task one [sandbox:slow=0.25]")
-        two = await admit(stack, "Two", "Task two [sandbox:slow=0.25]")
+        slow = await admit(stack, "Slow", "The slow task [sandbox:slow=0.8]")
+        quick = await admit(stack, "Quick", "The quick task")
         stack.start_scheduler()
-        await stack.reached(two, InboundState.ANSWERED)
-        rows = [await stack.reached(one, InboundState.ANSWERED), await stack.row(two)]
+        slow_row = await stack.reached(slow, InboundState.ANSWERED)
+        quick_row = await stack.reached(quick, InboundState.ANSWERED)
     posts = sorted((c for c in stack.api_log.calls if c.method == "POST"), key=lambda c: c.started)
-    [turn_one] = sandbox.state.turns_of(rows[0].task_id or "")
-    [turn_two] = sandbox.state.turns_of(rows[1].task_id or "")
+    [slow_turn] = sandbox.state.turns_of(slow_row.task_id or "")
+    [quick_turn] = sandbox.state.turns_of(quick_row.task_id or "")
     assert len(posts) == 2
     if concurrency == 1:
-        assert posts[1].started >= rows[0].updated_at
-        assert at(turn_two.started_at) >= at(turn_one.completed_at)
+        assert posts[1].started >= slow_row.updated_at  # posted once the slow one was answered
+        assert at(quick_turn.started_at) >= at(slow_turn.completed_at)
     else:
-        assert posts[1].started < at(turn_one.completed_at)
-        assert at(turn_two.started_at) < at(turn_one.completed_at)
-        assert at(turn_one.started_at) < at(turn_two.completed_at)
+        assert posts[1].started < at(slow_turn.completed_at)  # posted while the slow one ran
+        assert quick_row.updated_at < slow_row.updated_at  # and answered first
 
 
 async def test_a_401_holds_every_message_until_the_key_works(tmp_path: Path, sandbox: RunningSandbox) -> None:
@@ -105,19 +104,21 @@ async def test_a_401_holds_every_message_until_the_key_works(tmp_path: Path, san
         second = await admit(stack, "Also held", "Arrives during the hold")
 
         async def hold_over() -> bool:
-            assert (await stack.row(second)).state == InboundState.RECEIVED  # not even read while held
-            assert (await stack.row(first)).state == InboundState.QUEUED
-            return time.time() >= refusal.answered + hold - 0.1
+            rows = [await stack.row(first), await stack.row(second)]
+            if time.time() >= refusal.answered + hold:
+                return True
+            # read before the hold can have ended: nothing moved, the newcomer was not even read
+            assert [r.state for r in rows] == [InboundState.QUEUED, InboundState.RECEIVED]
+            return False
 
-        await until(hold_over, what="the hold to near its end")
-        assert stack.api_log.calls == [refusal]
+        await until(hold_over, what="the hold to end")
         sandbox.state.faults.clear()
         await stack.reached(first, InboundState.ANSWERED)
         await stack.reached(second, InboundState.ANSWERED)
     later = stack.api_log.calls[1:]
-    assert later and all(c.started >= refusal.answered + hold for c in later)
-    assert [c.status for c in later if c.status == 401] == []
-    assert len([c for c in later if c.method == "POST"]) == len(sandbox.state.requests) == 2  # one turn each
+    assert later and all(c.started >= refusal.answered + hold for c in later)  # nothing while held
+    assert len([c for c in later if c.method == "POST" and c.status == 200]) == 2
+    assert len(sandbox.state.requests) == 2  # one turn each
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,7 @@ async def test_drain_cancels_a_running_job_and_a_restart_resumes_it(
 ) -> None:
     """Drain cancels a job mid-turn and leaves its row where a restart resumes it, without a second POST."""
     async with turn_stack(tmp_path, sandbox, MAILGATE_STREAM=stream) as stack:
-        queue_id = await admit(stack, "Long", "A long one [sandbox:slow=0.5]")
+        queue_id = await admit(stack, "Long", "A long one [sandbox:slow=0.6]")
         await until(lambda: len(sandbox.state.requests) == 1, what="the turn to be posted")
         await stack.reached(queue_id, state_at_drain)
         assert await stack.stop_scheduler(timeout=0.05) == 1
