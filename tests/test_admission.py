@@ -51,7 +51,7 @@ def make_admission(tmp_path: Path, store: Store) -> MakeAdmission:
 
 @pytest.fixture
 def admission(make_admission: MakeAdmission) -> Admission:
-    return make_admission()  # type: ignore[no-any-return]
+    return make_admission()
 
 
 async def accept(
