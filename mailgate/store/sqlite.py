@@ -340,8 +340,8 @@ class Store:
         rows = await self._all(
             "SELECT id, message_id FROM inbound WHERE task_id=? AND id<? ORDER BY id", (task_id, before)
         )
-        if len(rows) > limit:
-            rows = [rows[0], *rows[1 - limit :]]
+        if len(rows) > limit:  # the first, then the newest `limit - 1` (none of them when limit is 1)
+            rows = [rows[0], *rows[len(rows) - limit + 1 :]]
         chain: list[str] = []
         for row in rows:
             if row["message_id"]:
