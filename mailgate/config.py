@@ -106,6 +106,11 @@ class Settings:
     tls_key: Path | None = None
     require_starttls: bool = False
     log_level: str = "INFO"
+    # what the sender hears besides the answer
+    ack_after: float = 120.0  # seconds a turn runs before the sender is told it is being worked on; 0: off
+    bounce_limit: int = 3  # hard bounces of our replies in 30 days after which an address gets no notices
+    dkim_selector: str | None = None  # sign replies as `selector._domainkey.<domain>` (with `dkim_key`)
+    dkim_key: Path | None = None  # the PEM file of the RSA private key
 
     def worker_for(self, alias: str) -> Worker | None:
         return self.workers.get(alias.lower())
@@ -165,6 +170,14 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
     require_starttls = p.get("MAILGATE_REQUIRE_STARTTLS", _bool, False)
     if require_starttls and tls_cert is None:
         problems.append("MAILGATE_REQUIRE_STARTTLS: needs MAILGATE_TLS_CERT and MAILGATE_TLS_KEY")
+    dkim_selector = p.get("MAILGATE_DKIM_SELECTOR", dkim_selector_name, None)
+    dkim_key = p.get("MAILGATE_DKIM_KEY", _dkim_key, None)
+    for given, missing in (
+        ("MAILGATE_DKIM_SELECTOR", "MAILGATE_DKIM_KEY"),
+        ("MAILGATE_DKIM_KEY", "MAILGATE_DKIM_SELECTOR"),
+    ):
+        if given in values and missing not in values:
+            problems.append(f"{missing}: required with {given} (replies are DKIM-signed only with both)")
 
     settings = Settings(
         domain=domain or "",
@@ -209,6 +222,10 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         tls_key=tls_key,
         require_starttls=bool(require_starttls),
         log_level=p.get("MAILGATE_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO") or "INFO",
+        ack_after=_or(p.get("MAILGATE_ACK_AFTER", _seconds_or_off, 120.0), 120.0),
+        bounce_limit=p.get("MAILGATE_BOUNCE_LIMIT", _positive_int, 3) or 3,
+        dkim_selector=dkim_selector if dkim_key is not None else None,
+        dkim_key=dkim_key if dkim_selector is not None else None,
     )
     if problems:
         raise ConfigError(problems)
@@ -262,6 +279,21 @@ def _positive_float(value: str) -> float:
     if n <= 0:
         raise ValueError(f"must be positive, got {value}")
     return n
+
+
+def _seconds_or_off(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds (0: off), got {value!r}") from None
+    if not 0 <= n < float("inf"):
+        raise ValueError(f"must be 0 (off) or a positive number of seconds, got {value}")
+    return n
+
+
+def _or(value: T | None, default: T) -> T:
+    """`value` unless it is None (a 0 is a value, unlike `value or default`)."""
+    return default if value is None else value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -430,6 +462,37 @@ def _existing_file(value: str) -> Path:
     path = Path(value)
     if not path.is_file():
         raise ValueError(f"{value}: no such file")
+    return path
+
+
+_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*$")
+MIN_DKIM_BITS = 1024  # receivers ignore shorter keys (RFC 8301); `dkim-keygen` makes 2048
+
+
+def dkim_selector_name(value: str) -> str:
+    """A DKIM selector: one or more DNS labels (`s=` of the signature, `SELECTOR._domainkey.DOMAIN`)."""
+    v = value.lower()
+    if not _SELECTOR.match(v) or len(v) > 63:
+        raise ValueError(f"not a DKIM selector (DNS labels: letters, digits, - and _): {value!r}")
+    return v
+
+
+def _dkim_key(value: str) -> Path:
+    """A PEM RSA private key that dkimpy can sign with, of at least MIN_DKIM_BITS bits."""
+    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+    path = Path(value)
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{value}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        key = parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, IndexError, TypeError) as exc:
+        raise ValueError(f"{value}: not a PEM RSA private key ({str(exc).splitlines()[0]})") from None
+    bits = int(key["modulus"]).bit_length()
+    if bits < MIN_DKIM_BITS:
+        raise ValueError(f"{value}: a {bits}-bit key is too short; use at least {MIN_DKIM_BITS} bits")
     return path
 
 

@@ -25,6 +25,7 @@ class OutboxState(enum.StrEnum):
     RETRY = "retry"
     SENT = "sent"
     DEAD = "dead"
+    BOUNCED = "bounced"  # sent, then a bounce came back to its VERP address
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ class SkippedFile:
 
     filename: str
     reason: str
+
+
+@dataclass(frozen=True)
+class SentFile:
+    """A sender's attachment that went to the worker with the turn."""
+
+    filename: str
+    size: int
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,7 @@ from mailgate.errors import StartupError, StoreBusy
 from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
+from mailgate.replies.signing import DkimSigner
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, Store
@@ -71,6 +72,13 @@ def make_api_client(
         stream=settings.stream,
         transport=transport,
     )
+
+
+def make_signer(settings: Settings) -> DkimSigner | None:
+    """The DKIM signer of MAILGATE_DKIM_SELECTOR and MAILGATE_DKIM_KEY (both checked at load), if set."""
+    if settings.dkim_selector is None or settings.dkim_key is None:
+        return None
+    return DkimSigner.from_file(settings.dkim_selector, settings.domain, settings.dkim_key)
 
 
 class Gateway:
@@ -129,7 +137,9 @@ class Gateway:
             self.store, delivery, horizon=s.retry_horizon, retry_base=self._timing.retry_base * 2.5
         )
         spool = Spool(s.spool_dir)
-        replies = Replies(s, self.store, Renderer(s.templates_dir), OutputFiles(self.api, s), secret)
+        replies = Replies(
+            s, self.store, Renderer(s.templates_dir), OutputFiles(self.api, s), secret, make_signer(s)
+        )
         self.scheduler = Scheduler(
             s,
             self.store,

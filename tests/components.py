@@ -27,7 +27,7 @@ from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.sandbox import RunningSandbox
-from mailgate.service import make_api_client, open_store
+from mailgate.service import make_api_client, make_signer, open_store
 from mailgate.store import InboundRow, Store
 from mailgate.turns.scheduler import Scheduler
 from mailgate.turns.spool import Spool
@@ -131,7 +131,12 @@ async def turn_stack(
         spool = Spool(settings.spool_dir)
         timing = Timing(poll_base=0.05, retry_base=0.05, settle_seconds=0.2)
         replies = Replies(
-            settings, store, Renderer(settings.templates_dir), OutputFiles(api, settings), secret
+            settings,
+            store,
+            Renderer(settings.templates_dir),
+            OutputFiles(api, settings),
+            secret,
+            make_signer(settings),
         )
         scheduler = Scheduler(
             settings,

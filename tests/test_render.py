@@ -457,6 +457,7 @@ NOTICE_PHRASES = {
     "gave_up": "could not be reached",
     "too_many_requests": "too many new tasks",
     "address_not_ready": "this address is not set up correctly",
+    "working": "is being worked on",
 }
 
 

@@ -1,5 +1,10 @@
 """Admission: every decision that can refuse a message at RCPT or at the end of DATA, then the durable commit.
 
+A bounce of one of our replies comes to that reply's return path (`alias+bounce-<token>@domain`, see
+`admission.bounces`): its RCPT is refused unless the token names a reply we sent, and at DATA it is read
+(`mail.dsn`) and recorded before anything else: the reply is marked `bounced`, the message `ignored`
+("bounce of our reply <id>"), never answered, whoever sent it.
+
 Order at the end of DATA: header size; mail that must never be answered (accepted and recorded as
 ignored, so bounces are not bounced); sender authentication (550); the allow-list (550); the thread
 and the rate limits (450, so the sender's MTA retries later); duplicates (250, nothing new); then the
@@ -22,16 +27,18 @@ from typing import Any
 
 from ulid import ULID
 
-from mailgate.admission import authn, policy, threads
+from mailgate.admission import authn, bounces, policy, threads
 from mailgate.config import Settings
 from mailgate.errors import BadToken, MessageRejected
+from mailgate.mail import dsn
 from mailgate.mail.headers import Headers, header_size, read_facts
 from mailgate.models import HeaderFacts, InboundState, SmtpReply
-from mailgate.store import AdmissionFacts, Admitted, NewMessage, NewTask, Store
+from mailgate.store import AdmissionFacts, Admitted, NewBounce, NewMessage, NewTask, OutboxRow, Store
 
 HOUR = 3600.0
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
 BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
+BAD_BOUNCE = "5.1.1 This return path is not valid (altered or unknown)"
 
 
 @dataclass
@@ -67,6 +74,9 @@ class Admission:
         if split is None:
             return SmtpReply(550, "5.7.1 Relaying denied: this server only accepts mail for its own workers")
         alias, tag = split
+        if tag is not None and tag.startswith(bounces.BOUNCE_PREFIX):  # before the alias: it may be gone
+            ok = await self._bounced_reply(address) is not None
+            return SmtpReply(250, "2.1.5 Ok") if ok else SmtpReply(550, BAD_BOUNCE)
         if self.settings.worker_for(alias) is None:
             return SmtpReply(550, "5.1.1 No such worker here")
         if tag is not None and threads.looks_like_token(tag):
@@ -84,11 +94,85 @@ class Admission:
         """Decide on `raw` for each recipient; commit what is accepted. One reply per recipient.
 
         Raises `StoreBusy` when the commit fails (the caller answers 451 4.3.0 and keeps nothing).
+        Return paths of our replies (bounces) and worker addresses in one message are decided apart.
         """
-        try:
-            return await self._accept(mail_from, rcpts, raw)
-        except MessageRejected as exc:
-            return [SmtpReply(exc.code, f"{exc.status} {exc.reason}")] * len(rcpts)
+        returns = [r for r in rcpts if _is_return_path(r, self.settings.domain)]
+        others = [r for r in rcpts if r not in returns]
+        replies: dict[str, SmtpReply] = {}
+        for group, decide in ((returns, self._accept_bounce), (others, self._accept)):
+            if not group:
+                continue
+            try:
+                replies |= zip(group, await decide(mail_from, group, raw), strict=True)
+            except MessageRejected as exc:
+                replies |= dict.fromkeys(group, SmtpReply(exc.code, f"{exc.status} {exc.reason}"))
+        return [replies[r] for r in rcpts]
+
+    async def _bounced_reply(self, address: str) -> OutboxRow | None:
+        """The reply whose return path `address` is, if its token verifies; else None."""
+        split = threads.split_recipient(address, self.settings.domain)
+        token = bounces.token_of_tag(split[1] or "") if split else None
+        if split is None or token is None:
+            return None
+        own = f"{split[0]}+{bounces.BOUNCE_PREFIX}{token}@{self.settings.domain}"
+        row = await self.store.outbox_by_mail_from(own)
+        if row is None or not bounces.verify_bounce_token(self.secret, token, row.id):
+            return None
+        return row
+
+    async def _accept_bounce(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
+        """Mail to the return paths of our replies: record each as a bounce of its reply, never answer.
+
+        Nothing is refused for who sent it (a bounce comes from MAILER-DAEMON, or from nobody); it is
+        recorded before the policy that ignores automatic mail could say anything else of it.
+        """
+        if header_size(raw, self.settings.max_header_size) > self.settings.max_header_size:
+            raise MessageRejected(552, "5.3.4", "Message header too large")
+        facts = read_facts(Headers.parse(raw))
+        now = self.clock()
+        raw_id = str(ULID())
+        digest = hashlib.sha256(raw).hexdigest()
+        keys = [_dedupe_key(rcpt, facts.message_id, digest) for rcpt in rcpts]
+        known = await self.store.admission_facts(keys, max_turns=0, max_new_tasks=0)  # duplicates only
+        out: list[SmtpReply] = []
+        messages: list[NewMessage] = []
+        found: list[tuple[str, NewBounce]] = []
+        for rcpt, key in zip(rcpts, keys, strict=True):
+            if (duplicate := known.duplicates.get(key)) is not None:
+                out.append(SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}"))
+                continue
+            row = await self._bounced_reply(rcpt)
+            if row is None:
+                out.append(SmtpReply(550, BAD_BOUNCE))
+                continue
+            report = await asyncio.to_thread(dsn.read_report, raw, row.recipient_list)
+            failures = report.failures
+            if failures:
+                why = f"bounce of our reply {row.id}"
+            else:
+                actions = sorted({r.action or "no failure" for r in report.recipients})
+                why = f"delivery report ({', '.join(actions)}) of our reply {row.id}"
+            message = _new_message(
+                facts, raw_id, now, mail_from, rcpt, rcpt.partition("+")[0].lower(), None, key
+            )
+            messages.append(replace(message, reason=why))
+            found += [
+                (message.id, NewBounce(row.id, f.addr, f.status, f.diagnostic, f.hard)) for f in failures
+            ]
+            out.append(SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"))
+        if messages:
+            await self.store.admit(
+                Admitted(
+                    raw_id=raw_id,
+                    sha256=digest,
+                    data=raw,
+                    messages=messages,
+                    bounces=found,
+                    received_at=now,
+                    bounce_limit=self.settings.bounce_limit,
+                )
+            )
+        return out
 
     async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         settings = self.settings
@@ -234,6 +318,7 @@ class Admission:
                 budget=budget,
                 subject=message.subject,
                 created_at=now,
+                budget_asked=policy.asked_budget(found.budget_tag),
             )
         message = replace(
             message,
@@ -254,6 +339,12 @@ class Admission:
             task,
             [(task_id, p) for p in sorted(people)],
         )
+
+
+def _is_return_path(rcpt: str, domain: str) -> bool:
+    """Is `rcpt` shaped like the return path of one of our replies (`alias+bounce-...@domain`)?"""
+    split = threads.split_recipient(rcpt, domain)
+    return split is not None and (split[1] or "").startswith(bounces.BOUNCE_PREFIX)
 
 
 def _dedupe_key(rcpt: str, message_id: str | None, digest: str) -> str:

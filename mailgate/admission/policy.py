@@ -29,6 +29,7 @@ from mailgate.models import BUDGETS
 __all__ = [
     "LOOP_HEADER",
     "OWN_MESSAGE_ID_SUFFIX",
+    "asked_budget",
     "automatic_reason",
     "is_own_message_id",
     "requested_budget",
@@ -314,3 +315,10 @@ def requested_budget(local_part_tag: str | None, default: str, max_budget: str) 
     tag = (local_part_tag or "").strip().lower()
     wanted = tag if tag in BUDGETS else default
     return BUDGETS[min(BUDGETS.index(wanted), BUDGETS.index(max_budget))]
+
+
+def asked_budget(local_part_tag: str | None) -> str | None:
+    """The budget the `+tag` of `alias+tag@domain` names, or None when it names none. Kept with a new
+    task so its replies can say so when `requested_budget` gave it less (and why)."""
+    tag = (local_part_tag or "").strip().lower()
+    return tag if tag in BUDGETS else None

@@ -5,7 +5,13 @@ A reply goes to the authenticated sender, with the other participants who were o
 and never to anyone who is not an allowed sender. Its threading comes from what admission stored on
 the row (In-Reply-To, References, To/Cc): the raw message is never read again. Its Message-ID is chosen
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
-crash carries the same id.
+crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `admission.bounces`),
+which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SELECTOR and
+MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes are signed once.
+
+Notices (a failure, a hold, the acknowledgement of a long turn) obey the limits: none to an address
+whose replies keep bouncing (the suppression list), at most MAILGATE_MAX_NOTICES_PER_DAY per sender,
+and some kinds at most once per thread per day. Answers are always composed.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from email.policy import SMTP
 
 from ulid import ULID
 
-from mailgate.admission import policy, threads
+from mailgate.admission import bounces, policy, threads
 from mailgate.config import Settings
-from mailgate.models import ReplyHeaders, SkippedFile, TurnAnswer
+from mailgate.models import ReplyHeaders, SentFile, SkippedFile, TurnAnswer
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
-from mailgate.store import InboundRow, NewReply, Store
+from mailgate.replies.signing import DkimSigner
+from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
+WORKING = "working"  # the notice that a long turn is being worked on
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
 
 
@@ -36,17 +44,26 @@ class Replies:
     """Builds the outbox rows for answers and notices."""
 
     def __init__(
-        self, settings: Settings, store: Store, renderer: Renderer, output_files: OutputFiles, secret: bytes
+        self,
+        settings: Settings,
+        store: Store,
+        renderer: Renderer,
+        output_files: OutputFiles,
+        secret: bytes,
+        signer: DkimSigner | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.renderer = renderer
         self.output_files = output_files
         self.secret = secret
+        self.signer = signer
 
     async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
-        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked)."""
-        headers, recipients = await self._headers(row)
+        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked).
+        Its footer names the task's budget; the first answer of a task also says when the budget the
+        address asked for was capped."""
+        headers, recipients, task = await self._headers(row)
         attached, linked = await self.output_files.collect(answer.files)
         msg = self.renderer.answer(
             headers,
@@ -57,8 +74,27 @@ class Replies:
             linked=linked,
             skipped=_skipped(row.skipped),
             note=row.note,
+            budget=task.budget if task else None,
+            budget_asked=_capped(task) if row.new_task else None,
         )
-        return [self._reply(row, msg, headers, recipients, "answer", None)]
+        return [await self._reply(row, msg, headers, recipients, "answer", None)]
+
+    async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:
+        """The notice that a long turn is being worked on: the task's link, what the worker received
+        (files sent, files skipped and why) and the budget; none when the notice limits say so."""
+        if not await self._may_notify(row, WORKING):
+            return []
+        headers, recipients, task = await self._headers(row)
+        msg = self.renderer.notice(
+            headers,
+            WORKING,
+            task_url=task_url,
+            skipped=_skipped(row.skipped),
+            sent=_sent(row.files),
+            budget=task.budget if task else None,
+            budget_asked=_capped(task) if row.new_task else None,
+        )
+        return [await self._reply(row, msg, headers, recipients[:1], "notice", WORKING)]
 
     async def notice(
         self,
@@ -70,30 +106,35 @@ class Replies:
         skipped: Sequence[SkippedFile] = (),
         once_per_thread_per_day: bool = False,
     ) -> list[NewReply]:
-        """The notice's outbox row, or none when the sender has had too many notices today."""
+        """The notice's outbox row, or none when the notice limits say so (see the module docstring)."""
+        if not await self._may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day):
+            return []
+        headers, recipients, _ = await self._headers(row)
+        msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
+        return [await self._reply(row, msg, headers, recipients[:1], "notice", kind)]
+
+    async def _may_notify(self, row: InboundRow, kind: str, *, once_per_thread_per_day: bool = False) -> bool:
+        """May the sender of `row` get a notice of `kind` now? (the limits of the module docstring)"""
         if row.sender is None:
-            return []
+            return False
+        why = None
         since = time.time() - DAY
-        if await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
-            log.warning(
-                "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "daily notice limit"}
-            )
-            return []
-        if (
+        if await self.store.is_suppressed(row.sender):
+            why = "the address bounces our replies (mailgate suppressed)"
+        elif await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
+            why = "daily notice limit"
+        elif (
             once_per_thread_per_day
             and row.task_id
             and await self.store.count_notices_for_task(row.task_id, kind, since)
         ):
-            log.info(
-                "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": "already told today"}
-            )
-            return []
-        headers, recipients = await self._headers(row)
-        msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
-        return [self._reply(row, msg, headers, recipients[:1], "notice", kind)]
+            why = "already told today"
+        if why is not None:
+            log.warning("notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": why})
+        return why is None
 
-    async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str]]:
-        """How the reply to `row` threads, and its recipients (the sender first)."""
+    async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str], TaskRow | None]:
+        """How the reply to `row` threads, its recipients (the sender first), and its task."""
         assert row.sender is not None and row.task_id is not None
         settings = self.settings
         task, listed = await asyncio.gather(
@@ -133,9 +174,9 @@ class Replies:
             references=references,
             loop_header_value=settings.domain,
         )
-        return headers, [row.sender, *cc]
+        return headers, [row.sender, *cc], task
 
-    def _reply(
+    async def _reply(
         self,
         row: InboundRow,
         msg: EmailMessage,
@@ -144,19 +185,34 @@ class Replies:
         kind: str,
         notice: str | None,
     ) -> NewReply:
+        outbox_id = str(ULID())
+        data = msg.as_bytes(policy=SMTP)
+        if self.signer is not None:  # reads the whole body: off the loop
+            data = await asyncio.to_thread(self.signer.sign, data)
         return NewReply(
-            id=str(ULID()),
+            id=outbox_id,
             inbound_id=row.id,
             task_id=row.task_id,
             kind=kind,
             notice=notice,
             message_id=headers.message_id,
-            mail_from=headers.from_addr,
+            mail_from=bounces.bounce_address(self.secret, row.alias, self.settings.domain, outbox_id),
             recipients=recipients,
-            data=msg.as_bytes(policy=SMTP),
+            data=data,
             created_at=time.time(),
         )
 
 
 def _skipped(data: str | None) -> list[SkippedFile]:
     return [SkippedFile(s["filename"], s["reason"]) for s in json.loads(data or "[]")]
+
+
+def _sent(data: str | None) -> list[SentFile]:
+    return [SentFile(f["filename"], int(f["size"])) for f in json.loads(data or "[]")]
+
+
+def _capped(task: TaskRow | None) -> str | None:
+    """The budget the task's address asked for, when the task got another (a lower one: the cap)."""
+    if task is None or task.budget_asked is None or task.budget_asked == task.budget:
+        return None
+    return task.budget_asked

@@ -37,11 +37,20 @@ from markdown_it.token import Token
 from markupsafe import Markup
 
 from mailgate.errors import ConfigError
-from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, Source
+from mailgate.models import (
+    BUDGETS,
+    AttachedFile,
+    LinkedFile,
+    ReplyHeaders,
+    SentFile,
+    SkippedFile,
+    Source,
+    human_size,
+)
 
 NOTICE_KINDS = (
     "empty_reply", "api_rejected", "wrong_worker", "task_not_found",
-    "out_of_credits", "task_failed", "gave_up", "too_many_requests", "address_not_ready",
+    "out_of_credits", "task_failed", "gave_up", "too_many_requests", "address_not_ready", "working",
 )  # fmt: skip
 _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
@@ -291,10 +300,16 @@ class Renderer:
         linked: Sequence[LinkedFile] = (),
         skipped: Sequence[SkippedFile] = (),
         note: str | None = None,
+        budget: str | None = None,
+        budget_asked: str | None = None,
     ) -> EmailMessage:
-        """The reply carrying a turn's answer, its sources, and files attached, linked or skipped."""
+        """The reply carrying a turn's answer, its sources, and files attached, linked or skipped.
+
+        `budget` (named in the footer) is the task's; `budget_asked` the one its address asked for when
+        the task got less (the reply says so, and why).
+        """
         text = _tidy(answer_markdown) or "(The worker finished without writing an answer.)"
-        context = _context(headers, task_url, skipped, reason=None) | {
+        context = _context(headers, task_url, skipped, None, budget=budget, budget_asked=budget_asked) | {
             "answer_text": text,
             "answer_html": Markup(markdown_to_html(text)),  # noqa: S704 - sanitised by nh3 just above
             "sources": [_link(s.title or s.url, s.url) for s in sources if s.url.strip()],
@@ -317,11 +332,17 @@ class Renderer:
         reason: str | None = None,
         task_url: str | None = None,
         skipped: Sequence[SkippedFile] = (),
+        sent: Sequence[SentFile] = (),
+        budget: str | None = None,
+        budget_asked: str | None = None,
     ) -> EmailMessage:
-        """A short message in the thread instead of an answer. For `task_failed`, `reason` is the status."""
+        """A short message in the thread instead of an answer (or, for `working`, before it). For
+        `task_failed`, `reason` is the status; `sent` are the files the worker received."""
         if kind not in NOTICE_KINDS:
             raise ValueError(f"unknown notice kind {kind!r}; expected one of {', '.join(NOTICE_KINDS)}")
-        return self._message(headers, f"notice_{kind}", _context(headers, task_url, skipped, reason))
+        context = _context(headers, task_url, skipped, reason, budget=budget, budget_asked=budget_asked)
+        context["sent"] = [{"filename": _filename(f.filename), "size": human_size(f.size)} for f in sent]
+        return self._message(headers, f"notice_{kind}", context)
 
     def _message(self, headers: ReplyHeaders, name: str, context: dict[str, Any]) -> EmailMessage:
         text = self._env.get_template(f"{name}.txt").render(context)
@@ -346,12 +367,21 @@ def _link(label: str, url: str) -> dict[str, Any]:
 
 
 def _context(
-    headers: ReplyHeaders, task_url: str | None, skipped: Sequence[SkippedFile], reason: str | None
+    headers: ReplyHeaders,
+    task_url: str | None,
+    skipped: Sequence[SkippedFile],
+    reason: str | None,
+    *,
+    budget: str | None = None,
+    budget_asked: str | None = None,
 ) -> dict[str, Any]:
-    """What every template gets."""
+    """What every template gets (`budget`, `budget_asked`: only budget names, else None)."""
     return {
         "subject": _header_text(headers.subject, _MAX_SUBJECT) or "(no subject)",
         "task_url": _safe_url(task_url),
         "skipped": [{"filename": _filename(f.filename), "reason": _header_text(f.reason)} for f in skipped],
         "reason": _header_text(reason or "", 1000) or None,
+        "budget": budget if budget in BUDGETS else None,
+        "budget_asked": budget_asked if budget_asked in BUDGETS and budget in BUDGETS else None,
+        "sent": [],
     }

@@ -10,11 +10,14 @@ from mailgate.store.lock import InstanceLock, holder
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
+    BounceRow,
     InboundRow,
+    NewBounce,
     NewMessage,
     NewReply,
     NewTask,
     OutboxRow,
+    SuppressionRow,
     TaskRow,
 )
 from mailgate.store.sqlite import Store, probe
@@ -22,13 +25,16 @@ from mailgate.store.sqlite import Store, probe
 __all__ = [
     "AdmissionFacts",
     "Admitted",
+    "BounceRow",
     "InboundRow",
     "InstanceLock",
+    "NewBounce",
     "NewMessage",
     "NewReply",
     "NewTask",
     "OutboxRow",
     "Store",
+    "SuppressionRow",
     "TaskRow",
     "holder",
     "probe",

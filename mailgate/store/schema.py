@@ -62,6 +62,23 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE inbound ADD COLUMN refs TEXT;"
     "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
     "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
+    # 3: the sender always knows where things stand (issue 15): when a turn started and whether it was
+    # acknowledged; the budget a new task asked for; bounces of our own replies and the addresses that
+    # get no more notices
+    "ALTER TABLE inbound ADD COLUMN started_at REAL;"
+    "ALTER TABLE inbound ADD COLUMN acked_at REAL;"
+    "ALTER TABLE task ADD COLUMN budget_asked TEXT;"
+    "ALTER TABLE outbox ADD COLUMN bounced_at REAL;"
+    "ALTER TABLE outbox ADD COLUMN bounce_status TEXT;"
+    "ALTER TABLE outbox ADD COLUMN bounce_diagnostic TEXT;"
+    "CREATE INDEX IF NOT EXISTS outbox_mail_from ON outbox (mail_from);"
+    "CREATE TABLE IF NOT EXISTS bounce ("
+    " id INTEGER PRIMARY KEY, outbox_id TEXT NOT NULL, inbound_id TEXT NOT NULL, addr TEXT,"
+    " status TEXT, diagnostic TEXT, hard INTEGER NOT NULL, at REAL NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS bounce_addr ON bounce (addr, at);"
+    "CREATE INDEX IF NOT EXISTS bounce_outbox ON bounce (outbox_id);"
+    "CREATE TABLE IF NOT EXISTS suppression ("
+    " addr TEXT PRIMARY KEY, suppressed_at REAL, reason TEXT, cleared_at REAL) WITHOUT ROWID;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -98,6 +115,8 @@ class InboundRow:
     refs: str | None = None  # References, space-separated, oldest first
     to_cc: str | None = None  # JSON list of the addresses on To and Cc
     sender_name: str | None = None  # the From display name
+    started_at: float | None = None  # when the API took the turn (it answered 2xx)
+    acked_at: float | None = None  # when the sender was told the turn is being worked on
 
     @property
     def in_reply_to_ids(self) -> list[str]:
@@ -131,6 +150,9 @@ class OutboxRow:
     created_at: float
     updated_at: float
     sent_at: float | None
+    bounced_at: float | None = None  # a bounce (DSN) of this reply came back to its VERP address
+    bounce_status: str | None = None  # "5.1.1"
+    bounce_diagnostic: str | None = None  # "smtp; 550 5.1.1 no such user"
 
     @property
     def recipient_list(self) -> list[str]:
@@ -149,6 +171,31 @@ class TaskRow:
     url: str | None
     turns: int
     archived: int
+    budget_asked: str | None = None  # the budget the address asked for (`alias+unlimited@`), if any
+
+
+@dataclass
+class BounceRow:
+    """One bounce of one of our replies (the `bounce` table): which reply, which address, what status."""
+
+    id: int
+    outbox_id: str
+    inbound_id: str  # the bounce message itself, recorded as `ignored`
+    addr: str | None
+    status: str | None
+    diagnostic: str | None
+    hard: int  # a permanent failure (5.x.x): counts towards MAILGATE_BOUNCE_LIMIT
+    at: float
+
+
+@dataclass
+class SuppressionRow:
+    """An address that gets no more notices (the `suppression` table; `suppressed_at` None: cleared)."""
+
+    addr: str
+    suppressed_at: float | None
+    reason: str | None
+    cleared_at: float | None
 
 
 def row_of(cls: type[Any], row: sqlite3.Row | None) -> Any:
@@ -195,6 +242,18 @@ class NewTask:
     budget: str
     subject: str
     created_at: float
+    budget_asked: str | None = None
+
+
+@dataclass(frozen=True)
+class NewBounce:
+    """A bounce of our reply `outbox_id`, as admission read it from the report that came back."""
+
+    outbox_id: str
+    addr: str | None  # the recipient that failed, when the report says
+    status: str | None  # "5.1.1"
+    diagnostic: str | None
+    hard: bool  # a permanent failure (5.x.x)
 
 
 @dataclass(frozen=True)
@@ -208,6 +267,9 @@ class Admitted:
     tasks: Sequence[NewTask] = ()
     participants: Sequence[tuple[str, str]] = ()  # (task id, address)
     thread_ids: Sequence[tuple[str, str]] = ()  # (Message-ID, task id) of mail received for a task
+    bounces: Sequence[tuple[str, NewBounce]] = ()  # (queue id of the report, the bounce it tells of)
+    received_at: float = 0.0  # when the bounces came (their time)
+    bounce_limit: int = 3  # hard bounces in 30 days after which an address gets no more notices
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,13 @@ from mailgate.store.schema import (
     MIGRATIONS,
     VERSION,
     Admitted,
+    BounceRow,
     InboundRow,
+    NewBounce,
     NewReply,
     OutboxRow,
     Statement,
+    SuppressionRow,
     TaskRow,
     insert,
     insert_row,
@@ -44,6 +47,7 @@ from mailgate.store.schema import (
 )
 
 MAX_BATCH = 256
+BOUNCE_WINDOW = 30 * 86400.0  # hard bounces counted towards MAILGATE_BOUNCE_LIMIT over this long
 T = TypeVar("T")
 
 
@@ -240,6 +244,35 @@ class Store:
         )
         return int(row["n"]) if row else 0
 
+    async def outbox_by_mail_from(self, mail_from: str) -> OutboxRow | None:
+        """The reply sent with envelope sender `mail_from` (its VERP address), if any."""
+        found = await self._one("SELECT * FROM outbox WHERE mail_from=? LIMIT 1", (mail_from.lower(),))
+        row: OutboxRow | None = row_of(OutboxRow, found)
+        return row
+
+    async def bounces_of(self, outbox_ids: Sequence[str]) -> list[BounceRow]:
+        """The bounces recorded for the replies `outbox_ids`, oldest first."""
+        if not outbox_ids:
+            return []
+        marks = ",".join("?" * len(outbox_ids))
+        sql = f"SELECT * FROM bounce WHERE outbox_id IN ({marks}) ORDER BY id"  # noqa: S608
+        return [row_of(BounceRow, r) for r in await self._all(sql, list(outbox_ids))]
+
+    async def bounce_reported_by(self, inbound_id: str) -> list[BounceRow]:
+        """The bounces that the message `inbound_id` (a bounce report to a VERP address) recorded."""
+        rows = await self._all("SELECT * FROM bounce WHERE inbound_id=? ORDER BY id", (inbound_id,))
+        return [row_of(BounceRow, r) for r in rows]
+
+    async def is_suppressed(self, addr: str) -> bool:
+        """Does `addr` get no more notices (its hard bounces reached MAILGATE_BOUNCE_LIMIT)?"""
+        sql = "SELECT 1 FROM suppression WHERE addr=? AND suppressed_at IS NOT NULL"
+        return await self._one(sql, (addr.lower(),)) is not None
+
+    async def suppressed(self) -> list[SuppressionRow]:
+        """Every address that gets no more notices, oldest suppression first."""
+        sql = "SELECT * FROM suppression WHERE suppressed_at IS NOT NULL ORDER BY suppressed_at"
+        return [row_of(SuppressionRow, r) for r in await self._all(sql)]
+
     async def raw(self, raw_id: str) -> bytes:
         row = await self._one("SELECT data FROM raw_message WHERE id=?", (raw_id,))
         if row is None:
@@ -384,6 +417,8 @@ class Store:
             )
             for message_id, task_id in admitted.thread_ids
         ]
+        for inbound_id, bounce in admitted.bounces:
+            statements += _bounce_statements(inbound_id, bounce, admitted.received_at, admitted.bounce_limit)
         await self.write(statements)
 
     async def count_crash(self, inbound_id: str, crashes: int) -> None:
@@ -417,6 +452,7 @@ class Store:
     async def mark_running(self, inbound_id: str, *, turn_seq: int | None = None) -> None:
         """The API has the turn: wait for its end."""
         values: dict[str, Any] = {"state": InboundState.RUNNING, "last_error": None}
+        values["started_at"] = time.time()  # the acknowledgement of a long turn counts from here
         if turn_seq is not None:
             values["turn_seq"] = turn_seq
         await self._set_inbound(inbound_id, **values)
@@ -447,6 +483,14 @@ class Store:
         if len(values) > 1:
             values["updated_at"] = time.time()
         await self.write([*_reply_statements(replies), update("inbound", inbound_id, **values)])
+
+    async def acknowledge(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> None:
+        """The sender is told the turn is being worked on (`replies`: the notice, if the limits let it
+        go): remembered on the row in the same transaction, so a turn is acknowledged at most once.
+        `updated_at` is left alone (it says since when the row has been in its state)."""
+        now = time.time()
+        sql = "UPDATE inbound SET acked_at=? WHERE id=?"
+        await self.write([*_reply_statements(replies), (sql, (now, inbound_id))])
 
     async def finish(
         self,
@@ -539,6 +583,16 @@ class Store:
         )
         return True
 
+    async def unsuppress(self, addr: str) -> bool:
+        """Send notices to `addr` again; its earlier hard bounces no longer count. False when it was
+        not suppressed."""
+        if not await self.is_suppressed(addr):
+            return False
+        now = time.time()
+        sql = "UPDATE suppression SET suppressed_at=NULL, reason=NULL, cleared_at=? WHERE addr=?"
+        await self.write([(sql, (now, addr.lower()))])
+        return True
+
     async def replay_outbox(self, outbox_id: str) -> bool:
         row = await self.outbox_row(outbox_id)
         if row is None or row.state != OutboxState.DEAD:
@@ -573,6 +627,52 @@ def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:
                     or_ignore=True,
                 )
             )
+    return statements
+
+
+def _bounce_statements(inbound_id: str, bounce: NewBounce, now: float, limit: int) -> list[Statement]:
+    """Record a bounce of our reply: the `bounce` row, the reply `bounced` (a row still being retried
+    keeps its state, with the bounce noted), and for a hard bounce that reaches `limit` in the window
+    the address suppressed (hard bounces before an `unsuppress` no longer count)."""
+    addr = bounce.addr.lower() if bounce.addr else None
+    statements: list[Statement] = [
+        insert(
+            "bounce",
+            {
+                "outbox_id": bounce.outbox_id,
+                "inbound_id": inbound_id,
+                "addr": addr,
+                "status": bounce.status,
+                "diagnostic": (bounce.diagnostic or "")[:1000] or None,
+                "hard": int(bounce.hard),
+                "at": now,
+            },
+        ),
+        (
+            "UPDATE outbox SET bounced_at=?, bounce_status=?, bounce_diagnostic=?, updated_at=?, "
+            "state=CASE WHEN state='sent' THEN 'bounced' ELSE state END WHERE id=?",
+            (now, bounce.status, (bounce.diagnostic or "")[:1000] or None, now, bounce.outbox_id),
+        ),
+    ]
+    if bounce.hard and addr:
+        statements.append(
+            (
+                "INSERT INTO suppression (addr, suppressed_at, reason) SELECT ?, ?, ? WHERE (SELECT count(*) "
+                "FROM bounce WHERE addr=? AND hard=1 AND at>=max(?, coalesce((SELECT cleared_at FROM "
+                "suppression WHERE addr=?), 0))) >= ? ON CONFLICT(addr) DO UPDATE SET "
+                "suppressed_at=excluded.suppressed_at, reason=excluded.reason "
+                "WHERE suppression.suppressed_at IS NULL",
+                (
+                    addr,
+                    now,
+                    f"{limit} hard bounces in 30 days (the last: {bounce.status or 'no status'})",
+                    addr,
+                    now - BOUNCE_WINDOW,
+                    addr,
+                    limit,
+                ),
+            )
+        )
     return statements
 
 

@@ -29,6 +29,14 @@ Two conditions pause the whole scheduler instead of failing anyone's message: th
 minute, lives only in memory (the store may be what fails), logs once a minute at most, counts no
 crash, and ends by itself when a job's work is committed again.
 
+A turn that runs long is acknowledged: MAILGATE_ACK_AFTER seconds after the API took it (0: never), if
+no answer has come, the sender gets one short notice in the thread (`working`: the task's link, the
+files the worker received and those skipped) and the row remembers it (`acked_at`), so a turn is
+acknowledged at most once, through restarts too. A streamed turn's step lasts as long as the turn: the
+scheduler waits for it up to the acknowledgement's time, then asks `steps.acknowledgement` whether it is
+still due and commits the notice while the step goes on; a turn that is polled (after a restart or a
+lost stream) is looked at again no later than that time. Ignored mail never gets one (it is never run).
+
 An alias whose worker the API does not know (`WorkerUnknown`: MAILGATE_WORKERS is wrong) holds only that
 alias's new mail: each message stays `queued` with the reason in `last_error` and is tried again with
 back-off; its sender is told once that the address is not set up yet (`address_not_ready`); the
@@ -50,6 +58,7 @@ from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
 from mailgate.turns.spool import Spool
 from mailgate.turns.steps import (
+    Acknowledge,
     Answer,
     Continue,
     Hold,
@@ -64,6 +73,7 @@ log = logging.getLogger("mailgate.turns")
 
 HOLD_SECONDS = 30.0
 LOUD_EVERY = 300.0
+ACK_RECHECK = 5.0  # seconds between looks while a turn due an acknowledgement is not at the API yet
 NOT_READY = "address_not_ready"  # the notice to the sender of mail held for an unknown worker
 
 
@@ -95,6 +105,7 @@ class Scheduler:
         self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
         self._unknown_workers: set[str] = set()  # aliases already reported (once per start)
+        self._acked: set[str] = set()  # messages acknowledged by a job in hand (their rows are older)
         self.storage = Pause("storage", log, base=steps.timing.retry_base, clock=self.clock)
 
     def wake(self) -> None:
@@ -150,6 +161,7 @@ class Scheduler:
                 await self._crashed(row, exc)
         finally:
             self._busy.pop(row.id, None)
+            self._acked.discard(row.id)
             self._wake.set()
 
     async def _drive(self, row: InboundRow) -> None:
@@ -158,14 +170,22 @@ class Scheduler:
             return
         streamed: RunResult | None = None
         while True:
-            outcome: Outcome = await self.steps.advance(row, streamed)
+            outcome: Outcome = await self._advance(row, streamed)
             if outcome.api_ok:
                 self._resumed()
             if isinstance(outcome, Continue):
                 row, streamed = outcome.row, outcome.streamed
                 continue
             if isinstance(outcome, Later):
-                await self.store.reschedule(row.id, outcome.at, state=outcome.state, error=outcome.error)
+                at = outcome.at
+                due = self._ack_due(row)
+                if (
+                    due is not None
+                    and row.state == InboundState.RUNNING
+                    and outcome.state in (None, row.state)
+                ):
+                    at = min(at, max(due, self.clock()))  # a polled turn: look again when the ack is due
+                await self.store.reschedule(row.id, at, state=outcome.state, error=outcome.error)
             elif isinstance(outcome, Hold):
                 self._hold(outcome.error)
                 await self.store.reschedule(
@@ -194,6 +214,52 @@ class Scheduler:
                 await self._notify(row, outcome)
             self.storage.clear()  # the outcome is committed: the store takes writes
             return
+
+    async def _advance(self, row: InboundRow, streamed: RunResult | None) -> Outcome:
+        """One step of `row`; if it lasts until the turn's acknowledgement is due, acknowledge it (once)
+        while the step goes on."""
+        due = self._ack_due(row)
+        if due is None:
+            return await self.steps.advance(row, streamed)
+        step = asyncio.create_task(self.steps.advance(row, streamed), name=f"step-{row.id}")
+        try:
+            while not step.done() and row.id not in self._acked:
+                await asyncio.wait({step}, timeout=max(0.0, due - self.clock()))
+                if not step.done():
+                    await self._acknowledge(row)
+                    due = self.clock() + ACK_RECHECK  # not yet running (a slow upload): look again
+            return await step
+        finally:
+            if not step.done():  # this job was cancelled (a drain): the step goes with it
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+
+    def _ack_due(self, row: InboundRow) -> float | None:
+        """When the turn of `row` is to be acknowledged, or None when it never is (any more)."""
+        after = self.settings.ack_after
+        if after <= 0 or row.acked_at is not None or row.id in self._acked:
+            return None
+        if row.state not in (InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING):
+            return None
+        started = row.started_at if row.state == InboundState.RUNNING and row.started_at else self.clock()
+        return started + after
+
+    async def _acknowledge(self, row: InboundRow) -> None:
+        """Tell the sender the turn is being worked on, if it still is (`steps.acknowledgement`), and
+        remember it on the row in the same transaction. A failure here is logged: the step goes on."""
+        try:
+            ack: Acknowledge | None = await self.steps.acknowledgement(row)
+            if ack is None:
+                return
+            replies = await self.replies.acknowledgement(row, ack.task_url)
+            await self.store.acknowledge(row.id, replies)
+        except Exception:
+            log.exception("acknowledgement_failed", extra={"inbound": row.id})
+            return
+        self._acked.add(row.id)
+        if replies:
+            self.on_outbox()
+        log.info("turn_acknowledged", extra={"inbound": row.id, "task": row.task_id, "sent": len(replies)})
 
     async def _worker_unknown(self, row: InboundRow, outcome: WorkerUnknown) -> None:
         """Hold the message (queued, with the reason) and tell its sender once; ERROR once per alias."""

@@ -7,6 +7,10 @@ what the gateway does next (that is the scheduler's job) and never calls back in
   `running` as soon as the API has answered 2xx.
 - `running`: `GET /api/tasks/{id}` until the turn has ended -> an `Answer` or a `Notice`.
 
+Besides these, `acknowledgement(row)` answers the scheduler's question "is the acknowledgement of this
+long turn still due?": only while the row is `running`, not yet acknowledged, and the API does not say
+the turn has ended; with the task's dashboard link.
+
 API failures become outcomes here: a 401 is `Hold`, other transient failures `Later` (backing off, until
 the retry horizon, then a "gave up" `Notice`), refusals a `Notice` for the sender. A 404 to the POST that
 starts a new task is about the worker (the task does not exist yet): an operator's mistake in
@@ -114,6 +118,13 @@ class WorkerUnknown:
 Outcome = Continue | Later | Hold | Answer | Notice | WorkerUnknown
 
 
+@dataclass(frozen=True)
+class Acknowledge:
+    """The turn runs on at the API with no answer yet: tell the sender it is being worked on."""
+
+    task_url: str | None
+
+
 @dataclass
 class Timing:
     """How patient the steps are (tests shorten these)."""
@@ -152,6 +163,27 @@ class TurnSteps:
             return await self._retry(row, exc)
         except ApiRejected as exc:
             return await self._rejected(row, exc)
+
+    async def acknowledgement(self, row: InboundRow) -> Acknowledge | None:
+        """`Acknowledge` when the turn of `row` runs at the API, unanswered and not yet acknowledged;
+        None when not (yet): the row is not `running`, was acknowledged, or the turn has ended. The task's
+        link comes from the API (a new task has none in the store before its first answer); when the API
+        cannot be asked, from the store."""
+        fresh = await self.store.inbound(row.id)
+        if fresh is None or fresh.state != InboundState.RUNNING or fresh.acked_at is not None:
+            return None
+        assert fresh.task_id is not None
+        try:
+            snapshot = await self.api.get_task(fresh.task_id)
+        except MailgateError:
+            snapshot = None
+        if snapshot is not None:
+            turn = find_turn(snapshot, fresh)
+            if turn is not None and turn.status.lower() in DONE_STATUSES | FAILED_STATUSES:
+                return None  # the answer is on its way: no acknowledgement now
+            return Acknowledge(snapshot.url)
+        task = await self.store.task_row(fresh.task_id)
+        return Acknowledge(task.url if task else None)
 
     # --- received -> queued ------------------------------------------------------------------------
 
