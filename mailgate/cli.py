@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from mailgate.store import Store
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
+_STATES = {
+    "messages": "received, queued, submitting, running, answered, ignored, failed",
+    "outbox": "pending, retry, sent, dead, bounced",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = verb(name, help_)
         if name != "tasks":
-            p.add_argument("--state", default=None)
+            p.add_argument("--state", default=None, help=f"only rows in this state: {_STATES[name]}")
         p.add_argument("--limit", type=int, default=50)
         p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = verb("show", "show one inbound message, outbox row or task by id")
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = verb("archive", "archive a task at the API (DELETE /api/tasks/{id})")
     p.add_argument("task_id")
+    _add_sender_verbs(verb)
     return parser
 
 
@@ -100,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(
                 demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once)
             )
+        if args.verb == "dkim-keygen":
+            return _dkim_keygen(args)
         settings = load_settings(args.env_file, os.environ)
         logs.setup(settings.log_level)
         if args.verb == "serve":
@@ -241,6 +248,7 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -
         if found is None:
             print(f"mailgate: no message, outbox row or task {args.id}", file=sys.stderr)
             return EXIT_USAGE
+        found |= await _bounces_shown(store, found)
         if args.json:
             print(json.dumps(found, default=str))
         else:
@@ -265,6 +273,8 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -
             await store.archive_task(args.task_id)
         print(f"{args.task_id}: {'archived' if archived else 'not archived'}")
         return EXIT_OK
+    if verb in ("suppressed", "unsuppress"):
+        return await _suppression(args, store)
     return EXIT_USAGE  # pragma: no cover (argparse allows only the verbs above)
 
 
@@ -316,3 +326,83 @@ def _print_rows(rows: list[dict[str, Any]], cols: Sequence[str], *, as_json: boo
     print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+# --- what the sender hears: bounces, suppression, DKIM keys (issue 15) ---------------------------------
+
+
+def _add_sender_verbs(verb: Any) -> None:
+    p = verb("suppressed", "list the addresses that get no more notices (their replies kept bouncing)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = verb("unsuppress", "send notices to ADDR again; its earlier bounces no longer count")
+    p.add_argument("addr")
+    p = verb(
+        "dkim-keygen",
+        "write a new 2048-bit RSA key for DKIM-signed replies (0600) and print its DNS TXT record",
+    )
+    p.add_argument("selector", help="the DKIM selector (MAILGATE_DKIM_SELECTOR), e.g. mailgate2025")
+    p.add_argument(
+        "--out", metavar="PATH", help="where to write the key (default: ./SELECTOR.pem); never overwritten"
+    )
+    p.add_argument("--domain", help="the signing domain (default: MAILGATE_DOMAIN of the settings)")
+
+
+async def _suppression(args: argparse.Namespace, store: Store) -> int:
+    """`suppressed`: the list (exit 0); `unsuppress ADDR`: exit 0 when cleared, 2 when not suppressed."""
+    if args.verb == "suppressed":
+        rows = [_public(r) | {"suppressed_at": _when(r.suppressed_at)} for r in await store.suppressed()]
+        _print_rows(rows, ("addr", "suppressed_at", "reason"), as_json=args.json)
+        return EXIT_OK
+    if await store.unsuppress(args.addr):
+        print(f"{args.addr.lower()}: gets notices again")
+        return EXIT_OK
+    print(f"mailgate: {args.addr} is not suppressed", file=sys.stderr)
+    return EXIT_USAGE
+
+
+async def _bounces_shown(store: Store, found: dict[str, Any]) -> dict[str, Any]:
+    """`show`'s bounces section: the bounces of the replies shown, and those a bounce message reported."""
+    outbox = found.get("outbox")
+    rows = [outbox] if isinstance(outbox, dict) else outbox if isinstance(outbox, list) else []
+    bounces = await store.bounces_of([r["id"] for r in rows])
+    if isinstance(found.get("inbound"), dict):
+        bounces += await store.bounce_reported_by(found["inbound"]["id"])
+    shown = [_public(b) | {"at": _when(b.at), "hard": bool(b.hard)} for b in bounces]
+    return {"bounces": shown} if shown else {}
+
+
+def _when(at: float | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else None
+
+
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    """Write the key (0600, never over an existing file) and print the TXT record to publish."""
+    from mailgate import private
+    from mailgate.config import dkim_selector_name, domain_name
+    from mailgate.replies.signing import new_key, txt_record
+
+    try:
+        selector = dkim_selector_name(args.selector)
+        domain = domain_name(args.domain) if args.domain else None
+    except ValueError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if domain is None:  # a bad configuration is exit 78, as for every verb
+        domain = load_settings(args.env_file, os.environ).domain
+    path = Path(args.out or f"{selector}.pem")
+    if path.exists():
+        print(f"mailgate: {path} exists; it is not overwritten", file=sys.stderr)
+        return EXIT_USAGE
+    pem, public_der = new_key()
+    try:
+        private.write_file(path, pem)
+    except OSError as exc:
+        print(f"mailgate: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CRASH
+    print(txt_record(selector, domain, public_der))
+    print(
+        f"mailgate: the key is in {path} (0600). Publish the record above in DNS, then set "
+        f"MAILGATE_DKIM_SELECTOR={selector} and MAILGATE_DKIM_KEY={path.resolve()}",
+        file=sys.stderr,
+    )
+    return EXIT_OK

@@ -306,6 +306,11 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def domain_name(value: str) -> str:
+    """A domain name, lower-case, without a trailing dot; ValueError when `value` is not one."""
+    return _domain(value)
+
+
 def _domain(value: str) -> str:
     v = value.lower().rstrip(".")
     if not _DOMAIN.match(v):
