@@ -3,7 +3,9 @@
 `pending -> sent`, or `retry` (relay 4xx, connection errors) with backoff until the horizon, then
 `dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row (`refused`,
 recipient -> the relay's reply); those refused with a 4xx are retried on their own (the row goes back to
-`retry`). The message bytes, and so the Message-ID, never change between attempts.
+`retry`). The message bytes, and so the Message-ID and the DKIM signature, never change between
+attempts. A `sent` row becomes `bounced` later, in admission, when a bounce comes back to its return
+path (the envelope sender, one per row); the outbox never sends a `bounced` row again.
 
 When the store cannot take the outcome of an attempt (a full or failing disk), the outcome is kept in
 memory and written once the store takes writes again, so a delivered reply is never sent twice; the

@@ -19,6 +19,10 @@ so after a crash the row says where to resume:
 |              | second address of the same task in one message              |                             |
 | `failed`     | failed for good, with the reason; the sender got a notice   | (end; `replay` runs it)     |
 
+Their replies (the `outbox` table's `state`): `pending` -> `sent`, or `retry` until the horizon, then
+`dead` (`delivery.outbox`); a `sent` reply becomes `bounced` when a bounce comes back to its return path
+(`admission.admit`).
+
 A message that keeps crashing its job (a bug, a poison message) is quarantined as `failed` after
 MAILGATE_MAX_PROCESSING_ATTEMPTS; the count is taken before the work it guards, so a message that takes
 the whole process down is caught on the next start.
