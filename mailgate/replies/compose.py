@@ -117,21 +117,21 @@ class Replies:
         """May the sender of `row` get a notice of `kind` now? (the limits of the module docstring)"""
         if row.sender is None:
             return False
-        why = None
         since = time.time() - DAY
         if await self.store.is_suppressed(row.sender):
-            why = "the address bounces our replies (mailgate suppressed)"
+            why, level = "the address bounces our replies (mailgate suppressed)", logging.WARNING
         elif await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
-            why = "daily notice limit"
+            why, level = "daily notice limit", logging.WARNING
         elif (
             once_per_thread_per_day
             and row.task_id
             and await self.store.count_notices_for_task(row.task_id, kind, since)
         ):
-            why = "already told today"
-        if why is not None:
-            log.warning("notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": why})
-        return why is None
+            why, level = "already told today", logging.INFO
+        else:
+            return True
+        log.log(level, "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": why})
+        return False
 
     async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str], TaskRow | None]:
         """How the reply to `row` threads, its recipients (the sender first), and its task."""
