@@ -66,6 +66,7 @@ def make_api_client(
         files_field=settings.files_field,
         stream=settings.stream,
         transport=transport,
+        output_hosts=settings.output_hosts,
     )
 
 
