@@ -119,7 +119,14 @@ class Gateway:
             self.store, delivery, horizon=s.retry_horizon, retry_base=self._timing.retry_base * 2.5
         )
         spool = Spool(s.spool_dir)
-        replies = Replies(s, self.store, Renderer(s.templates_dir), OutputFiles(self.api, s), secret)
+        replies = Replies(
+            s,
+            self.store,
+            Renderer(s.templates_dir),
+            OutputFiles(self.api, s),
+            secret,
+            eight_bit=lambda: delivery.eight_bit,
+        )
         self.scheduler = Scheduler(
             s,
             self.store,

@@ -4,8 +4,11 @@
 message for at least one recipient) or raises:
 - `DeliveryDeferred`: 4xx replies, connection errors, timeouts, TLS or AUTH failures (all worth retrying
   after an operator or the relay fixes something); the relay's reply is in the message.
-- `DeliveryFailed`: 5xx to MAIL FROM or DATA, or to every recipient.
+- `DeliveryFailed`: 5xx to MAIL FROM or DATA, or to every recipient; `too_large` when the relay refused
+  the message's size (552, or the enhanced status 5.3.4 or 5.2.3, at MAIL FROM with SIZE= or at DATA).
 Recipients refused while others were accepted are reported per recipient in `DeliveryReport.refused`.
+`eight_bit` says whether the path takes 8-bit data (the relay offered 8BITMIME when last asked; a
+Maildir always), for replies still to be composed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import aiosmtplib
 
@@ -38,6 +41,8 @@ class DeliveryReport:
 
 
 class Delivery(Protocol):
+    eight_bit: bool
+
     async def deliver(
         self, message: bytes, *, mail_from: str, recipients: Sequence[str]
     ) -> DeliveryReport: ...
@@ -78,6 +83,7 @@ class RelayDelivery:
         self.keep_idle = keep_idle
         self.max_idle = max_idle
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, when it was last used)
+        self.eight_bit = True  # until a relay says otherwise (nearly every relay offers 8BITMIME)
 
     def __repr__(self) -> str:
         return f"RelayDelivery({self.relay.scheme}://{self.relay.host}:{self.relay.port})"
@@ -91,7 +97,7 @@ class RelayDelivery:
         if kept is not None:
             stage = _Stage()
             try:
-                report = await _transaction(kept, message, mail_from, recipients, where, stage)
+                report = await self._transaction(kept, message, mail_from, recipients, where, stage)
             except (aiosmtplib.SMTPException, OSError, DeliveryDeferred) as exc:
                 kept.close()
                 if stage.mail_accepted:
@@ -118,7 +124,7 @@ class RelayDelivery:
         kept_now = False
         try:
             await smtp.connect()
-            report = await _transaction(smtp, message, mail_from, recipients, where, _Stage())
+            report = await self._transaction(smtp, message, mail_from, recipients, where, _Stage())
             kept_now = self._keep(smtp)
             if not kept_now:
                 with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -129,6 +135,13 @@ class RelayDelivery:
         finally:
             if not kept_now:
                 smtp.close()
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, *args: Any) -> DeliveryReport:
+        try:
+            return await _transaction(smtp, *args)
+        finally:
+            if smtp.esmtp_extensions:  # learnt at EHLO
+                self.eight_bit = smtp.supports_extension("8bitmime")
 
     def _kept(self) -> aiosmtplib.SMTP | None:
         """A kept connection that is still open and was used recently enough, if any."""
@@ -199,7 +212,7 @@ async def _transaction(
     try:
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
-        _raise_for(exc.code, f"{where}: MAIL FROM refused: {exc.code} {exc.message}")
+        _raise_for(exc.code, f"{where}: MAIL FROM refused: {exc.code} {exc.message}", exc.message)
     stage.mail_accepted = True
     accepted: list[str] = []
     refused: dict[str, str] = {}
@@ -217,14 +230,15 @@ async def _transaction(
     try:
         response = await smtp.data(message)
     except aiosmtplib.SMTPDataError as exc:
-        _raise_for(exc.code, f"{where}: DATA refused: {exc.code} {exc.message}")
+        _raise_for(exc.code, f"{where}: DATA refused: {exc.code} {exc.message}", exc.message)
     return DeliveryReport(tuple(accepted), refused, f"{response.code} {response.message}")
 
 
-def _raise_for(code: int, text: str) -> NoReturn:
+def _raise_for(code: int, text: str, message: str = "") -> NoReturn:
     # 530/538: the relay wants AUTH or TLS first, a configuration problem rather than the message's.
     if 500 <= code < 600 and code not in (530, 538):
-        raise DeliveryFailed(text)
+        too_large = code == 552 or message.startswith(("5.3.4", "5.2.3"))
+        raise DeliveryFailed(text, too_large=too_large)
     raise DeliveryDeferred(text)
 
 
@@ -236,6 +250,7 @@ class MaildirDelivery:
     """
 
     _counter = itertools.count(1)
+    eight_bit = True
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
