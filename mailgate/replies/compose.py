@@ -39,7 +39,7 @@ from mailgate.config import Settings
 from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, TurnAnswer, human_size
 from mailgate.replies import wire
 from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import Renderer, inline_answer
+from mailgate.replies.render import InlineAnswer, Renderer, inline_answer
 from mailgate.store import InboundRow, NewReply, Store
 
 log = logging.getLogger("mailgate.replies")
@@ -73,57 +73,53 @@ class Replies:
         headers, recipients = await self._headers(row)
         attached, linked = await self.output_files.collect(answer.files)
         draft = _Draft(headers, answer, attached, linked, _skipped(row.skipped), row.note, self.eight_bit())
+        started = time.perf_counter()
         data, fallback = await asyncio.to_thread(self._answer_bytes, draft)
+        log.info(
+            "reply_composed",
+            extra={
+                "inbound": row.id,
+                "bytes": len(data),
+                "fallback_bytes": len(fallback) if fallback else 0,
+                "render_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
         return [self._reply(row, data, headers, recipients, "answer", None, fallback)]
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
-        when anything is attached (see the module docstring)."""
-        settings, render = self.settings, self.renderer
-        inline = inline_answer(draft.answer.text, settings.max_answer_inline)
+        when anything is attached (see the module docstring).
+
+        What is attached is chosen greedily, measured on the rendered message each time: answer.md if
+        it fits with the body alone, then the worker's files smallest first while they fit (so the
+        largest are the first to become links). The final render is the last one that fitted.
+        """
+        inline = inline_answer(draft.answer.text, self.settings.max_answer_inline)
         whole = None
         if inline.cut:
             cte, chunks = wire.encode_text(draft.answer.text, eight_bit=draft.eight_bit)
             whole = wire.EncodedPart(WHOLE_ANSWER, "text/markdown", cte, chunks, charset="utf-8")
-        files = list(draft.attached)
-        left_out: list[LinkedFile] = []
-        limit = settings.max_reply_size
-        while True:
-            parts = [whole] if whole else []
-            placeholders = [wire.EncodedPart(f.filename, f.content_type, "base64", []) for f in files]
-            msg = render.answer(
-                draft.headers,
-                answer_markdown=inline,
-                sources=draft.answer.sources,
-                task_url=draft.answer.task_url,
-                attached=[*parts, *placeholders],
-                linked=[*draft.linked, *left_out],
-                skipped=draft.skipped,
-                note=draft.note,
-                whole_answer=WHOLE_ANSWER if whole else None,
-            )
-            skeleton = msg.as_bytes(policy=SMTP)
-            size = wire.wire_size(skeleton, parts) + sum(
-                wire.base64_size(len(f.data)) - len(p.marker)
-                for f, p in zip(files, placeholders, strict=True)
-            )
-            if size <= limit or not (files or whole):
-                break
-            if files:  # the largest file becomes a link
-                big = max(files, key=lambda f: len(f.data))
-                files.remove(big)
-                why = f"{human_size(len(big.data))}, left out to keep this email under {human_size(limit)}"
-                left_out.append(LinkedFile(big.filename, big.url, why))
-            else:  # then the whole answer: the body points to the task page
-                whole = None
-        for f, p in zip(files, placeholders, strict=True):
-            p.chunks = wire.encode_bytes(f.data)
-        data = wire.flatten(skeleton, [*parts, *placeholders])
-        del skeleton, parts, placeholders
-        if not (whole or files):
+        limit = self.settings.max_reply_size
+        best = self._layout(draft, inline, whole, [])
+        if whole is not None and best[1] > limit:  # the body points to the task page instead
+            whole = None
+            best = self._layout(draft, inline, whole, [])
+        kept: list[AttachedFile] = []
+        for f in sorted(draft.attached, key=lambda f: len(f.data)):
+            trial = self._layout(draft, inline, whole, [*kept, f])
+            if trial[1] <= limit:
+                kept.append(f)
+                best = trial
+        skeleton, _, parts = best
+        for part, content in parts:
+            if content is not None:  # a file's placeholder: encode it now that it is staying
+                part.chunks = wire.encode_bytes(content)
+        data = wire.flatten(skeleton, [part for part, _ in parts])
+        del skeleton, parts, best
+        if not (whole or kept):
             return data, None
         why = "not attached: the mail server refused an email this large"
-        msg = render.answer(
+        msg = self.renderer.answer(
             draft.headers,
             answer_markdown=inline,
             sources=draft.answer.sources,
@@ -133,6 +129,46 @@ class Replies:
             note=draft.note,
         )
         return data, msg.as_bytes(policy=SMTP)
+
+    def _layout(
+        self,
+        draft: _Draft,
+        inline: InlineAnswer,
+        whole: wire.EncodedPart | None,
+        kept: Sequence[AttachedFile],
+    ) -> tuple[bytes, int, list[tuple[wire.EncodedPart, bytes | None]]]:
+        """The message with `whole` and `kept` attached (files as placeholders) and the other files
+        linked: (its skeleton, its size on the wire, the parts to splice in with each file's bytes)."""
+        limit = self.settings.max_reply_size
+        placeholders = {id(f): wire.EncodedPart(f.filename, f.content_type, "base64", []) for f in kept}
+        files = [f for f in draft.attached if id(f) in placeholders]  # in the worker's order
+        left_out = [
+            LinkedFile(
+                f.filename,
+                f.url,
+                f"{human_size(len(f.data))}, left out to keep this email under {human_size(limit)}",
+            )
+            for f in draft.attached
+            if id(f) not in placeholders
+        ]
+        parts: list[tuple[wire.EncodedPart, bytes | None]] = [(whole, None)] if whole else []
+        parts += [(placeholders[id(f)], f.data) for f in files]
+        msg = self.renderer.answer(
+            draft.headers,
+            answer_markdown=inline,
+            sources=draft.answer.sources,
+            task_url=draft.answer.task_url,
+            attached=[part for part, _ in parts],
+            linked=[*draft.linked, *left_out],
+            skipped=draft.skipped,
+            note=draft.note,
+            whole_answer=WHOLE_ANSWER if whole else None,
+        )
+        skeleton = msg.as_bytes(policy=SMTP)
+        size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
+            wire.base64_size(len(f.data)) - len(placeholders[id(f)].marker) for f in files
+        )
+        return skeleton, size, parts
 
     async def notice(
         self,

@@ -1,8 +1,8 @@
 """The worker's output files for a reply: downloaded to attach, or linked (too large, not fetched, or
 unavailable), each link with a reason its reader understands.
 
-Each file may take up to `output_file_max` bytes, all of them together `output_total_max`, and none more
-than fits in a reply of `max_reply_size` once base64 has made it a third larger; a file over its share
+Each file may take up to `output_file_max` bytes (and no more than fits in a reply of `max_reply_size`
+once base64 has made it a third larger), all of them together `output_total_max`; a file over its share
 is linked instead of attached. Which of the downloaded files finally fit in the reply is for `compose`
 to decide (it links the largest first when the whole reply would be too big).
 
@@ -32,10 +32,11 @@ class OutputFiles:
         attached: list[AttachedFile] = []
         linked: list[LinkedFile] = []
         settings = self.settings
-        room = min(settings.output_total_max, int(settings.max_reply_size / BASE64_GROWTH))
+        room = settings.output_total_max
+        file_max = min(settings.output_file_max, int(settings.max_reply_size / BASE64_GROWTH))
         for f in files:
             name = f.filename or f.url.rstrip("/").rpartition("/")[2] or "file"
-            cap = min(settings.output_file_max, room)
+            cap = min(file_max, room)
             if f.size is not None and f.size > cap:
                 linked.append(LinkedFile(name, f.url, f"{human_size(f.size)}, too large to attach"))
                 continue
