@@ -114,6 +114,39 @@ async def test_relay_refusals(relay: RecordingRelay, stage: str, reply: str, err
     assert type(caught.value) is error
     assert reply in str(caught.value)
     assert relay.messages == []
+    assert not getattr(caught.value, "too_large", False)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("MAIL", "552 5.3.4 Message size exceeds fixed limit"),  # Postfix, with SIZE= on MAIL FROM
+        ("DATA", "552 5.3.4 Message too big for system"),
+        ("DATA", "554 5.3.4 Message too big for system"),
+        ("DATA", "550 5.2.3 Message length exceeds administrative limit"),
+    ],
+)
+async def test_a_refusal_for_size_says_so(relay: RecordingRelay, stage: str, reply: str) -> None:
+    """552, or the enhanced status 5.3.4 / 5.2.3, is a permanent refusal marked `too_large`."""
+    relay.fail_next(reply, stage=stage)  # type: ignore[arg-type]
+    with pytest.raises(DeliveryFailed) as caught:
+        await plain(relay.port).deliver(MESSAGE, mail_from=SENDER, recipients=["a@example.org"])
+    assert caught.value.too_large
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_the_relay_says_whether_it_takes_8bit(offered: bool) -> None:
+    """`eight_bit` follows the relay's EHLO (8BITMIME offered or not); BODY=8BITMIME only when offered."""
+    relay = RecordingRelay(eight_bit_mime=offered)
+    await relay.start()
+    try:
+        delivery = plain(relay.port)
+        message = MESSAGE.replace(b"Here they are.", "Voilà.".encode())
+        await delivery.deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+        assert delivery.eight_bit is offered
+        assert ("BODY=8BITMIME" in relay.mail_options[0]) is offered
+    finally:
+        await relay.close()
 
 
 async def test_mixed_temporary_and_permanent_refusal_of_everyone_defers(relay: RecordingRelay) -> None:
