@@ -69,6 +69,37 @@ async def test_plain_delivery_is_recorded(relay: RecordingRelay) -> None:
     assert f"SIZE={len(MESSAGE)}" in relay.mail_options[0]
 
 
+@pytest.mark.parametrize(
+    ("message", "received"),
+    [
+        (
+            b"Subject: x\r\n\r\n.starts\r\nmid\r\n..two\r\n.\r\nend",
+            b"Subject: x\r\n\r\n.starts\r\nmid\r\n..two\r\n.\r\nend\r\n",
+        ),
+        (b".Subject: x\r\n\r\nbody\r\n", b".Subject: x\r\n\r\nbody\r\n"),
+        (b"Subject: x\n\n.lf only\nend\n", b"Subject: x\r\n\r\n.lf only\r\nend\r\n"),  # through data()
+    ],
+)
+async def test_dot_lines_and_line_ends_arrive_as_meant(
+    relay: RecordingRelay, message: bytes, received: bytes
+) -> None:
+    """Lines starting with a dot (and a lone dot) survive the transparency procedure; a message with
+    bare LF line ends goes out with CRLF."""
+    await plain(relay.port).deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+    [(_, _, data)] = await relay.wait_for(1)
+    assert data == received
+
+
+async def test_a_big_message_goes_out_intact_in_slices(relay: RecordingRelay) -> None:
+    """A 3 MB message whose every line starts with a dot (so every 1 MiB slice does) arrives unchanged,
+    with SIZE= its exact size."""
+    message = b"Subject: dots\r\n\r\n" + b"".join(b".%07d" % n + b"." * 990 + b"\r\n" for n in range(3000))
+    await plain(relay.port).deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+    [(_, _, data)] = await relay.wait_for(1)
+    assert data == message
+    assert f"SIZE={len(message)}" in relay.mail_options[0]
+
+
 async def test_eight_bit_message_declares_8bitmime(relay: RecordingRelay) -> None:
     """A message with 8-bit bytes is sent with BODY=8BITMIME, unchanged."""
     message = MESSAGE.replace(b"Here they are.", "Voilà, les chiffres.".encode())
