@@ -11,7 +11,8 @@ from pathlib import Path
 from _common import header, run_py
 
 SCRIPTS = [
-    "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py", "huge_answer.py",
+    "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py",
+    "huge_answer.py",
 ]  # fmt: skip
 
 
