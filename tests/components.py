@@ -136,7 +136,7 @@ async def turn_stack(
             Renderer(settings.templates_dir),
             OutputFiles(api, settings),
             secret,
-            make_signer(settings),
+            signer=make_signer(settings),
         )
         scheduler = Scheduler(
             settings,

@@ -7,11 +7,26 @@ the row (In-Reply-To, References, To/Cc): the raw message is never read again. I
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
 crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `admission.bounces`),
 which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SELECTOR and
-MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes are signed once.
+MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
+version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
 
 Notices (a failure, a hold, the acknowledgement of a long turn) obey the limits: none to an address
 whose replies keep bouncing (the suppression list), at most MAILGATE_MAX_NOTICES_PER_DAY per sender,
 and some kinds at most once per thread per day. Answers are always composed.
+
+An answer's reply is built in a worker thread (`asyncio.to_thread`: Markdown, sanitising, MIME and its
+bytes), so however big the answer, the event loop keeps serving SMTP meanwhile. Its size is bounded:
+
+- the body shows at most MAILGATE_MAX_ANSWER_INLINE bytes of the answer and says when it was cut; the
+  whole answer is then attached as `answer.md`, in the most compact encoding the relay path allows
+  (`wire.encode_text`; 8-bit only when the delivery says the relay takes it);
+- the whole reply, as bytes on the wire, stays under MAILGATE_MAX_REPLY_SIZE: the worker's files become
+  links first, the largest first, then `answer.md` is left out (the body points to the task page);
+- a reply with anything attached also gets a links-only version (no attachments, the body as capped),
+  stored with the outbox row in the same transaction: the outbox sends it, under the same Message-ID,
+  when the relay refuses the first for its size (552). Stored rather than re-rendered later, because
+  re-rendering would need the answer again (from the API, which may have moved on) and the renderer of
+  a later version; it costs the links-only bytes (the capped body, ~100-250 KB) per such reply.
 """
 
 from __future__ import annotations
@@ -20,24 +35,35 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
-from email.message import EmailMessage
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.policy import SMTP
 
 from ulid import ULID
 
 from mailgate.admission import bounces, policy, threads
 from mailgate.config import Settings
-from mailgate.models import ReplyHeaders, SentFile, SkippedFile, TurnAnswer
+from mailgate.models import (
+    AttachedFile,
+    LinkedFile,
+    ReplyHeaders,
+    SentFile,
+    SkippedFile,
+    TurnAnswer,
+    human_size,
+)
+from mailgate.replies import wire
 from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import Renderer
+from mailgate.replies.render import InlineAnswer, Renderer, inline_answer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
-WORKING = "working"  # the notice that a long turn is being worked on
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
+WHOLE_ANSWER = "answer.md"
+WORKING = "working"  # the notice that a long turn is being worked on
+SIGNATURE_RESERVE = 1024  # bytes a DKIM-Signature field adds (about 700 with a 2048-bit key)
 
 
 class Replies:
@@ -50,6 +76,8 @@ class Replies:
         renderer: Renderer,
         output_files: OutputFiles,
         secret: bytes,
+        *,
+        eight_bit: Callable[[], bool] = lambda: True,
         signer: DkimSigner | None = None,
     ) -> None:
         self.settings = settings
@@ -57,6 +85,7 @@ class Replies:
         self.renderer = renderer
         self.output_files = output_files
         self.secret = secret
+        self.eight_bit = eight_bit  # whether the relay path takes 8-bit data (asked at each reply)
         self.signer = signer
 
     async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
@@ -65,36 +94,122 @@ class Replies:
         address asked for was capped."""
         headers, recipients, task = await self._headers(row)
         attached, linked = await self.output_files.collect(answer.files)
-        msg = self.renderer.answer(
+        draft = _Draft(
             headers,
-            answer_markdown=answer.text,
-            sources=answer.sources,
-            task_url=answer.task_url,
-            attached=attached,
-            linked=linked,
-            skipped=_skipped(row.skipped),
-            note=row.note,
+            answer,
+            attached,
+            linked,
+            _skipped(row.skipped),
+            row.note,
+            self.eight_bit(),
             budget=task.budget if task else None,
             budget_asked=_capped(task) if row.new_task else None,
         )
-        return [await self._reply(row, msg, headers, recipients, "answer", None)]
+        started = time.perf_counter()
+        data, fallback = await asyncio.to_thread(self._answer_bytes, draft)
+        log.info(
+            "reply_composed",
+            extra={
+                "inbound": row.id,
+                "bytes": len(data),
+                "fallback_bytes": len(fallback) if fallback else 0,
+                "render_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+        return [await self._reply(row, data, headers, recipients, "answer", None, fallback)]
 
-    async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:
-        """The notice that a long turn is being worked on: the task's link, what the worker received
-        (files sent, files skipped and why) and the budget; none when the notice limits say so."""
-        if not await self._may_notify(row, WORKING):
-            return []
-        headers, recipients, task = await self._headers(row)
-        msg = self.renderer.notice(
-            headers,
-            WORKING,
-            task_url=task_url,
-            skipped=_skipped(row.skipped),
-            sent=_sent(row.files),
-            budget=task.budget if task else None,
-            budget_asked=_capped(task) if row.new_task else None,
+    def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
+        """In a worker thread: the reply's bytes under the size limit, and its links-only version
+        when anything is attached (see the module docstring).
+
+        What is attached is chosen greedily, measured on the rendered message each time: answer.md if
+        it fits with the body alone, then the worker's files smallest first while they fit (so the
+        largest are the first to become links). The final render is the last one that fitted.
+        """
+        inline = inline_answer(draft.answer.text, self.settings.max_answer_inline)
+        whole = None
+        if inline.cut:
+            cte, chunks = wire.encode_text(draft.answer.text, eight_bit=draft.eight_bit)
+            whole = wire.EncodedPart(WHOLE_ANSWER, "text/markdown", cte, chunks, charset="utf-8")
+        limit = self._size_limit
+        best = self._layout(draft, inline, whole, [])
+        if whole is not None and best[1] > limit:  # the body points to the task page instead
+            whole = None
+            best = self._layout(draft, inline, whole, [])
+        kept: list[AttachedFile] = []
+        for f in sorted(draft.attached, key=lambda f: len(f.data)):
+            trial = self._layout(draft, inline, whole, [*kept, f])
+            if trial[1] <= limit:
+                kept.append(f)
+                best = trial
+        skeleton, _, parts = best
+        for part, content in parts:
+            if content is not None:  # a file's placeholder: encode it now that it is staying
+                part.chunks = wire.encode_bytes(content)
+        data = wire.flatten(skeleton, [part for part, _ in parts])
+        del skeleton, parts, best
+        if not (whole or kept):
+            return data, None
+        why = "not attached: the mail server refused an email this large"
+        msg = self.renderer.answer(
+            draft.headers,
+            answer_markdown=inline,
+            sources=draft.answer.sources,
+            task_url=draft.answer.task_url,
+            linked=[*draft.linked, *(LinkedFile(f.filename, f.url, why) for f in draft.attached)],
+            skipped=draft.skipped,
+            note=draft.note,
+            budget=draft.budget,
+            budget_asked=draft.budget_asked,
         )
-        return [await self._reply(row, msg, headers, recipients[:1], "notice", WORKING)]
+        return data, msg.as_bytes(policy=SMTP)
+
+    @property
+    def _size_limit(self) -> int:
+        """MAILGATE_MAX_REPLY_SIZE, less the room a DKIM signature takes when replies are signed."""
+        return self.settings.max_reply_size - (SIGNATURE_RESERVE if self.signer is not None else 0)
+
+    def _layout(
+        self,
+        draft: _Draft,
+        inline: InlineAnswer,
+        whole: wire.EncodedPart | None,
+        kept: Sequence[AttachedFile],
+    ) -> tuple[bytes, int, list[tuple[wire.EncodedPart, bytes | None]]]:
+        """The message with `whole` and `kept` attached (files as placeholders) and the other files
+        linked: (its skeleton, its size on the wire, the parts to splice in with each file's bytes)."""
+        limit = self._size_limit
+        placeholders = {id(f): wire.EncodedPart(f.filename, f.content_type, "base64", []) for f in kept}
+        files = [f for f in draft.attached if id(f) in placeholders]  # in the worker's order
+        left_out = [
+            LinkedFile(
+                f.filename,
+                f.url,
+                f"{human_size(len(f.data))}, left out to keep this email under {human_size(limit)}",
+            )
+            for f in draft.attached
+            if id(f) not in placeholders
+        ]
+        parts: list[tuple[wire.EncodedPart, bytes | None]] = [(whole, None)] if whole else []
+        parts += [(placeholders[id(f)], f.data) for f in files]
+        msg = self.renderer.answer(
+            draft.headers,
+            answer_markdown=inline,
+            sources=draft.answer.sources,
+            task_url=draft.answer.task_url,
+            attached=[part for part, _ in parts],
+            linked=[*draft.linked, *left_out],
+            skipped=draft.skipped,
+            note=draft.note,
+            whole_answer=WHOLE_ANSWER if whole else None,
+            budget=draft.budget,
+            budget_asked=draft.budget_asked,
+        )
+        skeleton = msg.as_bytes(policy=SMTP)
+        size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
+            wire.base64_size(len(f.data)) - len(placeholders[id(f)].marker) for f in files
+        )
+        return skeleton, size, parts
 
     async def notice(
         self,
@@ -111,7 +226,24 @@ class Replies:
             return []
         headers, recipients, _ = await self._headers(row)
         msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
-        return [await self._reply(row, msg, headers, recipients[:1], "notice", kind)]
+        return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", kind)]
+
+    async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:
+        """The notice that a long turn is being worked on: the task's link, what the worker received
+        (files sent, files skipped and why) and the budget; none when the notice limits say so."""
+        if not await self._may_notify(row, WORKING):
+            return []
+        headers, recipients, task = await self._headers(row)
+        msg = self.renderer.notice(
+            headers,
+            WORKING,
+            task_url=task_url,
+            skipped=_skipped(row.skipped),
+            sent=_sent(row.files),
+            budget=task.budget if task else None,
+            budget_asked=_capped(task) if row.new_task else None,
+        )
+        return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", WORKING)]
 
     async def _may_notify(self, row: InboundRow, kind: str, *, once_per_thread_per_day: bool = False) -> bool:
         """May the sender of `row` get a notice of `kind` now? (the limits of the module docstring)"""
@@ -179,16 +311,18 @@ class Replies:
     async def _reply(
         self,
         row: InboundRow,
-        msg: EmailMessage,
+        data: bytes,
         headers: ReplyHeaders,
         recipients: list[str],
         kind: str,
         notice: str | None,
+        fallback: bytes | None = None,
     ) -> NewReply:
         outbox_id = str(ULID())
-        data = msg.as_bytes(policy=SMTP)
         if self.signer is not None:  # reads the whole body: off the loop
             data = await asyncio.to_thread(self.signer.sign, data)
+            if fallback is not None:
+                fallback = await asyncio.to_thread(self.signer.sign, fallback)
         return NewReply(
             id=outbox_id,
             inbound_id=row.id,
@@ -200,7 +334,23 @@ class Replies:
             recipients=recipients,
             data=data,
             created_at=time.time(),
+            fallback=fallback,
         )
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """What an answer's reply is made of, handed to the worker thread."""
+
+    headers: ReplyHeaders
+    answer: TurnAnswer
+    attached: Sequence[AttachedFile]
+    linked: Sequence[LinkedFile]
+    skipped: Sequence[SkippedFile]
+    note: str | None
+    eight_bit: bool
+    budget: str | None = None
+    budget_asked: str | None = None
 
 
 def _skipped(data: str | None) -> list[SkippedFile]:

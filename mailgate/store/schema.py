@@ -62,7 +62,9 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE inbound ADD COLUMN refs TEXT;"
     "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
     "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
-    # 3: the sender always knows where things stand (issue 15): when a turn started and whether it was
+    # 3: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
+    "ALTER TABLE outbox ADD COLUMN fallback BLOB;",
+    # 4: the sender always knows where things stand (issue 15): when a turn started and whether it was
     # acknowledged; the budget a new task asked for; bounces of our own replies and the addresses that
     # get no more notices
     "ALTER TABLE inbound ADD COLUMN started_at REAL;"
@@ -150,6 +152,7 @@ class OutboxRow:
     created_at: float
     updated_at: float
     sent_at: float | None
+    fallback: bytes | None = None  # the links-only version (see `replies.compose`), until it is used
     bounced_at: float | None = None  # a bounce (DSN) of this reply came back to its VERP address
     bounce_status: str | None = None  # "5.1.1"
     bounce_diagnostic: str | None = None  # "smtp; 550 5.1.1 no such user"
@@ -286,6 +289,7 @@ class NewReply:
     recipients: Sequence[str]
     data: bytes
     created_at: float
+    fallback: bytes | None = None  # a smaller version with the same Message-ID, for a relay's 552
 
 
 # --- statement builders (column names come from our own code, never from input) ----------------------
