@@ -404,9 +404,9 @@ def dns_of(record: str) -> Any:
 async def test_replies_and_notices_are_dkim_signed_and_verify_against_the_printed_record(
     make_gateway: Any, relay: RecordingRelay, tmp_path: Path, capsys: Any
 ) -> None:
-    """`dkim-keygen` writes a 0600 key and prints its record; with it configured, an answer and a notice
-    carry a relaxed/relaxed signature over the headers a receiver judges, which dkimpy verifies (and which
-    fails once a signed header is changed)."""
+    """`dkim-keygen` writes a 0600 key and prints its record; with it configured, an answer, a notice and
+    a links-only reply sent after a relay's 552 carry a relaxed/relaxed signature over the headers a
+    receiver judges, which dkimpy verifies (and which fails once a signed header is changed)."""
     key = tmp_path / "mail2025.pem"
     capsys.readouterr()
     code = await anyio.to_thread.run_sync(
@@ -419,11 +419,12 @@ async def test_replies_and_notices_are_dkim_signed_and_verify_against_the_printe
     assert len(re.findall(r'"([^"]*)"', record)) == 2  # a 2048-bit key needs two strings
     async with make_gateway(MAILGATE_DKIM_SELECTOR="mail2025", MAILGATE_DKIM_KEY=str(key)) as gw:
         answer_id = queue_id(await smtp_send(gw.smtp_port, make_mail(subject="Signed", body="Sign me")))
-        notice_id = queue_id(
-            await smtp_send(gw.smtp_port, make_mail(subject="Fails", body="[sandbox:error]"))
-        )
         await answered(gw, answer_id)
-        await answered(gw, notice_id, InboundState.FAILED)
+        failing = make_mail(subject="Fails", body="[sandbox:error]")
+        await answered(gw, queue_id(await smtp_send(gw.smtp_port, failing)), InboundState.FAILED)
+        relay.fail_next("552 5.3.4 Message size exceeds fixed limit", stage="DATA")
+        big = make_mail(subject="Too big", body="Files [sandbox:file-bytes=200000 name=data.bin]")
+        await answered(gw, queue_id(await smtp_send(gw.smtp_port, big)))  # its links-only version goes
     lookup = dns_of(record)
     for _, _, data in relay.messages:
         signature = parse(data)["DKIM-Signature"]
@@ -441,7 +442,8 @@ async def test_replies_and_notices_are_dkim_signed_and_verify_against_the_printe
         }  # fmt: skip
         assert dkim.verify(data, dnsfunc=lookup)
         assert not dkim.verify(data.replace(b"Subject: Re: ", b"Subject: Re: X", 1), dnsfunc=lookup)
-    assert sorted(parse(m[2])["Subject"] for m in relay.messages) == ["Re: Fails", "Re: Signed"]
+    assert [parse(m[2])["Subject"] for m in relay.messages] == ["Re: Signed", "Re: Fails", "Re: Too big"]
+    assert "not attached: the mail server refused an email this large" in text_of(relay.messages[2][2])
 
 
 async def test_dkim_keygen_refuses_to_overwrite_and_needs_a_domain(tmp_path: Path, capsys: Any) -> None:
