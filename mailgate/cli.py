@@ -194,7 +194,9 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -
             return EXIT_STARTUP
         finally:
             await api.aclose()
-        print(f"ok: configuration valid, store {settings.database} usable, API {settings.base_url} reachable")
+        print(
+            f"ok: configuration valid, store {settings.store_label} usable, API {settings.base_url} reachable"
+        )
         return EXIT_OK
     if verb in ("messages", "outbox", "tasks"):
         cols: tuple[str, ...]

@@ -102,9 +102,7 @@ class Pause:
         self.trips += 1
         if now - self._last_log >= self.log_every:
             self._last_log = now
-            self.log.error(
-                f"{self.name}_paused", extra={"reason": reason, "retry_in": round(self._delay, 1)}
-            )
+            self.log.error(f"{self.name}_paused", extra={"reason": reason, "retry_in": round(self._delay, 1)})
 
     def clear(self) -> None:
         if self.trips:

@@ -33,7 +33,7 @@ from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
-from mailgate.store import Store
+from mailgate.store import SqliteStore, Store
 from mailgate.turns.scheduler import Scheduler
 from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
@@ -42,11 +42,16 @@ log = logging.getLogger("mailgate.service")
 
 
 async def open_store(settings: Settings) -> Store:
-    """The store at MAILGATE_DATABASE; `StartupError` when it cannot be opened."""
+    """The store MAILGATE_DATABASE names, migrated to the current schema: PostgreSQL for a
+    `postgresql://` URL, else the SQLite file at the path. `StartupError` when it cannot be opened."""
     try:
-        return await Store.open(settings.database)
+        if settings.database_url is not None:
+            from mailgate.store.postgres import PostgresStore  # the driver is an extra
+
+            return await PostgresStore.open(settings.database_url, lease_seconds=settings.lease_seconds)
+        return await SqliteStore.open(settings.database)
     except StoreBusy as exc:
-        raise StartupError(f"the store at {settings.database} is unusable: {exc}") from exc
+        raise StartupError(f"the store at {settings.store_label} is unusable: {exc}") from exc
 
 
 def make_api_client(
@@ -130,6 +135,7 @@ class Gateway:
         )
         admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
+        await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
         self._tasks = [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),

@@ -5,6 +5,9 @@
 recipient -> the relay's reply); those refused with a 4xx are retried on their own (the row goes back to
 `retry`). The message bytes, and so the Message-ID, never change between attempts.
 
+Which rows this gateway sends is a claim on them (`Store.claim_outbox`), handed back when the send ends;
+an outcome the store refuses because another gateway took the row over (`LeaseLost`) is dropped.
+
 When the store cannot take the outcome of an attempt (a full or failing disk), the outcome is kept in
 memory and written once the store takes writes again, so a delivered reply is never sent twice; the
 loop pauses meanwhile (`loops.Pause`), logging once a minute at most.
@@ -13,6 +16,7 @@ loop pauses meanwhile (`loops.Pause`), logging once a minute at most.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailgate.delivery.transports import Delivery
-from mailgate.errors import DeliveryDeferred, DeliveryFailed
+from mailgate.errors import DeliveryDeferred, DeliveryFailed, LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import OutboxState
 from mailgate.store import OutboxRow, Store
@@ -71,12 +75,13 @@ class Outbox:
         if now < self.storage.until:
             return self.storage.until - now
         for outbox_id, outcome in list(self._unrecorded.items()):
-            await self.store.record_delivery(outbox_id, **outcome)
+            with contextlib.suppress(LeaseLost):  # another gateway took the row: its outcome counts
+                await self.store.record_delivery(outbox_id, **outcome)
             del self._unrecorded[outbox_id]
         self.storage.clear()
         free = self.parallel - len(self._busy)
         if free > 0:
-            for row in await self.store.outbox_due(now, free, set(self._busy) | set(self._unrecorded)):
+            for row in await self.store.claim_outbox(now, free, set(self._busy) | set(self._unrecorded)):
                 self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
         # rows due already are being sent or wait for a free sender (which wakes us when done)
         due = await self.store.next_due_after("outbox", now)
@@ -93,6 +98,8 @@ class Outbox:
             await self._attempt(row)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            log.warning("lease_lost", extra={"outbox": row.id, "error": str(exc)})
         except Exception as exc:
             if storage_trouble(exc):  # the row stays due; the loop pauses
                 self.storage.trip(f"{type(exc).__name__}: {exc}")
@@ -100,6 +107,8 @@ class Outbox:
                 log.exception("outbox_crashed", extra={"outbox": row.id})
                 await self._defer(row, f"{type(exc).__name__}: {exc}")
         finally:
+            if row.id not in self._unrecorded:  # an outcome kept in memory still needs the claim
+                await self.store.release_outbox(row.id)
             self._busy.pop(row.id, None)
             self._wake.set()
 

@@ -1,10 +1,14 @@
 """The store: every hand-off between mailgate's stages is a committed row here.
 
-`Store` (SQLite, `sqlite`) is the async face: named reads and named state changes, each one
-transaction. `schema` holds the tables, their versions and the row types; `reads` the synchronous SQL
-that runs on the reader's thread. Nothing outside this package writes SQL.
+`Store` (`base`) is the protocol the stages use: named reads, claims and named state changes, each one
+transaction. Two backends implement it: `sqlite.SqliteStore` (the embedded default) and
+`postgres.PostgresStore` (several gateways on one database; imported only when asked for, since its
+driver is an extra). `schema` holds SQLite's tables, versions and the row types, `reads` the synchronous
+SQL that runs on SQLite's reader thread; `pg_schema` and `pg_reads` are PostgreSQL's. `copy` moves a
+gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL.
 """
 
+from mailgate.store.base import Queue, Store
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
@@ -15,7 +19,7 @@ from mailgate.store.schema import (
     OutboxRow,
     TaskRow,
 )
-from mailgate.store.sqlite import Store
+from mailgate.store.sqlite import SqliteStore
 
 __all__ = [
     "AdmissionFacts",
@@ -25,6 +29,8 @@ __all__ = [
     "NewReply",
     "NewTask",
     "OutboxRow",
+    "Queue",
+    "SqliteStore",
     "Store",
     "TaskRow",
 ]

@@ -23,6 +23,11 @@ A message that keeps crashing its job (a bug, a poison message) is quarantined a
 MAILGATE_MAX_PROCESSING_ATTEMPTS; the count is taken before the work it guards, so a message that takes
 the whole process down is caught on the next start.
 
+Which messages this gateway runs is a claim on them (`Store.claim_inbound`; with SQLite the scheduler's
+own busy set, with PostgreSQL also a lease that other gateways respect), handed back when the job ends.
+A job whose claim was taken over by another gateway (`LeaseLost`: this gateway was cut off for longer
+than the lease) stops without writing anything: the other gateway resumes from the last commit.
+
 Two conditions pause the whole scheduler instead of failing anyone's message: the API refusing our key
 (the hold: nothing is posted until a call succeeds again) and trouble with the disk or the database
 (full, read-only, failing, locked: `loops.storage_trouble`). The storage pause backs off from 1 s to a
@@ -39,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailgate.config import Settings
+from mailgate.errors import LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
@@ -106,9 +112,7 @@ class Scheduler:
         paused_until = max(self._hold_until, self.storage.until)
         free = self.settings.concurrency - len(self._busy)
         if free > 0 and now >= paused_until:
-            # ids first (cheap with many jobs in hand), whole rows only for those started
-            ids = await self.store.runnable_ids(now, free, set(self._busy))
-            for row in await self.store.inbound_rows(ids):
+            for row in await self.store.claim_inbound(now, free, set(self._busy)):
                 if row.id not in self._busy:
                     self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
         # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
@@ -127,12 +131,15 @@ class Scheduler:
             await self._drive(row)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:  # another gateway has it now and resumes from the last commit
+            log.warning("lease_lost", extra={"inbound": row.id, "error": str(exc)})
         except Exception as exc:
             if storage_trouble(exc):  # the disk's fault, not the message's: pause, count nothing
                 await self._stalled(row, exc)
             else:  # a bug or a poison message: count it, quarantine after a few
                 await self._crashed(row, exc)
         finally:
+            await self.store.release_inbound(row.id)
             self._busy.pop(row.id, None)
             self._wake.set()
 
