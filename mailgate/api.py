@@ -170,6 +170,23 @@ class HandingerClient:
         body = await self._get_json(f"/api/workers/{quote(worker_id, safe='')}", params={"taskId": task_id})
         return None if body is None else _run_from_json(body)
 
+    async def worker_known(self, worker_id: str) -> bool:
+        """Does the API know worker `worker_id`? `GET /api/workers/{id}`: a 2xx says yes; so does a 404
+        about the worker's tasks (a worker that has not run yet); any other 404 says no. A 401 raises
+        `ApiUnauthorized`, other failures as usual."""
+        path = f"/api/workers/{quote(worker_id, safe='')}"
+        try:
+            response = await self._client.get(path, headers=self._auth)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        body = response.content[:_ERROR_BODY_MAX]
+        if response.status_code == 404:
+            reason = _reason(response, body).lower()
+            return "task" in reason and not ("worker" in reason and "not found" in reason)
+        if not response.is_success:
+            _raise_for_status(response, body)
+        return True
+
     async def download(self, url: str, *, max_bytes: int) -> tuple[bytes, str | None]:
         """Fetch a file the worker produced: (bytes, content-type). `TooLarge` past `max_bytes`.
 

@@ -1,6 +1,7 @@
 """The `mailgate` command: serve, sandbox, demo, check, and the operator verbs (migrate and copy among them).
 
-Exit codes: 0 clean stop, 1 crash, 2 usage error, 3 start-up failure, 78 bad configuration.
+Exit codes: 0 clean stop, 1 crash (or a failed `check`), 2 usage error, 3 start-up failure, 78 bad
+configuration.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     verb("serve", "run the gateway (SMTP/LMTP in, replies out)")
-    verb("check", "validate the configuration, the store and the API key, then exit")
+    verb(
+        "check",
+        "check the configuration, the store, the listeners, the relay, the API key, the workers and the "
+        "templates without changing anything; exit 1 when a check fails",
+    )
     verb("migrate", "bring the store (SQLite or PostgreSQL) to this mailgate's schema version, then exit")
     p = verb(
         "copy",
@@ -109,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(settings.log_level)
         if args.verb == "serve":
             return _run(serve(settings))
+        if args.verb == "check":
+            return _run(_check(settings))
         return _run(_operator(args, settings))
     except ConfigError as exc:
         print("mailgate: bad configuration:", file=sys.stderr)
@@ -196,6 +203,21 @@ async def _copy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _check(settings: Settings) -> int:
+    """One line per check (`ok` or `FAIL` and what was seen); exit 1 when any failed. Changes nothing."""
+    from mailgate.checks import run_checks
+    from mailgate.service import make_api_client
+
+    api = make_api_client(settings, concurrency=1, timeout=15)
+    try:
+        results = await run_checks(settings, api)
+    finally:
+        await api.aclose()
+    for result in results:
+        print(result)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_CRASH
+
+
 async def _operator(args: argparse.Namespace, settings: Settings) -> int:
     from mailgate.service import open_store
 
@@ -221,21 +243,6 @@ async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -
     verb = args.verb
     from mailgate.service import make_api_client
 
-    if verb == "check":
-        api = make_api_client(settings, concurrency=1, timeout=15)
-        try:
-            await api.get_task("tsk_mailgate_check")
-        except MailgateError as exc:
-            print(
-                f"mailgate: the API at {settings.base_url} did not answer as expected: {exc}", file=sys.stderr
-            )
-            return EXIT_STARTUP
-        finally:
-            await api.aclose()
-        print(
-            f"ok: configuration valid, store {settings.store_label} usable, API {settings.base_url} reachable"
-        )
-        return EXIT_OK
     if verb in ("messages", "outbox", "tasks"):
         cols: tuple[str, ...]
         rows: Sequence[Any]

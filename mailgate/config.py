@@ -6,9 +6,11 @@ collected and raised together as one `ConfigError`, so an operator fixes them in
 
 from __future__ import annotations
 
+import functools
 import grp
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,7 @@ class Settings:
     lease_seconds: float = 60.0
     smtp_relay: Relay | None = None
     relay_verify_tls: bool = True
+    helo_name: str | None = None  # the EHLO name towards the relay; None: `default_helo_name(domain)`
     outbox_dir: Path = Path("var/outbox")
     spool_dir: Path = Path("var/spool")
     max_message_size: int = 40 * MiB
@@ -196,6 +199,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         lease_seconds=p.get("MAILGATE_LEASE_SECONDS", _lease_seconds, 60.0) or 60.0,
         smtp_relay=p.get("MAILGATE_SMTP_RELAY", _relay, None),
         relay_verify_tls=p.get("MAILGATE_RELAY_VERIFY_TLS", _bool, True) is not False,
+        helo_name=p.get("MAILGATE_HELO_NAME", _helo_name, None) or default_helo_name(domain or ""),
         outbox_dir=Path(p.get("MAILGATE_OUTBOX_DIR", str, "./var/outbox") or "./var/outbox"),
         spool_dir=Path(p.get("MAILGATE_SPOOL_DIR", str, "./var/spool") or "./var/spool"),
         max_message_size=p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB,
@@ -385,6 +389,30 @@ def _group(value: str) -> int:
         return grp.getgrnam(value).gr_gid if not value.isdigit() else grp.getgrgid(int(value)).gr_gid
     except KeyError:
         raise ValueError(f"no such group: {value!r}") from None
+
+
+def default_helo_name(domain: str, fqdn: str | None = None) -> str:
+    """The machine's fully qualified name (`fqdn`, default `socket.getfqdn()`), or `domain` when the
+    machine knows itself only as localhost (or by a bare host name, which no relay can look up)."""
+    fqdn = (_fqdn() if fqdn is None else fqdn).lower().rstrip(".")
+    local = fqdn in ("localhost", "localhost.localdomain") or fqdn.endswith(".localdomain")
+    return domain if local or "." not in fqdn else fqdn
+
+
+@functools.cache
+def _fqdn() -> str:
+    return socket.getfqdn().lower().rstrip(".")
+
+
+def _helo_name(value: str) -> str:
+    """A host name, or an address literal such as [192.0.2.1] (RFC 5321 4.1.3)."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            ipaddress.ip_address(value[1:-1].removeprefix("IPv6:"))
+        except ValueError:
+            raise ValueError(f"not an address literal: {value!r}") from None
+        return value
+    return _domain(value)
 
 
 def _relay(value: str) -> Relay:

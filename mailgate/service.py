@@ -1,9 +1,12 @@
 """Wiring: the one place that builds the components, starts them, and stops them in order.
 
 `open_store` and `make_api_client` are the factories every entry point uses (`serve`, `check` and the
-operator verbs). Start-up: the store (and the reply-token secret), the API client, the turn scheduler,
-the outbox, then the listeners. Shutdown: stop the listeners, let jobs in hand finish within a deadline,
-cancel the rest (their rows say where to resume), then close the client and the store.
+operator verbs). Start-up: the store's instance lock (one gateway per store), the store (and the
+reply-token secret), the API client, the turn scheduler, the outbox, then the listeners; then, in the
+background, the API key and the worker ids are checked (an ERROR line per problem; the gateway runs on).
+Files that hold mail and are open to group or others get a WARNING each. Shutdown: stop the listeners,
+let jobs in hand finish within a deadline, cancel the rest (their rows say where to resume), then close
+the client and the store, and release the lock.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Self
 
 import httpx
 
+from mailgate import checks, private
 from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
 from mailgate.config import Listen, Settings
@@ -33,7 +37,7 @@ from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
-from mailgate.store import SqliteStore, Store
+from mailgate.store import InstanceLock, SqliteStore, Store
 from mailgate.turns.scheduler import Scheduler
 from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
@@ -99,6 +103,7 @@ class Gateway:
         self._hold_seconds = hold_seconds
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._lock: InstanceLock | None = None
         self.store: Store
         self.scheduler: Scheduler
         self.outbox: Outbox
@@ -114,7 +119,14 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        self.store = await open_store(s)
+        if s.database_url is None:  # several gateways share a PostgreSQL store: that is its point
+            self._lock = InstanceLock.acquire(s.database)
+        try:
+            self.store = await open_store(s)
+        except BaseException:
+            self._release()
+            raise
+        self._warn_exposed()
         secret = (s.secret or await self.store.secret()).encode()
         self.api = make_api_client(s, transport=self._api_transport)
         delivery = self._delivery or make_delivery(s)
@@ -180,6 +192,37 @@ class Gateway:
                 "MAILGATE_AUTH=none: the From header is trusted as is; "
                 "use only for demos and trusted networks"
             )
+        self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+
+    async def _check_api(self) -> None:
+        """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""
+        try:
+            found = await checks.api_checks(self.api, self.settings)
+        except Exception:
+            log.exception("startup_check_crashed")
+            return
+        for check in found:
+            if not check.ok:
+                log.error("startup_check_failed", extra={"problem": check.what})
+
+    def _warn_exposed(self) -> None:
+        """A WARNING for each existing file or folder holding mail that group or others may open."""
+        s = self.settings
+        paths = [s.spool_dir]
+        if s.database_url is None:
+            paths += [s.database, *(s.database.with_name(s.database.name + x) for x in ("-wal", "-shm"))]
+        if s.smtp_relay is None:
+            paths.append(s.outbox_dir)
+        for path, mode in private.exposed(paths):
+            log.warning(
+                "private_file_exposed: it holds mail; make it the owner's alone",
+                extra={"path": str(path), "mode": f"{mode:04o}", "fix": f"chmod go= {path}"},
+            )
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -219,6 +262,7 @@ class Gateway:
             await self.api.aclose()
         if hasattr(self, "store"):
             await self.store.close()
+        self._release()
         log.info("stopped", extra={"cancelled": cancelled})
 
     async def __aenter__(self) -> Self:

@@ -61,6 +61,11 @@ async def relay() -> AsyncIterator[RecordingRelay]:
 
 def settings_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: str) -> Settings:
     """Settings on the test's own paths and ports; `env` overrides any MAILGATE_/HANDINGER_ name."""
+    return load_settings(environ=env_for(tmp_path, api_url, relay_port, **env))
+
+
+def env_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: str) -> dict[str, str]:
+    """The settings of `settings_for` as MAILGATE_/HANDINGER_ names (for an env file or a subprocess)."""
     values = {
         "HANDINGER_BASE_URL": api_url,
         "HANDINGER_API_KEY": "test-key",
@@ -77,7 +82,7 @@ def settings_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: st
     if relay_port is not None:
         values["MAILGATE_SMTP_RELAY"] = f"smtp://127.0.0.1:{relay_port}"
     values.update(env)
-    return load_settings(environ=values)
+    return values
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@
 Optional: STARTTLS (`tls_context`, a server context), implicit TLS (`implicit_tls=True`), AUTH
 (`logins={"user": "password"}`, required before MAIL when given; PLAIN and LOGIN, or fewer with
 `auth_exclude`), per-recipient refusals (`refuse`). Every message is recorded with whether its session was
-encrypted and who logged in (`tls`, `users`, parallel to `messages`).
+encrypted, who logged in and the client's EHLO name (`tls`, `users`, `helo_names`, parallel to
+`messages`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class RecordingRelay:
         self.tls: list[bool] = []  # per message: was the session encrypted
         self.users: list[str | None] = []  # per message: the AUTH user, if any
         self.mail_options: list[list[str]] = []  # per message: the MAIL FROM parameters
+        self.helo_names: list[str | None] = []  # per message: the name the client gave in EHLO/HELO
         self.port = 0
         self._faults: deque[_Fault] = deque()
         self._refusals: dict[str, str] = {}
@@ -177,5 +179,6 @@ class RecordingRelay:
             self.tls.append(session.ssl is not None or self.implicit_tls)
             self.users.append(session.auth_data if isinstance(session.auth_data, str) else None)
             self.mail_options.append(list(envelope.mail_options))
+            self.helo_names.append(session.host_name)
             self._arrived.notify_all()
         return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"

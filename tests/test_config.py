@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 from pathlib import Path
 
 import pytest
 
-from mailgate.config import Listen, Relay, load_settings
+from mailgate.config import Listen, Relay, default_helo_name, load_settings
 from mailgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +126,81 @@ def test_a_missing_env_file_is_a_config_error(tmp_path: Path) -> None:
     """--env-file pointing nowhere is reported, not ignored."""
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.env")
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"), [("0660", 0o660), ("0o640", 0o640), ("600", 0o600), ("0777", 0o777)]
+)
+def test_lmtp_socket_mode_is_octal(value: str, mode: int) -> None:
+    """MAILGATE_LMTP_SOCKET_MODE reads as octal, with or without 0 / 0o; the default is 0660."""
+    assert load_settings(environ={**MINIMAL, "MAILGATE_LMTP_SOCKET_MODE": value}).lmtp_socket_mode == mode
+    assert load_settings(environ=MINIMAL).lmtp_socket_mode == 0o660
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0990", "expected an octal mode such as 0660, got '0990'"),
+        ("rw-rw----", "expected an octal mode such as 0660, got 'rw-rw----'"),
+        ("0", "expected a mode between 0001 and 0777, got '0'"),
+        ("01660", "expected a mode between 0001 and 0777, got '01660'"),
+    ],
+)
+def test_bad_lmtp_socket_modes_are_named(value: str, says: str) -> None:
+    """A mode that is not octal, or outside 0001..0777 (no setuid/sticky bits), is refused by name."""
+    assert problems({**MINIMAL, "MAILGATE_LMTP_SOCKET_MODE": value}) == [f"MAILGATE_LMTP_SOCKET_MODE: {says}"]
+
+
+def test_lmtp_socket_group_by_name_or_number() -> None:
+    """MAILGATE_LMTP_SOCKET_GROUP takes a group name or gid, resolved to the gid at load; unset: None
+    (the socket keeps the process's group)."""
+    root = grp.getgrgid(0).gr_name
+    assert load_settings(environ={**MINIMAL, "MAILGATE_LMTP_SOCKET_GROUP": root}).lmtp_socket_group == 0
+    assert load_settings(environ={**MINIMAL, "MAILGATE_LMTP_SOCKET_GROUP": "0"}).lmtp_socket_group == 0
+    assert load_settings(environ=MINIMAL).lmtp_socket_group is None
+
+
+@pytest.mark.parametrize("value", ["no-such-group-mailgate", "4294967000"])
+def test_an_unknown_lmtp_socket_group_is_named(value: str) -> None:
+    """A group that does not exist is a bad key at load time, not a failed chown at start."""
+    assert problems({**MINIMAL, "MAILGATE_LMTP_SOCKET_GROUP": value}) == [
+        f"MAILGATE_LMTP_SOCKET_GROUP: no such group: {value!r}"
+    ]
+
+
+@pytest.mark.parametrize("value", ["mx.example.com", "MX.Example.COM.", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_helo_name_takes_a_host_name_or_an_address_literal(value: str) -> None:
+    """MAILGATE_HELO_NAME: a host name (lowercased, no trailing dot) or an RFC 5321 address literal."""
+    expected = value if value.startswith("[") else "mx.example.com"
+    assert load_settings(environ={**MINIMAL, "MAILGATE_HELO_NAME": value}).helo_name == expected
+
+
+@pytest.mark.parametrize("value", ["not a name", "mx_1.example.com", "[999.0.0.1]", "[mx.example.com]"])
+def test_bad_helo_names_are_named(value: str) -> None:
+    """Anything else is refused under MAILGATE_HELO_NAME."""
+    assert [p.split(":")[0] for p in problems({**MINIMAL, "MAILGATE_HELO_NAME": value})] == [
+        "MAILGATE_HELO_NAME"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "expected"),
+    [
+        ("mx1.example.net", "mx1.example.net"),
+        ("MX1.Example.NET.", "mx1.example.net"),
+        ("localhost", "agents.example.com"),
+        ("localhost.localdomain", "agents.example.com"),
+        ("vm.localdomain", "agents.example.com"),
+        ("vm", "agents.example.com"),
+    ],
+)
+def test_the_default_helo_name_is_never_localhost(fqdn: str, expected: str) -> None:
+    """The machine's FQDN, unless it knows itself only as localhost or by a bare name: then the domain."""
+    assert default_helo_name("agents.example.com", fqdn) == expected
+
+
+def test_the_default_helo_name_of_this_machine() -> None:
+    """Unset, the EHLO name is this machine's FQDN or the domain: a dotted name, never localhost."""
+    name = load_settings(environ=MINIMAL).helo_name
+    assert name == default_helo_name("agents.example.com")
+    assert name is not None and "." in name and not name.startswith("localhost")

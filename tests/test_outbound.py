@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailgate.config import Relay, Settings
+from mailgate.config import Relay, Settings, default_helo_name, load_settings
 from mailgate.delivery.transports import DeliveryReport, MaildirDelivery, RelayDelivery, make_delivery
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
 from tests.relay import RecordingRelay
@@ -346,3 +346,28 @@ async def test_international_addresses_need_smtputf8(smtputf8: bool) -> None:
                 await plain(port).deliver(MESSAGE, mail_from=SENDER, recipients=["jürgen@example.org"])
     finally:
         await relay.close()
+
+
+@pytest.mark.parametrize("helo", ["mx.gate.example", None])
+async def test_the_relay_sees_the_configured_helo_name(relay: RecordingRelay, helo: str | None) -> None:
+    """The EHLO name towards the relay is MAILGATE_HELO_NAME; unset, the machine's FQDN or else the
+    domain, never localhost."""
+    env = {
+        "MAILGATE_DOMAIN": "gate.example",
+        "MAILGATE_WORKERS": "research=wrk_1",
+        "MAILGATE_ALLOWED_SENDERS": "*",
+        "MAILGATE_AUTH": "none",
+        "HANDINGER_BASE_URL": "http://127.0.0.1:8787",
+        "MAILGATE_SMTP_RELAY": f"smtp://127.0.0.1:{relay.port}",
+    }
+    if helo is not None:
+        env["MAILGATE_HELO_NAME"] = helo
+    delivery = make_delivery(load_settings(environ=env))
+    try:
+        await delivery.deliver(MESSAGE, mail_from=SENDER, recipients=["alice@example.org"])
+    finally:
+        await delivery.aclose()
+    await relay.wait_for(1)
+    [seen] = relay.helo_names
+    assert seen == (helo or default_helo_name("gate.example"))
+    assert seen not in ("localhost", "localhost.localdomain")

@@ -456,6 +456,7 @@ NOTICE_PHRASES = {
     "task_failed": "ended without an answer",
     "gave_up": "could not be reached",
     "too_many_requests": "too many new tasks",
+    "address_not_ready": "this address is not set up correctly",
 }
 
 

@@ -1,5 +1,6 @@
-"""The store's named operations behave the same on SQLite and on PostgreSQL (`store` runs each test on
-both), and PostgreSQL's leases, fencing and wake-ups do what several gateways on one database need.
+"""More of the store's operations on both backends (besides tests/test_store.py: the 8-bit raw bytes, the
+DATA decision's reads, a message's whole walk, notices, NUL characters), and PostgreSQL's leases,
+fencing, renewal and wake-ups: what several gateways on one database need.
 
 Rows are made through the store's own operations (`admit`, `claim_*`, `finish`), never with SQL, so each
 test reads as the stages use the store. Ids sort in the order the test makes them.
@@ -317,15 +318,6 @@ async def test_notice_counts_and_replays(store: Store) -> None:
     assert replayed is not None and (replayed.state, replayed.attempts) == ("retry", 0)
 
 
-async def test_the_secret_is_made_once_and_kept(open_store: Opener) -> None:
-    """The reply-token secret is generated once and every later opening reads the same one."""
-    first = await open_store()
-    secret = await first.secret()
-    assert len(secret) >= 32 and await first.secret() == secret
-    second = await open_store()
-    assert await second.secret() == secret
-
-
 async def test_a_new_store_is_created_at_the_current_version(open_store: Opener) -> None:
     """A new store reports version 0 migrated to the current one; reopening finds nothing to do."""
     first = await open_store()
@@ -352,18 +344,6 @@ async def test_text_with_nul_characters_is_stored_and_found(store: Store) -> Non
     )
     found = facts.by_chain["research"]
     assert found is not None and found.task_id == m.task_id
-
-
-async def test_reset_for_restart_makes_waiting_work_due_now(store: Store) -> None:
-    """After a restart, a message waiting for a later look is due at once (its state says what to do)."""
-    a = admitted(new_task=True)
-    await store.admit(a)
-    now = time.time()
-    [row] = await store.claim_inbound(now, 1, set())
-    await store.reschedule(row.id, now + 600)
-    await store.release_inbound(row.id)
-    await store.reset_for_restart()
-    assert [r.id for r in await store.claim_inbound(time.time() + 1, 1, set())] == [row.id]
 
 
 # --- PostgreSQL: several gateways on one database ----------------------------------------------------

@@ -414,11 +414,11 @@ async def test_budget_tag_on_a_reply_keeps_the_task(make_gateway: Any, sandbox: 
 
 
 async def test_reply_with_nothing_new_gets_a_notice(make_gateway: Any, sandbox: Any, relay: Any) -> None:
-    """A reply that is only the quoted answer sends no turn; the thread gets a short notice."""
+    """A reply with no text of its own (only quoted lines) sends no turn; the thread gets a short notice."""
     async with make_gateway() as gw:
         _, answer = await start_task(gw, relay)
         quoted = "\n".join("> " + line for line in body_text(answer).splitlines())
-        body = f"\n\nOn Mon, 3 Jun 2024 at 10:12, research (mailgate) <{WORKER}> wrote:\n{quoted}\n"
+        body = f"\n\n> On Mon, 3 Jun 2024 at 10:12, research (mailgate) <{WORKER}> wrote:\n{quoted}\n"
         await send(gw, reply_to(answer, body=body))
         answers = await relay.wait_for(2, timeout=15)
         [row] = [r for r in await gw.store.list_inbound() if not r.new_task]

@@ -111,7 +111,7 @@ async def held_by(conn: Any, pid: int) -> dict[str, set[str]]:
     held: dict[str, set[str]] = {}
     for table in ("inbound", "outbox"):
         cur = await conn.execute(
-            f"SELECT id FROM {table} WHERE lease_owner LIKE %s AND state NOT IN ('answered', 'sent')",  # noqa: S608
+            f"SELECT id FROM {table} WHERE lease_owner LIKE %s AND lease_until IS NOT NULL",  # noqa: S608
             [f"%:{pid}:%"],
         )
         held[table] = {r[0] for r in await cur.fetchall()}

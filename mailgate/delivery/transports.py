@@ -24,7 +24,8 @@ from typing import NoReturn, Protocol
 
 import aiosmtplib
 
-from mailgate.config import Relay, Settings
+from mailgate import private
+from mailgate.config import Relay, Settings, default_helo_name
 from mailgate.errors import DeliveryDeferred, DeliveryFailed
 
 
@@ -257,13 +258,14 @@ class MaildirDelivery:
 
     def _write(self, message: bytes, mail_from: str, recipients: Sequence[str]) -> str:
         for sub in ("tmp", "new", "cur"):
-            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            private.make_dir(self.path / sub)  # 0700, the Maildir itself too, whatever the umask
         envelope = f"Return-Path: <{mail_from}>\nX-Envelope-To: {', '.join(recipients)}\n".encode()
         name = self._unique_name()
         tmp = self.path / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, private.FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as file:
+                os.fchmod(fd, private.FILE_MODE)
                 file.write(envelope)
                 file.write(message.replace(b"\r\n", b"\n"))
                 file.flush()
@@ -294,5 +296,10 @@ def make_delivery(settings: Settings) -> Delivery:
     """The relay from MAILGATE_SMTP_RELAY, or the Maildir at MAILGATE_OUTBOX_DIR when none is set."""
     if settings.smtp_relay is not None:
         # replies often come in bursts: the next one skips the connection set-up (connect, EHLO, TLS, AUTH)
-        return RelayDelivery(settings.smtp_relay, verify_tls=settings.relay_verify_tls, keep_idle=15.0)
+        return RelayDelivery(
+            settings.smtp_relay,
+            verify_tls=settings.relay_verify_tls,
+            local_hostname=settings.helo_name or default_helo_name(settings.domain),
+            keep_idle=15.0,
+        )
     return MaildirDelivery(settings.outbox_dir)

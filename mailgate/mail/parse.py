@@ -27,6 +27,7 @@ from inscriptis.model.config import ParserConfig
 
 from mailgate.mail.bodies import LargeBodies
 from mailgate.mail.headers import CONTROL, Headers, fix_surrogates, guess_decode, read_facts
+from mailgate.mail.html_quotes import split_html_reply
 from mailgate.mail.trimming import trim_reply
 from mailgate.models import Attachment, InboundMail, MailBody
 
@@ -83,7 +84,7 @@ def parse_body(raw: bytes) -> MailBody:
     text = "\n\n".join(t for t in walker.texts if t.strip())
     return MailBody(
         text=text,
-        reply_text=trim_reply(text),
+        reply_text=_reply_text(walker, text),
         attachments=tuple(walker.files),
         unreadable=tuple(walker.unreadable),
     )
@@ -92,6 +93,16 @@ def parse_body(raw: bytes) -> MailBody:
 def parse_message(raw: bytes) -> InboundMail:
     """The header facts and the body of one message; never raises on malformed mail."""
     return InboundMail(**vars(read_facts(Headers.parse(raw))), **vars(parse_body(raw)))
+
+
+def _reply_text(walker: _Walker, text: str) -> str:
+    """The sender's own text: from the HTML body's quote markup when it has some, else by the text rules."""
+    if walker.html_split is not None:
+        index, new = walker.html_split
+        head = "\n\n".join(t for t in [*walker.texts[:index], new] if t.strip())
+        if head.strip():
+            return trim_reply(head)  # the text rules still drop signatures and footers
+    return trim_reply(text)
 
 
 def _parse_tree(raw: bytes) -> Message:
@@ -160,6 +171,8 @@ class _Walker:
         self.texts: list[str] = []
         self.files: list[Attachment] = []
         self.unreadable: list[tuple[str, str]] = []
+        # the first HTML body whose client markup shows a quote: (its index in `texts`, its own text)
+        self.html_split: tuple[int, str] | None = None
         self._seen: set[str] = set()
 
     def walk(self, part: Message, *, want_text: bool = True, depth: int = 0) -> None:
@@ -218,6 +231,10 @@ class _Walker:
             return
         text = _decode_text(data, part.get_content_charset())
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if ctype == "text/html" and self.html_split is None:
+            own = split_html_reply(text)
+            if own is not None:
+                self.html_split = (len(self.texts), html_to_text(own))
         self.texts.append(html_to_text(text) if ctype == "text/html" else text.strip("\n"))
 
     def _message(self, part: Message, filename: str) -> None:

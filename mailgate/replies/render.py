@@ -41,7 +41,7 @@ from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile,
 
 NOTICE_KINDS = (
     "empty_reply", "api_rejected", "wrong_worker", "task_not_found",
-    "out_of_credits", "task_failed", "gave_up", "too_many_requests",
+    "out_of_credits", "task_failed", "gave_up", "too_many_requests", "address_not_ready",
 )  # fmt: skip
 _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")

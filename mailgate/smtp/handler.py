@@ -36,6 +36,14 @@ class Handler:
         self.max_recipients = max_recipients
         self.is_lmtp = is_lmtp
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """EHLO and LHLO: aiosmtpd's lines plus ENHANCEDSTATUSCODES (RFC 2034), since every reply
+        mailgate writes carries one; the last line (`250 HELP`) stays last."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", *responses[-1:]]
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:

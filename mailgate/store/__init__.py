@@ -4,11 +4,13 @@
 transaction. Two backends implement it: `sqlite.SqliteStore` (the embedded default) and
 `postgres.PostgresStore` (several gateways on one database; imported only when asked for, since its
 driver is an extra). `schema` holds SQLite's tables, versions and the row types, `reads` the synchronous
-SQL that runs on SQLite's reader thread; `pg_schema` and `pg_reads` are PostgreSQL's. `copy` moves a
-gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL.
+SQL that runs on SQLite's reader thread; `probe` reads an SQLite store's version without changing
+anything; `lock` keeps one gateway per SQLite store; `pg_schema` and `pg_reads` are PostgreSQL's. `copy`
+moves a gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL.
 """
 
 from mailgate.store.base import Queue, Store
+from mailgate.store.lock import InstanceLock, holder
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
@@ -19,12 +21,13 @@ from mailgate.store.schema import (
     OutboxRow,
     TaskRow,
 )
-from mailgate.store.sqlite import SqliteStore
+from mailgate.store.sqlite import SqliteStore, probe
 
 __all__ = [
     "AdmissionFacts",
     "Admitted",
     "InboundRow",
+    "InstanceLock",
     "NewMessage",
     "NewReply",
     "NewTask",
@@ -33,4 +36,6 @@ __all__ = [
     "SqliteStore",
     "Store",
     "TaskRow",
+    "holder",
+    "probe",
 ]

@@ -147,8 +147,10 @@ class Store(Protocol):
         state: str | None = None,
         error: str | None = None,
         crashes: int | None = None,
+        replies: Sequence[NewReply] = (),
     ) -> None:
-        """Look at the message again at `at`; releases the claim."""
+        """Look at the message again at `at`, queueing `replies` (a notice to the sender of a held
+        message) in the same transaction; releases the claim."""
 
     async def finish(
         self,
@@ -176,6 +178,9 @@ class Store(Protocol):
         sent_at: float | None = None,
     ) -> None:
         """What one delivery attempt came to; releases the claim."""
+
+    async def set_task_worker(self, task_id: str, worker_id: str) -> None:
+        """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
 
     async def archive_task(self, task_id: str) -> None: ...
 

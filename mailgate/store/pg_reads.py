@@ -90,8 +90,8 @@ async def thread_chain(conn: Any, task_id: str, before: str, *, limit: int) -> l
         "SELECT id, message_id FROM inbound WHERE task_id = %s AND id < %s ORDER BY id",
         [task_id, before],
     )
-    if len(rows) > limit:
-        rows = [rows[0], *rows[1 - limit :]]
+    if len(rows) > limit:  # the first, then the newest `limit - 1` (none of them when limit is 1)
+        rows = [rows[0], *rows[len(rows) - limit + 1 :]]
     sent = await _rows(
         conn,
         "SELECT inbound_id, message_id FROM outbox WHERE inbound_id = ANY(%s::text[]) ORDER BY id",

@@ -99,6 +99,26 @@ async def migrate(conn: Any) -> int:
         await conn.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK])
 
 
+async def probe(url: str) -> int:
+    """The schema version of the database at `url` (0: none yet), read without changing anything;
+    `StoreBusy` when it cannot be read."""
+    import psycopg
+
+    from mailgate.errors import StoreBusy
+
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=15, application_name="mailgate-check"
+        ) as conn:
+            cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            if not _first(await cur.fetchone()):
+                return 0
+            cur = await conn.execute("SELECT max(version) FROM schema_version")
+            return int(_first(await cur.fetchone()) or 0)
+    except (psycopg.Error, OSError) as exc:
+        raise StoreBusy(f"cannot read the database: {exc}") from exc
+
+
 def _first(row: Any) -> Any:
     if row is None:
         return None

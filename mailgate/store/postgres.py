@@ -9,10 +9,13 @@ Invariants:
   claimable when nobody holds it, its lease ran out, or this gateway holds it but has no job on it (after
   a storage pause). Only each task's oldest unfinished message is claimable, so a task's turns stay in
   order across hosts.
-- **Fencing.** Every change to a claimed row is `... WHERE id = %s AND lease_owner = <owner>`; a change
-  that finds the row taken over raises `LeaseLost` and the transaction (with the replies `finish` would
-  have queued) rolls back. Changes that end a job's look at a row (`reschedule`, `finish`,
-  `record_delivery`) release the lease in the same statement; `close` releases every lease left.
+- **Fencing.** Every change to a row is `... WHERE id = %s AND (lease_owner = <owner> OR lease_owner IS
+  NULL)`; a change that finds the row claimed by another gateway raises `LeaseLost` and the transaction
+  (with the replies `finish` would have queued) rolls back. Releasing a lease (the changes that end a
+  job's look at a row: `reschedule`, `finish`, `record_delivery`; `release_*`; `close` for every lease
+  left) clears `lease_until` but keeps `lease_owner`: a row once claimed stays fenced against every
+  gateway but its last claimant, so a gateway that lost its lease cannot write after the new owner has
+  finished. Only a row nobody ever claimed (operator verbs, tests) is changed without a claim.
 - **Wake-ups.** Work committed for another gateway sends `NOTIFY` in the same transaction (admitted mail
   and a finished turn -> `mailgate_inbound`; queued replies -> `mailgate_outbox`), so the wake-up never
   arrives before the work is visible; `watch` LISTENs on one extra connection (reconnecting, and waking
@@ -58,7 +61,7 @@ T = TypeVar("T")
 POOL_SIZE = 10  # connections per gateway, plus one for LISTEN
 CHANNEL = {"inbound": "mailgate_inbound", "outbox": "mailgate_outbox"}
 _DUE = {"inbound": f"state IN ({ACTIVE_SQL})", "outbox": "state IN ('pending','retry')"}
-_FREE = "(lease_owner IS NULL OR lease_owner = %(me)s OR lease_until < now())"
+_FREE = "(lease_until IS NULL OR lease_until < now() OR lease_owner = %(me)s)"
 # libpq: notice a dead peer (a partition without a reset) within about a minute
 _KEEPALIVE: dict[str, Any] = {
     "keepalives": 1,
@@ -186,7 +189,8 @@ class PostgresStore:
             async with self._transaction() as conn:
                 for queue in ("inbound", "outbox"):
                     await conn.execute(
-                        f"UPDATE {queue} SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",  # noqa: S608
+                        f"UPDATE {queue} SET lease_until = NULL "  # noqa: S608
+                        "WHERE lease_owner = %s AND lease_until IS NOT NULL",
                         [self.owner],
                     )
                     await conn.execute(*notify(queue, self.owner))
@@ -195,16 +199,16 @@ class PostgresStore:
     # --- connections and errors -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Conn]:
+    async def _connection(self, doing: str = "read") -> AsyncIterator[Conn]:
         try:
             async with self._pool.connection() as conn:
                 yield conn
         except (psycopg.Error, OSError) as exc:
-            raise StoreBusy(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+            raise StoreBusy(f"{doing} failed: PostgreSQL {type(exc).__name__}: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Conn]:
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection("commit") as conn, conn.transaction():
             yield conn
         self.batches += 1
 
@@ -223,10 +227,12 @@ class PostgresStore:
                 await conn.execute(sql, clean(params))
 
     async def secret(self) -> str:
-        await self._write(
-            [insert("meta", {"key": "secret", "value": secrets.token_urlsafe(32)}, or_ignore=True)]
-        )
+        """Read; made (once, whichever gateway is first) only when missing."""
         row = await self._one("SELECT value FROM meta WHERE key = 'secret'")
+        if row is None:
+            made = {"key": "secret", "value": secrets.token_urlsafe(32)}
+            await self._write([insert("meta", made, or_ignore=True)])
+            row = await self._one("SELECT value FROM meta WHERE key = 'secret'")
         assert row is not None
         return str(row["value"])
 
@@ -409,7 +415,7 @@ class PostgresStore:
             await self._write(
                 [
                     (
-                        f"UPDATE {queue} SET lease_owner = NULL, lease_until = NULL "  # noqa: S608
+                        f"UPDATE {queue} SET lease_until = NULL "  # noqa: S608
                         "WHERE id = %s AND lease_owner = %s",
                         [row_id, self.owner],
                     )
@@ -453,12 +459,13 @@ class PostgresStore:
         """Change a claimed row, fenced on this gateway's lease, with `then` in the same transaction."""
         sets = dict(values)
         if release:
-            sets |= {"lease_owner": None, "lease_until": None}
+            sets["lease_until"] = None  # the owner stays: see the module docstring
         assignments = ",".join(f"{col} = %s" for col in sets)
         try:
             async with self._transaction() as conn:
                 cur = await conn.execute(
-                    f"UPDATE {queue} SET {assignments} WHERE id = %s AND lease_owner = %s",  # noqa: S608
+                    f"UPDATE {queue} SET {assignments} "  # noqa: S608
+                    "WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)",
                     clean([*sets.values(), row_id, self.owner]),
                 )
                 if cur.rowcount != 1:
@@ -555,6 +562,7 @@ class PostgresStore:
         state: str | None = None,
         error: str | None = None,
         crashes: int | None = None,
+        replies: Sequence[NewReply] = (),
     ) -> None:
         """As SQLite's: a plain wait leaves `updated_at` alone. Releases the lease."""
         values: dict[str, Any] = {"next_attempt_at": at}
@@ -566,7 +574,26 @@ class PostgresStore:
             values["crashes"] = crashes
         if len(values) > 1:
             values["updated_at"] = time.time()
-        await self._change("inbound", inbound_id, values, release=True)
+        then = self._reply_statements(replies)
+        await self._change("inbound", inbound_id, values, release=True, then=then)
+
+    def _reply_statements(self, replies: Sequence[NewReply]) -> list[Statement]:
+        """Queue `replies` in the outbox (waking every gateway's outbox), each Message-ID recorded as part
+        of its task's thread."""
+        statements: list[Statement] = []
+        for reply in replies:
+            values = asdict(reply) | {
+                "recipients": json.dumps(list(reply.recipients)),
+                "state": OutboxState.PENDING.value,
+                "updated_at": reply.created_at,
+            }
+            statements.append(insert("outbox", values))
+            if reply.task_id:
+                thread = {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"}
+                statements.append(insert("thread_message", thread, or_ignore=True))
+        if replies:
+            statements.append(notify("outbox", self.owner))
+        return statements
 
     async def finish(
         self,
@@ -580,22 +607,7 @@ class PostgresStore:
         task_url: str | None = None,
         task_turns: int | None = None,
     ) -> None:
-        then: list[Statement] = []
-        for reply in replies:
-            values = asdict(reply) | {
-                "recipients": json.dumps(list(reply.recipients)),
-                "state": OutboxState.PENDING.value,
-                "updated_at": reply.created_at,
-            }
-            then.append(insert("outbox", values))
-            if reply.task_id:
-                then.append(
-                    insert(
-                        "thread_message",
-                        {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"},
-                        or_ignore=True,
-                    )
-                )
+        then = self._reply_statements(replies)
         if task_id is not None and task_turns is not None:
             then.append(
                 ("UPDATE task SET url = %s, turns = %s WHERE id = %s", [task_url, task_turns, task_id])
@@ -638,6 +650,9 @@ class PostgresStore:
             values["sent_at"] = sent_at
         await self._change("outbox", outbox_id, values, release=True)
 
+    async def set_task_worker(self, task_id: str, worker_id: str) -> None:
+        await self._write([("UPDATE task SET worker_id = %s WHERE id = %s", [worker_id, task_id])])
+
     async def archive_task(self, task_id: str) -> None:
         await self._write([("UPDATE task SET archived = 1 WHERE id = %s", [task_id])])
 
@@ -648,7 +663,7 @@ class PostgresStore:
             [
                 (
                     f"UPDATE inbound SET next_attempt_at = %s WHERE state IN ({ACTIVE_SQL}) "  # noqa: S608
-                    "AND next_attempt_at > %s AND (lease_owner IS NULL OR lease_until < now())",
+                    "AND next_attempt_at > %s AND (lease_until IS NULL OR lease_until < now())",
                     [now, now],
                 )
             ]
@@ -664,8 +679,8 @@ class PostgresStore:
             [
                 (
                     "UPDATE inbound SET state = %s, reason = NULL, crashes = 0, next_attempt_at = 0, "
-                    "last_error = NULL, received_at = %s, updated_at = %s, lease_owner = NULL, "
-                    "lease_until = NULL WHERE id = %s",
+                    "last_error = NULL, received_at = %s, updated_at = %s, lease_until = NULL "
+                    "WHERE id = %s",
                     [state.value, time.time(), time.time(), inbound_id],
                 ),
                 notify("inbound", self.owner),
@@ -681,7 +696,7 @@ class PostgresStore:
             [
                 (
                     "UPDATE outbox SET state = %s, attempts = 0, next_attempt_at = 0, last_error = NULL, "
-                    "created_at = %s, updated_at = %s, lease_owner = NULL, lease_until = NULL WHERE id = %s",
+                    "created_at = %s, updated_at = %s, lease_until = NULL WHERE id = %s",
                     [OutboxState.RETRY.value, time.time(), time.time(), outbox_id],
                 ),
                 notify("outbox", self.owner),

@@ -25,6 +25,7 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
+from mailgate import private
 from mailgate.errors import RawMissing, StoreBusy
 from mailgate.models import InboundState, OutboxState, TaskRef
 from mailgate.store import reads
@@ -76,9 +77,14 @@ class SqliteStore:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        """Open (creating or migrating it to the current schema) the store at `path`."""
+        """Open (creating or migrating it to the current schema) the store at `path`.
+
+        A new store's directory is made 0700 and its file 0600 before SQLite opens it, so the file and
+        the `-wal` and `-shm` SQLite makes beside it (with the file's mode) are the owner's alone.
+        """
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private.make_dir(path.parent)
+            private.create_file(path)
             writer = await aiosqlite.connect(path, isolation_level=None)
             try:
                 for pragma in (
@@ -355,8 +361,8 @@ class SqliteStore:
         rows = await self._all(
             "SELECT id, message_id FROM inbound WHERE task_id=? AND id<? ORDER BY id", (task_id, before)
         )
-        if len(rows) > limit:
-            rows = [rows[0], *rows[1 - limit :]]
+        if len(rows) > limit:  # the first, then the newest `limit - 1` (none of them when limit is 1)
+            rows = [rows[0], *rows[len(rows) - limit + 1 :]]
         chain: list[str] = []
         for row in rows:
             if row["message_id"]:
@@ -448,8 +454,10 @@ class SqliteStore:
         state: str | None = None,
         error: str | None = None,
         crashes: int | None = None,
+        replies: Sequence[NewReply] = (),
     ) -> None:
-        """Look at the message again at `at` (a retry, a poll, a hold), keeping or changing its state.
+        """Look at the message again at `at` (a retry, a poll, a hold), keeping or changing its state;
+        `replies` (a notice to the sender of a held message) are queued in the same transaction.
 
         A plain wait (a poll of a running turn, a lost POST settling) leaves `updated_at` alone: it says
         since when the row has been in its state, which is what those waits measure.
@@ -461,10 +469,9 @@ class SqliteStore:
             values["last_error"] = error[:500]
         if crashes is not None:
             values["crashes"] = crashes
-        if len(values) == 1:
-            await self.write([update("inbound", inbound_id, **values)])
-        else:
-            await self._set_inbound(inbound_id, **values)
+        if len(values) > 1:
+            values["updated_at"] = time.time()
+        await self.write([*_reply_statements(replies), update("inbound", inbound_id, **values)])
 
     async def finish(
         self,
@@ -480,23 +487,7 @@ class SqliteStore:
     ) -> None:
         """End a message (`answered`, `failed`, `ignored`) and queue its replies, in one transaction."""
         now = time.time()
-        statements: list[Statement] = []
-        for reply in replies:
-            values = asdict(reply)
-            values |= {
-                "recipients": json.dumps(list(reply.recipients)),
-                "state": OutboxState.PENDING,
-                "updated_at": reply.created_at,
-            }
-            statements.append(insert("outbox", values))
-            if reply.task_id:
-                statements.append(
-                    insert(
-                        "thread_message",
-                        {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"},
-                        or_ignore=True,
-                    )
-                )
+        statements = _reply_statements(replies)
         ending: dict[str, Any] = {"state": state, "reason": reason, "updated_at": now, "next_attempt_at": 0}
         if turn_seq is not None:
             ending["turn_seq"] = turn_seq
@@ -528,6 +519,10 @@ class SqliteStore:
         if sent_at is not None:
             values["sent_at"] = sent_at
         await self._set_outbox(outbox_id, **values)
+
+    async def set_task_worker(self, task_id: str, worker_id: str) -> None:
+        """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
+        await self.write([update("task", task_id, worker_id=worker_id)])
 
     async def archive_task(self, task_id: str) -> None:
         """The task was archived at the API: later replies in its thread start a new task."""
@@ -582,6 +577,53 @@ class SqliteStore:
             created_at=time.time(),
         )
         return True
+
+
+def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:
+    """Queue `replies` in the outbox, each Message-ID recorded as part of its task's thread."""
+    statements: list[Statement] = []
+    for reply in replies:
+        values = asdict(reply)
+        values |= {
+            "recipients": json.dumps(list(reply.recipients)),
+            "state": OutboxState.PENDING,
+            "updated_at": reply.created_at,
+        }
+        statements.append(insert("outbox", values))
+        if reply.task_id:
+            statements.append(
+                insert(
+                    "thread_message",
+                    {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"},
+                    or_ignore=True,
+                )
+            )
+    return statements
+
+
+def probe(path: Path) -> int:
+    """The schema version of the existing store at `path`, read without writing or creating anything.
+
+    Synchronous (run it in a thread). `mode=ro` never creates the database; while a process has the
+    store open its `-wal` and `-shm` exist and are read as they are. When no `-wal` exists nobody writes
+    the store, and it is read as `immutable`, so SQLite makes no `-wal`/`-shm` of its own either.
+    `StoreBusy` when it is missing, unreadable, not a database, or newer than this mailgate.
+    """
+    immutable = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+    uri = f"{path.resolve().as_uri()}?mode=ro{immutable}"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE name='inbound'").fetchone():
+                version = 1
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreBusy(f"cannot read the store at {path}: {exc}") from exc
+    if version > VERSION:
+        raise StoreBusy(f"the store at {path} has schema version {version}, newer than this mailgate's")
+    return version
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -33,6 +33,11 @@ Two conditions pause the whole scheduler instead of failing anyone's message: th
 (full, read-only, failing, locked: `loops.storage_trouble`). The storage pause backs off from 1 s to a
 minute, lives only in memory (the store may be what fails), logs once a minute at most, counts no
 crash, and ends by itself when a job's work is committed again.
+
+An alias whose worker the API does not know (`WorkerUnknown`: MAILGATE_WORKERS is wrong) holds only that
+alias's new mail: each message stays `queued` with the reason in `last_error` and is tried again with
+back-off; its sender is told once that the address is not set up yet (`address_not_ready`); the
+operator gets one ERROR line per alias per start.
 """
 
 from __future__ import annotations
@@ -50,12 +55,22 @@ from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
 from mailgate.turns.spool import Spool
-from mailgate.turns.steps import Answer, Continue, Hold, Later, Notice, Outcome, TurnSteps
+from mailgate.turns.steps import (
+    Answer,
+    Continue,
+    Hold,
+    Later,
+    Notice,
+    Outcome,
+    TurnSteps,
+    WorkerUnknown,
+)
 
 log = logging.getLogger("mailgate.turns")
 
 HOLD_SECONDS = 30.0
 LOUD_EVERY = 300.0
+NOT_READY = "address_not_ready"  # the notice to the sender of mail held for an unknown worker
 
 
 class Scheduler:
@@ -85,6 +100,7 @@ class Scheduler:
         self._hold_until = 0.0
         self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
+        self._unknown_workers: set[str] = set()  # aliases already reported (once per start)
         self.storage = Pause("storage", log, base=steps.timing.retry_base, clock=self.clock)
 
     def wake(self) -> None:
@@ -165,6 +181,8 @@ class Scheduler:
                     state=outcome.state,
                     error="401: the API key was refused; held until it works again",
                 )
+            elif isinstance(outcome, WorkerUnknown):
+                await self._worker_unknown(row, outcome)
             elif isinstance(outcome, Answer):
                 replies = await self.replies.answer(row, outcome.answer)
                 await self._finish(
@@ -183,6 +201,24 @@ class Scheduler:
                 await self._notify(row, outcome)
             self.storage.clear()  # the outcome is committed: the store takes writes
             return
+
+    async def _worker_unknown(self, row: InboundRow, outcome: WorkerUnknown) -> None:
+        """Hold the message (queued, with the reason) and tell its sender once; ERROR once per alias."""
+        if outcome.alias not in self._unknown_workers:
+            self._unknown_workers.add(outcome.alias)
+            log.error(
+                "worker_unknown: the API does not know the worker MAILGATE_WORKERS names for this alias; "
+                "its new mail is held, not lost: fix the worker id and restart mailgate",
+                extra={"alias": outcome.alias, "worker": outcome.worker_id, "error": outcome.error},
+            )
+        told = row.task_id is not None and await self.store.count_notices_for_task(row.task_id, NOT_READY, 0)
+        replies = [] if told else await self.replies.notice(row, NOT_READY)
+        await self.store.reschedule(
+            row.id, outcome.at, state=InboundState.QUEUED, error=outcome.error, replies=replies
+        )
+        if replies:
+            self.on_outbox()
+        log.info("message_held", extra={"inbound": row.id, "alias": outcome.alias, "why": "worker unknown"})
 
     async def _notify(self, row: InboundRow, notice: Notice) -> None:
         replies = await self.replies.notice(

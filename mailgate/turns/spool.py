@@ -3,7 +3,8 @@
 `var/spool/<queue id>/<n>.bin`; written once when the message is composed, removed when the message
 is done. Everything can be made again from the raw message in the store, so no fsync is needed, and a
 row lists its files relative to the spool (`describe`): with several gateways the spool is each host's
-own, and a host resuming another's message finds the files `missing` and makes them again.
+own, and a host resuming another's message finds the files `missing` and makes them again. The folders
+are 0700 and the files 0600 whatever the umask (they are mail).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mailgate import private
 from mailgate.models import Attachment, UploadFile
 
 
@@ -32,11 +34,11 @@ class Spool:
         shutil.rmtree(folder, ignore_errors=True)
         if not files:
             return []
-        folder.mkdir(parents=True)
+        private.make_dir(folder)
         out = []
         for n, att in enumerate(files, 1):
             path = folder / f"{n:02d}.bin"
-            path.write_bytes(att.data)
+            private.write_file(path, att.data)
             out.append(
                 UploadFile(
                     att.filename, att.content_type, path, att.size, hashlib.sha256(att.data).hexdigest()

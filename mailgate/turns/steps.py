@@ -8,7 +8,10 @@ what the gateway does next (that is the scheduler's job) and never calls back in
 - `running`: `GET /api/tasks/{id}` until the turn has ended -> an `Answer` or a `Notice`.
 
 API failures become outcomes here: a 401 is `Hold`, other transient failures `Later` (backing off, until
-the retry horizon, then a "gave up" `Notice`), refusals a `Notice` for the sender.
+the retry horizon, then a "gave up" `Notice`), refusals a `Notice` for the sender. A 404 to the POST that
+starts a new task is about the worker (the task does not exist yet): an operator's mistake in
+MAILGATE_WORKERS, so `WorkerUnknown` keeps the message queued (backing off, with no horizon) until the
+configuration is fixed; a task not yet created starts on the worker the configuration names now.
 """
 
 from __future__ import annotations
@@ -97,7 +100,19 @@ class Notice:
     api_ok: bool = False
 
 
-Outcome = Continue | Later | Hold | Answer | Notice
+@dataclass(frozen=True)
+class WorkerUnknown:
+    """The API does not know the worker of `alias` (a 404 to the POST of a new task): keep the message
+    `queued`, look again at `at`, and tell the sender that the address is not ready (once)."""
+
+    alias: str
+    worker_id: str
+    at: float
+    error: str
+    api_ok: bool = True  # the API answered, so the key works
+
+
+Outcome = Continue | Later | Hold | Answer | Notice | WorkerUnknown
 
 
 @dataclass
@@ -207,6 +222,13 @@ class TurnSteps:
                 # the lost POST may not have reached the API yet: never race it with a second one
                 log.info("turn_settling", extra={"inbound": row.id, "task": row.task_id})
                 return Later(settle_until, api_ok=True)
+        worker_id = task.worker_id
+        configured = self.settings.worker_for(task.alias)
+        if row.new_task and snapshot is None and configured and configured.worker_id != worker_id:
+            # not created at the API yet: it starts on the worker the configuration names now
+            worker_id = configured.worker_id
+            await self.store.set_task_worker(task.id, worker_id)
+            log.info("task_worker_changed", extra={"task": task.id, "worker": worker_id})
         expected = len(snapshot.turns) if snapshot is not None else 0
         files = await self._respool(row) if self.spool.missing(row.files) else row.files
         await self.store.mark_submitting(row.id, turn_seq=expected, attempts=row.attempts + 1)
@@ -219,14 +241,26 @@ class TurnSteps:
         async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
             await self.store.mark_running(row.id)
 
-        result = await self.api.create_turn(
-            task_id=row.task_id,
-            worker_id=task.worker_id,
-            input=row.input,
-            budget=task.budget,
-            files=uploads,
-            on_accepted=accepted,
-        )
+        try:
+            result = await self.api.create_turn(
+                task_id=row.task_id,
+                worker_id=worker_id,
+                input=row.input,
+                budget=task.budget,
+                files=uploads,
+                on_accepted=accepted,
+            )
+        except ApiRejected as exc:
+            if exc.status == 404 and row.new_task and snapshot is None:  # no task yet: the worker is unknown
+                delay = backoff(row.attempts + 1, base=self.timing.retry_base)
+                return WorkerUnknown(
+                    row.alias,
+                    worker_id,
+                    self.timing.clock() + delay,
+                    f"API 404: {exc.reason} (MAILGATE_WORKERS: {row.alias}={worker_id}); held until the "
+                    "worker id is fixed and mailgate restarted",
+                )
+            raise
         running = replace(
             row,
             updated_at=time.time(),  # as `mark_running` stamped it

@@ -1,0 +1,751 @@
+"""The store on its own, driven through `Store`'s named operations only: every test that is about an
+operation's promise runs on both backends (`store`: a real SQLite file, and a fresh PostgreSQL database on
+the session's server); schema versions of the SQLite file and SQLite's group commit are SQLite's own.
+
+What each operation promises (one transaction, the per-task order of turns, what replay accepts) is
+asserted on the rows read back, and where it matters on a second connection to the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ulid import ULID
+
+from mailgate.errors import RawMissing, StoreBusy
+from mailgate.models import InboundState, OutboxState, TaskRef
+from mailgate.store import Admitted, NewMessage, NewReply, NewTask, SqliteStore, Store
+from mailgate.store.schema import ACTIVE, MIGRATIONS, VERSION
+
+pytestmark = pytest.mark.anyio
+
+OWNER = "alice@example.org"
+NEW_COLUMNS = ("in_reply_to", "refs", "to_cc", "sender_name")
+TERMINAL = tuple(s for s in InboundState if s not in ACTIVE)
+
+
+async def task_by_chain(store: Store, message_ids: list[str], alias: str) -> TaskRef | None:
+    """The task the Message-IDs name for `alias`, as admission reads it."""
+    facts = await store.admission_facts(
+        [], chain=message_ids, aliases=[alias], sender="x@example.org", max_turns=1, max_new_tasks=1
+    )
+    return facts.by_chain.get(alias)
+
+
+async def duplicate_of(store: Store, key: str) -> str | None:
+    """The queue id a dedupe key was committed under, as admission reads it."""
+    facts = await store.admission_facts([key], max_turns=1, max_new_tasks=1)
+    return facts.duplicates[key]
+
+
+Opener = Callable[[str], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """`await open_store(name)` opens the store called `name` (an SQLite file, or a PostgreSQL database
+    made for this test); the same name opens the same store again. The caller closes it."""
+    urls: dict[str, str] = {}
+
+    async def open_(name: str) -> Store:
+        if request.param == "sqlite":
+            return await SqliteStore.open(tmp_path / f"{name}.db")
+        from mailgate.store.postgres import PostgresStore
+
+        if name not in urls:
+            urls[name] = request.getfixturevalue("postgres_dbs")()
+        return await PostgresStore.open(urls[name])
+
+    return open_
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> AsyncIterator[Store]:
+    """The test's store, on each backend."""
+    s = await open_store("store")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "store.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def new_task(*, owner: str = OWNER, created_at: float | None = None) -> NewTask:
+    return NewTask(
+        id=f"tsk_{ULID()}",
+        alias="research",
+        worker_id="wrk_research",
+        owner=owner,
+        budget="standard",
+        subject="Quarterly numbers",
+        created_at=time.time() if created_at is None else created_at,
+    )
+
+
+def new_message(
+    task_id: str | None,
+    *,
+    state: str = InboundState.RECEIVED,
+    received_at: float | None = None,
+    message_id: str | None = None,
+    dedupe_key: str | None = None,
+    raw_id: str = "",
+) -> NewMessage:
+    mid = str(ULID())
+    return NewMessage(
+        id=mid,
+        raw_id=raw_id,
+        received_at=time.time() if received_at is None else received_at,
+        mail_from=OWNER,
+        rcpt="research@agents.example.com",
+        alias="research",
+        sender=OWNER,
+        message_id=message_id if message_id is not None else f"<{mid}@example.org>",
+        subject="Quarterly numbers",
+        dedupe_key=dedupe_key or f"key-{mid}",
+        state=state,
+        task_id=task_id,
+        in_reply_to="<earlier@example.org>",
+        refs="<first@example.org> <earlier@example.org>",
+        to_cc=json.dumps(["research@agents.example.com", "bob@example.org"]),
+        sender_name="Alice Example",
+    )
+
+
+def admitted(
+    *messages: NewMessage,
+    tasks: Sequence[NewTask] = (),
+    participants: Sequence[tuple[str, str]] = (),
+    thread_ids: Sequence[tuple[str, str]] = (),
+    data: bytes = b"Subject: Quarterly numbers\r\n\r\nPlease summarise.\r\n",
+) -> Admitted:
+    """One DATA's commit: `messages` are re-pointed at a fresh raw message id."""
+    raw_id = str(ULID())
+    return Admitted(
+        raw_id=raw_id,
+        sha256=hashlib.sha256(data).hexdigest(),
+        data=data,
+        messages=[NewMessage(**{**m.__dict__, "raw_id": raw_id}) for m in messages],
+        tasks=tasks,
+        participants=participants,
+        thread_ids=thread_ids,
+    )
+
+
+async def one_task_message(store: Store, **kwargs: Any) -> tuple[NewTask, NewMessage]:
+    """A new task and its first message, committed."""
+    task = new_task()
+    message = new_message(task.id, **kwargs)
+    batch = admitted(message, tasks=[task], participants=[(task.id, OWNER)])
+    await store.admit(batch)
+    return task, batch.messages[0]
+
+
+def reply(
+    inbound_id: str | None, task_id: str | None, *, message_id: str | None = None, kind: str = "answer"
+) -> NewReply:
+    rid = str(ULID())
+    return NewReply(
+        id=rid,
+        inbound_id=inbound_id,
+        task_id=task_id,
+        kind=kind,
+        notice=None if kind == "answer" else "gave_up",
+        message_id=message_id or f"<{rid}.mailgate@agents.example.com>",
+        mail_from="research@agents.example.com",
+        recipients=[OWNER, "bob@example.org"],
+        data=b"Subject: Re: Quarterly numbers\r\n\r\nThe answer.\r\n",
+        created_at=time.time(),
+    )
+
+
+def pragma_user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.close()
+    return version
+
+
+def columns_of(path: Path, table: str) -> set[str]:
+    with sqlite3.connect(path) as db:
+        names = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+    db.close()
+    return names
+
+
+# --- opening: schema versions -------------------------------------------------------------------------
+
+
+def make_v1_store(path: Path, user_version: int) -> None:
+    """A store as version 1 left it: its tables only, with a task, a message and a reply in them."""
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("INSERT INTO raw_message VALUES ('raw1', 'abc', 5, x'68656c6c6f')")
+        db.execute(
+            "INSERT INTO task (id, alias, worker_id, owner, budget, subject, created_at, turns) "
+            "VALUES ('tsk_1', 'research', 'wrk_research', ?, 'high', 'Old', 100.0, 2)",
+            (OWNER,),
+        )
+        db.execute(
+            "INSERT INTO inbound (id, raw_id, received_at, updated_at, mail_from, rcpt, alias, sender, "
+            "message_id, subject, dedupe_key, task_id, state, input, attempts) VALUES ('m1', 'raw1', 100.0, "
+            "101.0, ?, 'research@agents.example.com', 'research', ?, '<old@example.org>', 'Old', 'k1', "
+            "'tsk_1', 'answered', 'the old input', 1)",
+            (OWNER, OWNER),
+        )
+        db.execute(
+            "INSERT INTO outbox (id, inbound_id, task_id, kind, message_id, mail_from, recipients, data, "
+            "state, created_at, updated_at) VALUES ('o1', 'm1', 'tsk_1', 'answer', '<r1@agents>', "
+            "'research@agents.example.com', ?, x'00', 'sent', 102.0, 103.0)",
+            (json.dumps([OWNER]),),
+        )
+        db.execute("INSERT INTO thread_message VALUES ('<old@example.org>', 'tsk_1', 'in')")
+        db.execute(f"PRAGMA user_version={user_version}")
+    db.close()
+
+
+@pytest.mark.parametrize("user_version", [0, 1], ids=["unversioned", "version-1"])
+async def test_a_version_1_store_is_migrated_and_keeps_its_rows(tmp_path: Path, user_version: int) -> None:
+    """A version 1 store (recorded as 0 or 1) gets the new columns and the current version; old rows stay."""
+    path = tmp_path / "old.db"
+    make_v1_store(path, user_version)
+    assert not set(NEW_COLUMNS) & columns_of(path, "inbound")
+    store = await SqliteStore.open(path)
+    try:
+        row = await store.inbound("m1")
+        task = await store.task_row("tsk_1")
+        sent = await store.outbox_row("o1")
+        found = await task_by_chain(store, ["<old@example.org>"], "research")
+        raw = await store.raw("raw1")
+    finally:
+        await store.close()
+    assert set(NEW_COLUMNS) <= columns_of(path, "inbound")
+    assert pragma_user_version(path) == VERSION
+    assert row is not None
+    assert (row.state, row.input, row.attempts, row.updated_at) == ("answered", "the old input", 1, 101.0)
+    assert (row.in_reply_to, row.refs, row.to_cc, row.sender_name) == (None, None, None, None)
+    assert row.to_cc_addrs == [] and row.reference_ids == []
+    assert task is not None and (task.turns, task.budget) == (2, "high")
+    assert sent is not None and (sent.state, sent.recipient_list) == ("sent", [OWNER])
+    assert found == TaskRef("tsk_1", "research", OWNER)
+    assert raw == b"hello"
+
+
+async def test_a_version_1_store_missing_an_index_gets_it(tmp_path: Path) -> None:
+    """An unversioned store a partial first start left without an index gets the index on opening."""
+    path = tmp_path / "partial.db"
+    make_v1_store(path, 0)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX inbound_due")
+    db.close()
+    await (await SqliteStore.open(path)).close()
+    with sqlite3.connect(path) as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    db.close()
+    assert "inbound_due" in indexes
+
+
+async def test_a_new_store_is_created_at_the_current_version_and_reopens(tmp_path: Path) -> None:
+    """A fresh file gets every table at the current version; opening it again changes nothing."""
+    path = tmp_path / "deep" / "dir" / "new.db"
+    store = await SqliteStore.open(path)
+    _, message = await one_task_message(store)
+    await store.close()
+    store = await SqliteStore.open(path)
+    try:
+        row = await store.inbound(message.id)
+    finally:
+        await store.close()
+    assert pragma_user_version(path) == VERSION
+    assert set(NEW_COLUMNS) <= columns_of(path, "inbound")
+    assert row is not None and row.sender_name == "Alice Example"
+
+
+async def test_a_store_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    """A store whose schema version is above this mailgate's is not opened (and not touched)."""
+    path = tmp_path / "future.db"
+    make_v1_store(path, VERSION + 1)
+    with pytest.raises(StoreBusy, match="newer than this mailgate"):
+        await SqliteStore.open(path)
+    assert pragma_user_version(path) == VERSION + 1
+    assert not set(NEW_COLUMNS) & columns_of(path, "inbound")
+
+
+# --- admit: one DATA, one transaction ---------------------------------------------------------------
+
+
+async def test_admit_commits_the_raw_message_and_every_row(store: Store) -> None:
+    """The raw bytes, the task, both recipients' rows, the participants and the thread ids all land."""
+    task = new_task()
+    first = new_message(task.id, message_id="<q1@example.org>")
+    second = new_message(None, state=InboundState.IGNORED, message_id="<q1@example.org>")
+    batch = admitted(
+        first,
+        second,
+        tasks=[task],
+        participants=[(task.id, OWNER), (task.id, "bob@example.org")],
+        thread_ids=[("<q1@example.org>", task.id)],
+        data=b"Subject: x\r\n\r\nthe exact bytes\r\n",
+    )
+    before = store.batches
+    await store.admit(batch)
+    assert store.batches == before + 1
+    assert await store.raw(batch.raw_id) == b"Subject: x\r\n\r\nthe exact bytes\r\n"
+    rows = [await store.inbound(m.id) for m in batch.messages]
+    assert [r.state if r else None for r in rows] == ["received", "ignored"]
+    assert rows[0] is not None and rows[0].updated_at == rows[0].received_at
+    assert rows[0].in_reply_to_ids == ["<earlier@example.org>"]
+    assert rows[0].reference_ids == ["<first@example.org>", "<earlier@example.org>"]
+    assert rows[0].to_cc_addrs == ["research@agents.example.com", "bob@example.org"]
+    assert rows[0].sender_name == "Alice Example"
+    assert await store.task(task.id) == TaskRef(task.id, "research", OWNER)
+    assert await store.participants(task.id) == ["alice@example.org", "bob@example.org"]
+    assert await task_by_chain(store, ["<q1@example.org>"], "research") == TaskRef(task.id, "research", OWNER)
+    assert await duplicate_of(store, batch.messages[0].dedupe_key) == batch.messages[0].id
+
+
+async def test_a_duplicate_dedupe_key_fails_the_whole_admit(store: Store) -> None:
+    """A second DATA reusing a committed dedupe key is refused whole: no raw bytes, task or row of it."""
+    _, committed = await one_task_message(store)
+    task = new_task()
+    fresh = new_message(task.id)
+    clash = new_message(task.id, dedupe_key=committed.dedupe_key)
+    batch = admitted(fresh, clash, tasks=[task], participants=[(task.id, "carol@example.org")])
+    with pytest.raises(StoreBusy, match="commit failed"):
+        await store.admit(batch)
+    with pytest.raises(RawMissing, match="missing"):
+        await store.raw(batch.raw_id)
+    assert await store.task_row(task.id) is None
+    assert await store.inbound(batch.messages[0].id) is None
+    assert await store.participants(task.id) == []
+    assert await duplicate_of(store, committed.dedupe_key) == committed.id
+
+
+@pytest.mark.parametrize("callers", [8, 40])
+async def test_concurrent_admits_share_transactions(sqlite_store: SqliteStore, callers: int) -> None:
+    """SQLite: many callers at once commit in fewer transactions than callers, and every row is there."""
+    store = sqlite_store
+    batches = [admitted(new_message(t.id), tasks=[t]) for t in (new_task() for _ in range(callers))]
+    before = store.batches
+    await asyncio.gather(*(store.admit(b) for b in batches))
+    assert store.batches - before < callers
+    for batch in batches:
+        assert await store.inbound(batch.messages[0].id) is not None
+
+
+@pytest.mark.parametrize("bad", [0, 7, 14])
+async def test_one_failing_caller_in_a_batch_fails_alone(store: Store, bad: int) -> None:
+    """In a shared transaction, the one admit that breaks a constraint fails; the others commit."""
+    _, committed = await one_task_message(store)
+    batches = []
+    for n in range(15):
+        task = new_task()
+        key = committed.dedupe_key if n == bad else None
+        batches.append(admitted(new_message(task.id, dedupe_key=key), tasks=[task]))
+    results = await asyncio.gather(*(store.admit(b) for b in batches), return_exceptions=True)
+    failed = [n for n, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [bad]
+    assert isinstance(results[bad], StoreBusy)
+    for n, batch in enumerate(batches):
+        row = await store.inbound(batch.messages[0].id)
+        assert (row is None) == (n == bad)
+        assert (await store.task_row(batch.tasks[0].id) is None) == (n == bad)
+
+
+# --- which messages may run ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_state", list(InboundState))
+async def test_a_tasks_second_message_waits_while_its_first_is_active(store: Store, first_state: str) -> None:
+    """Turns of one task run in order: the second message is runnable only once the first has ended."""
+    task = new_task()
+    first = new_message(task.id, state=first_state)
+    second = new_message(task.id)
+    await store.admit(admitted(first, tasks=[task]))
+    await store.admit(admitted(second))
+    runnable = await runnable_ids(store, time.time(), 10, set())
+    if first_state in ACTIVE:
+        assert runnable == [first.id]
+    else:
+        assert runnable == [second.id]
+
+
+async def runnable_ids(store: Store, now: float, limit: int, busy: set[str]) -> list[str]:
+    """The ids `claim_inbound` hands out (claiming them: a claim is not a change of the row)."""
+    return [row.id for row in await store.claim_inbound(now, limit, busy)]
+
+
+async def test_runnable_ids_honour_next_attempt_at_busy_and_limit(store: Store) -> None:
+    """A row is runnable from its `next_attempt_at` on; busy ids and the limit are respected; a task's
+    next message stays behind a first that waits for a later time."""
+    now = time.time()
+    waiting_task, waiting = await one_task_message(store)
+    behind = new_message(waiting_task.id)
+    await store.admit(admitted(behind))
+    await store.reschedule(waiting.id, now + 60)
+    others = [(await one_task_message(store))[1] for _ in range(3)]
+    assert await runnable_ids(store, now, 10, set()) == [m.id for m in others]
+    assert await runnable_ids(store, now, 2, set()) == [m.id for m in others[:2]]
+    assert await runnable_ids(store, now, 2, {others[0].id}) == [m.id for m in others[1:]]
+    assert await runnable_ids(store, now + 61, 10, set()) == [waiting.id] + [m.id for m in others]
+    assert await store.next_due_after("inbound", now) == pytest.approx(now + 60)
+    assert await store.next_due_after("inbound", now + 61) is None
+
+
+# --- state changes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "stamped"),
+    [
+        ({}, False),
+        ({"state": InboundState.QUEUED}, True),
+        ({"error": "503 from the API"}, True),
+        ({"crashes": 2}, True),
+    ],
+    ids=["plain-wait", "state", "error", "crashes"],
+)
+async def test_reschedule_stamps_updated_at_only_when_something_changes(
+    store: Store, change: dict[str, Any], stamped: bool
+) -> None:
+    """A plain wait keeps `updated_at` (since when the row is in its state); a change stamps it."""
+    _, message = await one_task_message(store, received_at=1000.0)
+    before = time.time()
+    await store.reschedule(message.id, before + 30, **change)
+    row = await store.inbound(message.id)
+    assert row is not None
+    assert row.next_attempt_at == before + 30
+    if stamped:
+        assert row.updated_at >= before
+    else:
+        assert row.updated_at == 1000.0
+    assert row.state == change.get("state", InboundState.RECEIVED)
+    assert row.last_error == change.get("error")
+    assert row.crashes == change.get("crashes", 0)
+
+
+async def test_reschedule_caps_the_error(store: Store) -> None:
+    """The error kept on a row is capped at 500 characters."""
+    _, message = await one_task_message(store)
+    await store.reschedule(message.id, 0.0, error="x" * 2000)
+    row = await store.inbound(message.id)
+    assert row is not None and row.last_error == "x" * 500
+
+
+async def test_finish_ends_the_message_with_its_replies_in_one_transaction(store: Store) -> None:
+    """The outbox rows, their thread ids, the task's progress and the message's end commit together."""
+    task, message = await one_task_message(store)
+    await store.reschedule(message.id, time.time() + 60, state=InboundState.RUNNING)
+    replies = [reply(message.id, task.id), reply(message.id, task.id, kind="notice")]
+    before = store.batches
+    await store.finish(
+        message.id,
+        InboundState.ANSWERED,
+        None,
+        replies,
+        turn_seq=3,
+        task_id=task.id,
+        task_url="https://handinger.test/t/1",
+        task_turns=4,
+    )
+    assert store.batches == before + 1
+    row = await store.inbound(message.id)
+    assert row is not None
+    assert (row.state, row.reason, row.turn_seq, row.next_attempt_at) == ("answered", None, 3, 0)
+    rows = await store.outbox_for(message.id)
+    assert [(r.id, r.state, r.kind) for r in rows] == [(r.id, "pending", r.kind) for r in replies]
+    assert rows[0].recipient_list == [OWNER, "bob@example.org"]
+    assert rows[0].data == replies[0].data and rows[0].updated_at == replies[0].created_at
+    for sent in replies:
+        assert await task_by_chain(store, [sent.message_id], "research") == TaskRef(
+            task.id, "research", OWNER
+        )
+    task_row = await store.task_row(task.id)
+    assert task_row is not None and (task_row.turns, task_row.url) == (4, "https://handinger.test/t/1")
+
+
+async def test_a_failing_finish_leaves_everything_as_it_was(store: Store) -> None:
+    """A reply whose Message-ID is taken fails the finish whole: message, task and outbox unchanged."""
+    task, first = await one_task_message(store)
+    taken = reply(first.id, task.id)
+    await store.finish(first.id, InboundState.ANSWERED, None, [taken], task_id=task.id, task_turns=1)
+    second = new_message(task.id)
+    await store.admit(admitted(second))
+    clash = [reply(second.id, task.id), reply(second.id, task.id, message_id=taken.message_id)]
+    with pytest.raises(StoreBusy):
+        await store.finish(second.id, InboundState.ANSWERED, None, clash, task_id=task.id, task_turns=2)
+    row = await store.inbound(second.id)
+    assert row is not None and row.state == InboundState.RECEIVED
+    assert await store.outbox_for(second.id) == []
+    assert await store.outbox_row(clash[0].id) is None
+    assert await task_by_chain(store, [clash[0].message_id], "research") is None
+    task_row = await store.task_row(task.id)
+    assert task_row is not None and task_row.turns == 1
+
+
+async def test_finish_without_task_progress_leaves_the_task_alone(store: Store) -> None:
+    """A message that ends before any turn (no `task_turns`) does not touch its task's counters."""
+    task, message = await one_task_message(store)
+    await store.finish(message.id, InboundState.FAILED, "empty", [], task_id=task.id)
+    row = await store.inbound(message.id)
+    task_row = await store.task_row(task.id)
+    assert row is not None and (row.state, row.reason) == ("failed", "empty")
+    assert task_row is not None and (task_row.turns, task_row.url) == (0, None)
+
+
+async def pending_reply(store: Store) -> str:
+    """A committed answer in the outbox; its id."""
+    task, message = await one_task_message(store)
+    answer = reply(message.id, task.id)
+    await store.finish(message.id, InboundState.ANSWERED, None, [answer], task_id=task.id, task_turns=1)
+    return answer.id
+
+
+@pytest.mark.parametrize(
+    ("state", "kwargs", "expect"),
+    [
+        (
+            OutboxState.SENT,
+            {"error": "250 2.0.0 Ok: queued as Q1", "refused": {}, "sent_at": 1234.5},
+            {"last_error": "250 2.0.0 Ok: queued as Q1", "refused": None, "sent_at": 1234.5},
+        ),
+        (
+            OutboxState.RETRY,
+            {"error": "deferred", "next_attempt_at": 99.0, "refused": {"bob@example.org": "451 4.3.0 later"}},
+            {"next_attempt_at": 99.0, "refused": '{"bob@example.org": "451 4.3.0 later"}', "sent_at": None},
+        ),
+        (OutboxState.DEAD, {"error": ""}, {"last_error": None, "refused": None, "sent_at": None}),
+        (OutboxState.DEAD, {"error": "5" * 3000}, {"last_error": "5" * 1000}),
+    ],
+    ids=["sent", "retry-partial", "dead-no-error", "dead-long-error"],
+)
+async def test_record_delivery_writes_the_attempts_outcome(
+    store: Store, state: str, kwargs: dict[str, Any], expect: dict[str, Any]
+) -> None:
+    """Each delivery outcome is recorded with its attempts, error (capped), refusals and send time."""
+    outbox_id = await pending_reply(store)
+    await store.record_delivery(outbox_id, state, attempts=3, **kwargs)
+    row = await store.outbox_row(outbox_id)
+    assert row is not None
+    assert (row.state, row.attempts) == (state, 3)
+    assert {key: getattr(row, key) for key in expect} == expect
+
+
+async def test_due_outbox_rows_exclude_sent_future_and_busy(store: Store) -> None:
+    """`claim_outbox` hands out pending and retry rows that are due, minus those in hand, oldest first."""
+    ids = [await pending_reply(store) for _ in range(4)]
+    now = time.time()
+    await store.record_delivery(ids[0], OutboxState.SENT, attempts=1, error="250")
+    await store.record_delivery(ids[1], OutboxState.RETRY, attempts=1, error="451", next_attempt_at=now + 60)
+    await store.record_delivery(ids[2], OutboxState.RETRY, attempts=1, error="451", next_attempt_at=now - 1)
+    assert [r.id for r in await store.claim_outbox(now, 10, set())] == [ids[2], ids[3]]
+    assert [r.id for r in await store.claim_outbox(now, 10, {ids[2]})] == [ids[3]]
+    assert [r.id for r in await store.claim_outbox(now + 61, 1, set())] == [ids[1]]
+    assert await store.next_due_after("outbox", now) == now + 60
+
+
+# --- replay and restart ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "with_input"),
+    [(state, False) for state in InboundState]
+    + [(InboundState.FAILED, True), (InboundState.IGNORED, True), (InboundState.ANSWERED, True)],
+)
+async def test_replay_inbound_accepts_only_failed_and_ignored(
+    store: Store, state: str, with_input: bool
+) -> None:
+    """Only a failed or ignored message is replayed, back to `received` (or `queued` with its input)."""
+    task, message = await one_task_message(store)
+    if with_input:
+        await store.set_turn_input(message.id, input="the input", files=[], skipped=[])
+    await store.mark_submitting(message.id, turn_seq=0, attempts=2)
+    await store.finish(message.id, state, "why it ended", task_id=task.id)
+    await store.reschedule(message.id, 5000.0, error="old error", crashes=4)
+    replayed = await store.replay_inbound(message.id)
+    row = await store.inbound(message.id)
+    assert row is not None
+    if state in (InboundState.FAILED, InboundState.IGNORED):
+        assert replayed is True
+        assert row.state == (InboundState.QUEUED if with_input else InboundState.RECEIVED)
+        assert (row.reason, row.crashes, row.next_attempt_at, row.last_error) == (None, 0, 0, None)
+        assert row.attempts == 2  # kept: an earlier POST is looked for before a new one
+    else:
+        assert replayed is False
+        assert (row.state, row.reason, row.crashes) == (state, "why it ended", 4)
+
+
+async def test_replay_of_an_unknown_id_is_refused(store: Store) -> None:
+    """Replaying an id the store does not hold answers False for both tables."""
+    assert await store.replay_inbound("no-such-id") is False
+    assert await store.replay_outbox("no-such-id") is False
+
+
+@pytest.mark.parametrize("state", list(OutboxState))
+async def test_replay_outbox_accepts_only_dead(store: Store, state: str) -> None:
+    """Only a dead reply is replayed: back to `retry`, due now, its attempts and error cleared."""
+    outbox_id = await pending_reply(store)
+    await store.record_delivery(outbox_id, state, attempts=5, error="550 5.1.1 no", next_attempt_at=9e9)
+    before = time.time()
+    replayed = await store.replay_outbox(outbox_id)
+    row = await store.outbox_row(outbox_id)
+    assert row is not None
+    if state == OutboxState.DEAD:
+        assert replayed is True
+        assert (row.state, row.attempts, row.next_attempt_at, row.last_error) == ("retry", 0, 0, None)
+        assert row.created_at >= before  # the retry horizon starts again
+    else:
+        assert replayed is False
+        assert (row.state, row.attempts) == (state, 5)
+
+
+async def test_reset_for_restart_makes_in_flight_rows_due_now(store: Store) -> None:
+    """After a restart every active row waiting for later is due now; ended rows and due rows keep theirs."""
+    later = time.time() + 3600
+    waiting = {}
+    for state in (*ACTIVE, *TERMINAL):
+        _, message = await one_task_message(store)
+        await store.reschedule(message.id, later, state=state)
+        waiting[state] = message.id
+    _, due = await one_task_message(store)
+    await store.reschedule(due.id, 5.0)
+    before = time.time()
+    await store.reset_for_restart()
+    after = time.time()
+    for state, inbound_id in waiting.items():
+        row = await store.inbound(inbound_id)
+        assert row is not None and row.state == state
+        if state in ACTIVE:
+            assert before <= row.next_attempt_at <= after
+        else:
+            assert row.next_attempt_at == later
+    due_row = await store.inbound(due.id)
+    assert due_row is not None and due_row.next_attempt_at == 5.0
+
+
+# --- small reads -------------------------------------------------------------------------------------------
+
+
+async def test_the_secret_is_made_once_and_survives_reopening(open_store: Opener) -> None:
+    """The reply-token key is generated on first use, then always the same, also after reopening."""
+    store = await open_store("a")
+    try:
+        first = await store.secret()
+        again = await store.secret()
+        batches = store.batches
+        assert await store.secret() == first
+        assert store.batches == batches  # read, not written, once it exists
+    finally:
+        await store.close()
+    store = await open_store("a")
+    try:
+        reopened = await store.secret()
+    finally:
+        await store.close()
+    other = await open_store("b")
+    try:
+        elsewhere = await other.secret()
+    finally:
+        await other.close()
+    assert first == again == reopened
+    assert len(first) >= 40
+    assert elsewhere != first
+
+
+async def test_concurrent_first_uses_of_the_secret_agree(store: Store) -> None:
+    """Two callers asking for the secret at once on a fresh store get the same one."""
+    results = await asyncio.gather(*(store.secret() for _ in range(5)))
+    assert len(set(results)) == 1
+
+
+async def thread_of(store: Store, count: int) -> tuple[NewTask, list[NewMessage], dict[str, list[str]]]:
+    """A task with `count` messages; each but the last got one reply (message 2 got two)."""
+    task = new_task()
+    messages: list[NewMessage] = []
+    sent: dict[str, list[str]] = {}
+    for n in range(count):
+        message = new_message(task.id, message_id="" if n == 1 else f"<in{n}@example.org>")
+        await store.admit(admitted(message, tasks=[task] if n == 0 else []))
+        messages.append(message)
+        if n == count - 1:
+            break
+        replies = [reply(message.id, task.id, message_id=f"<out{n}.{k}@agents>") for k in range(1 + (n == 2))]
+        await store.finish(
+            message.id, InboundState.ANSWERED, None, replies, task_id=task.id, task_turns=n + 1
+        )
+        sent[message.id] = [r.message_id for r in replies]
+    return task, messages, sent
+
+
+async def test_thread_chain_lists_both_directions_oldest_first(store: Store) -> None:
+    """The chain is each earlier message's id followed by mailgate's replies to it; no id is skipped."""
+    task, messages, _ = await thread_of(store, 5)
+    chain = await store.thread_chain(task.id, messages[-1].id, limit=10)
+    assert chain == [
+        "<in0@example.org>",
+        "<out0.0@agents>",
+        "<out1.0@agents>",  # message 1 had no Message-ID of its own
+        "<in2@example.org>",
+        "<out2.0@agents>",
+        "<out2.1@agents>",
+        "<in3@example.org>",
+        "<out3.0@agents>",
+    ]
+    assert await store.thread_chain(task.id, messages[1].id, limit=10) == [
+        "<in0@example.org>",
+        "<out0.0@agents>",
+    ]
+    assert await store.thread_chain(task.id, messages[0].id, limit=10) == []
+
+
+@pytest.mark.parametrize(("limit", "kept"), [(1, [0]), (2, [0, 3]), (3, [0, 2, 3]), (4, [0, 1, 2, 3])])
+async def test_thread_chain_keeps_the_first_and_the_newest_messages(
+    store: Store, limit: int, kept: list[int]
+) -> None:
+    """Over `limit` messages, the chain keeps the first message and the newest `limit - 1`."""
+    task, messages, sent = await thread_of(store, 5)
+    chain = await store.thread_chain(task.id, messages[-1].id, limit=limit)
+    want: list[str] = []
+    for n in kept:
+        own = messages[n].message_id
+        want += ([own] if own else []) + sent[messages[n].id]
+    assert chain == want
+
+
+async def test_file_hashes_of_task_are_the_earlier_messages_files(store: Store) -> None:
+    """The hashes of files sent by a task's messages older than the given one, of that task only."""
+    task, first = await one_task_message(store)
+    second, third = new_message(task.id), new_message(task.id)
+    await store.admit(admitted(second))
+    await store.admit(admitted(third))
+    _, elsewhere = await one_task_message(store)
+
+    def files(*hashes: str) -> list[dict[str, Any]]:
+        return [
+            {"filename": f"{h}.txt", "content_type": "text/plain", "path": "/x", "size": 1, "sha256": h}
+            for h in hashes
+        ]
+
+    await store.set_turn_input(first.id, input="1", files=files("aa", "bb"), skipped=[])
+    await store.set_turn_input(second.id, input="2", files=files("cc"), skipped=[])
+    await store.set_turn_input(third.id, input="3", files=files("dd"), skipped=[])
+    await store.set_turn_input(elsewhere.id, input="4", files=files("ee"), skipped=[])
+    assert await store.file_hashes_of_task(task.id, before=first.id) == set()
+    assert await store.file_hashes_of_task(task.id, before=second.id) == {"aa", "bb"}
+    assert await store.file_hashes_of_task(task.id, before=third.id) == {"aa", "bb", "cc"}
