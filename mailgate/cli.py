@@ -184,14 +184,14 @@ async def _sandbox(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     from mailgate.config import POSTGRES_SCHEMES, redact_url
-    from mailgate.store.copy import TargetNotEmpty, copy_sqlite_to_postgres
+    from mailgate.store.copy import SourceInUse, TargetNotEmpty, copy_sqlite_to_postgres
 
     if not args.target.startswith(POSTGRES_SCHEMES):
         print("mailgate: --to must be a postgresql:// URL", file=sys.stderr)
         return EXIT_USAGE
     try:
         counts = await copy_sqlite_to_postgres(Path(args.source), args.target)
-    except (FileNotFoundError, TargetNotEmpty) as exc:
+    except (FileNotFoundError, SourceInUse, TargetNotEmpty) as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StoreBusy as exc:

@@ -118,6 +118,24 @@ async def held_by(conn: Any, pid: int) -> dict[str, set[str]]:
     return held
 
 
+async def rows_left(conn: Any) -> str:
+    """Every unfinished row, for a failure's message."""
+    lines = []
+    for sql in (
+        "SELECT 'inbound', id, state, attempts, next_attempt_at - extract(epoch FROM now()), lease_owner, "
+        "lease_until - now(), last_error FROM inbound WHERE state NOT IN ('answered', 'failed', 'ignored')",
+        "SELECT 'outbox', id, state, attempts, next_attempt_at - extract(epoch FROM now()), lease_owner, "
+        "lease_until - now(), last_error FROM outbox WHERE state <> 'sent'",
+        "SELECT 'leased', id, state, attempts, next_attempt_at - extract(epoch FROM now()), lease_owner, "
+        "lease_until - now(), last_error FROM inbound WHERE lease_until IS NOT NULL",
+        "SELECT 'leased', id, state, attempts, next_attempt_at - extract(epoch FROM now()), lease_owner, "
+        "lease_until - now(), last_error FROM outbox WHERE lease_until IS NOT NULL",
+    ):
+        cur = await conn.execute(sql)
+        lines += [" ".join(map(str, row)) for row in await cur.fetchall()]
+    return "\n".join(lines) or "(no unfinished rows)"
+
+
 @pytest.mark.timeout(120)
 async def test_two_gateways_one_killed_every_mail_answered_once(
     tmp_path: Path, postgres_db: str, sandbox_turns: RunningSandbox, relay: RecordingRelay
@@ -214,7 +232,12 @@ async def test_two_gateways_one_killed_every_mail_answered_once(
                 taken_over.setdefault(row_id, time.time() - killed_at)
             return not still["inbound"] and not still["outbox"]
 
-        await until(all_taken_over, timeout=LEASE + 10, what="the survivor to take the dead gateway's work")
+        try:
+            await until(
+                all_taken_over, timeout=LEASE + 10, what="the survivor to take the dead gateway's work"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await rows_left(db)}\n{survivor.log_tail(60)}") from None
         await asyncio.gather(*senders)
         t_sent = time.monotonic() - started
         try:
@@ -222,11 +245,7 @@ async def test_two_gateways_one_killed_every_mail_answered_once(
             t_replied = time.monotonic() - started
             await sandbox.state.wait_idle()
         except AssertionError as exc:
-            cur = await db.execute(
-                "SELECT state, subject, attempts, turn_seq, lease_owner, last_error "
-                "FROM inbound WHERE state <> 'answered'"
-            )
-            left = "\n".join(map(str, await cur.fetchall()))
+            left = await rows_left(db)
             got = answered(relay)
             raise AssertionError(
                 f"{exc}\nno reply for {sorted(set(range(MAILS)) - got)}\n{left}\n{survivor.log_tail(80)}"
@@ -266,7 +285,7 @@ async def test_two_gateways_one_killed_every_mail_answered_once(
     assert resends <= len(held["outbox"])
     # the survivor took every held message over once the lease ran out, and finished it
     assert [row[1] for row in resumed] == ["answered"] * len(held["inbound"])
-    assert max(taken_over.values()) <= LEASE + 1.5, taken_over
+    assert max(taken_over.values()) <= LEASE + 2.5, taken_over  # the lease, then a loaded scheduler's turn
     finished = max(row[2] for row in resumed) - killed_at
     shared = {port: sum(1 for p in accepted.values() if p == port) for port in ports}
     print(

@@ -5,7 +5,8 @@ under the migration lock); then every table is copied in one PostgreSQL transact
 messages, tasks, participants, the Message-IDs of each thread, inbound messages with their states, the
 outbox, and `meta` (the reply-token secret, so tokens already mailed keep working). Leases start empty,
 so the first gateway on the database takes the work. A database that already holds messages, tasks or
-replies is refused: two gateways' states are never merged. Run it with the SQLite gateway stopped.
+replies is refused: two gateways' states are never merged; so is a SQLite file a gateway still runs on
+(it holds the store's lock).
 """
 
 from __future__ import annotations
@@ -27,14 +28,22 @@ class TargetNotEmpty(PermanentError):
     """The PostgreSQL database already holds a gateway's state."""
 
 
+class SourceInUse(PermanentError):
+    """A gateway still runs on the SQLite file (it holds the store's lock)."""
+
+
 async def copy_sqlite_to_postgres(source: Path, url: str) -> dict[str, int]:
     """Copy everything in the SQLite store at `source` to the PostgreSQL database at `url`; returns the rows
-    copied per table. Raises `TargetNotEmpty`, `FileNotFoundError`, or `StoreBusy` (either store unusable)."""
+    copied per table. Raises `TargetNotEmpty`, `SourceInUse`, `FileNotFoundError`, or `StoreBusy` (either
+    store unusable)."""
+    from mailgate.store.lock import holder
     from mailgate.store.postgres import PostgresStore
     from mailgate.store.sqlite import SqliteStore
 
     if not await asyncio.to_thread(source.is_file):  # opening would create it
         raise FileNotFoundError(f"{source}: no such file")
+    if (pid := holder(source)) is not None:
+        raise SourceInUse(f"a gateway runs on {source} (pid {pid or '?'}): stop it first")
     await (await SqliteStore.open(source)).close()  # at the current schema, like the target
     await (await PostgresStore.open(url)).close()
     try:

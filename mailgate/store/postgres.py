@@ -423,7 +423,9 @@ class PostgresStore:
             )
 
     async def _renew(self) -> None:
-        """Every third of the lease, extend the leases of the rows in hand; report the ones lost."""
+        """Every third of the lease, extend the leases of the rows in hand; report (and forget) the ones
+        another gateway has claimed meanwhile. A row released meanwhile (`lease_until` cleared) is left
+        alone: its lease is not renewed back."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             for queue in ("inbound", "outbox"):
@@ -431,16 +433,21 @@ class PostgresStore:
                 if not ids:
                     continue
                 try:
-                    rows = await self._all(
+                    renewed = await self._all(
                         f"UPDATE {queue} SET lease_until = now() + make_interval(secs => %s) "  # noqa: S608
-                        "WHERE id = ANY(%s::text[]) AND lease_owner = %s RETURNING id",
+                        "WHERE id = ANY(%s::text[]) AND lease_owner = %s AND lease_until IS NOT NULL "
+                        "RETURNING id",
                         [self.lease_seconds, ids, self.owner],
+                    )
+                    missing = sorted(set(ids) - {str(r["id"]) for r in renewed})
+                    taken = missing and await self._all(
+                        f"SELECT id FROM {queue} WHERE id = ANY(%s::text[]) AND lease_owner <> %s",  # noqa: S608
+                        [missing, self.owner],
                     )
                 except StoreBusy as exc:
                     log.warning("lease_renewal_failed", extra={"queue": queue, "error": str(exc)})
                     continue
-                lost = set(ids) - {str(r["id"]) for r in rows}
-                lost &= self._held[queue]  # not released meanwhile
+                lost = {str(r["id"]) for r in taken or []} & self._held[queue]
                 if lost:
                     self._held[queue] -= lost
                     log.warning("leases_lost", extra={"queue": queue, "ids": ",".join(sorted(lost))})
