@@ -42,6 +42,7 @@ from dataclasses import asdict, fields
 from typing import Any, Self, TypeVar
 
 import psycopg
+from psycopg import AsyncPipeline
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -186,7 +187,7 @@ class PostgresStore:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(StoreBusy):  # another gateway may resume at once, not after the lease
-            async with self._transaction() as conn:
+            async with self._transaction() as (conn, _):
                 for queue in ("inbound", "outbox"):
                     await conn.execute(
                         f"UPDATE {queue} SET lease_until = NULL "  # noqa: S608
@@ -207,9 +208,12 @@ class PostgresStore:
             raise StoreBusy(f"{doing} failed: PostgreSQL {type(exc).__name__}: {exc}") from exc
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Conn]:
-        async with self._connection("commit") as conn, conn.transaction():
-            yield conn
+    async def _transaction(self) -> AsyncIterator[tuple[Conn, AsyncPipeline]]:
+        """One transaction in pipeline mode: BEGIN, the statements and COMMIT go out together and cost
+        one round trip, unless the caller syncs the pipeline to read a result on the way (an error
+        surfaces at the latest when the block ends, and the transaction rolls back)."""
+        async with self._connection("commit") as conn, conn.pipeline() as pipeline, conn.transaction():
+            yield conn, pipeline
         self.batches += 1
 
     async def _all(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[DictRow]:
@@ -222,7 +226,7 @@ class PostgresStore:
         return rows[0] if rows else None
 
     async def _write(self, statements: Sequence[Statement]) -> None:
-        async with self._transaction() as conn:
+        async with self._transaction() as (conn, _):
             for sql, params in statements:
                 await conn.execute(sql, clean(params))
 
@@ -469,12 +473,13 @@ class PostgresStore:
             sets["lease_until"] = None  # the owner stays: see the module docstring
         assignments = ",".join(f"{col} = %s" for col in sets)
         try:
-            async with self._transaction() as conn:
+            async with self._transaction() as (conn, pipeline):
                 cur = await conn.execute(
                     f"UPDATE {queue} SET {assignments} "  # noqa: S608
                     "WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)",
                     clean([*sets.values(), row_id, self.owner]),
                 )
+                await pipeline.sync()  # the fence's answer, before anything else is sent
                 if cur.rowcount != 1:
                     raise LeaseLost(f"{queue} {row_id}: no longer held by {self.owner}")
                 for sql, params in then:
