@@ -226,6 +226,11 @@ class PostgresStore:
         return rows[0] if rows else None
 
     async def _write(self, statements: Sequence[Statement]) -> None:
+        if len(statements) == 1:  # one statement is its own transaction (autocommit): one round trip
+            async with self._connection("commit") as conn:
+                await conn.execute(statements[0][0], clean(statements[0][1]))
+            self.batches += 1
+            return
         async with self._transaction() as (conn, _):
             for sql, params in statements:
                 await conn.execute(sql, clean(params))
@@ -472,18 +477,26 @@ class PostgresStore:
         if release:
             sets["lease_until"] = None  # the owner stays: see the module docstring
         assignments = ",".join(f"{col} = %s" for col in sets)
+        fenced = (
+            f"UPDATE {queue} SET {assignments} "  # noqa: S608
+            "WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)"
+        )
+        params = clean([*sets.values(), row_id, self.owner])
         try:
-            async with self._transaction() as (conn, pipeline):
-                cur = await conn.execute(
-                    f"UPDATE {queue} SET {assignments} "  # noqa: S608
-                    "WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)",
-                    clean([*sets.values(), row_id, self.owner]),
-                )
-                await pipeline.sync()  # the fence's answer, before anything else is sent
+            if not then:  # one statement: its own transaction (autocommit), one round trip
+                async with self._connection("commit") as conn:
+                    cur = await conn.execute(fenced, params)
+                self.batches += 1
                 if cur.rowcount != 1:
                     raise LeaseLost(f"{queue} {row_id}: no longer held by {self.owner}")
-                for sql, params in then:
-                    await conn.execute(sql, clean(params))
+            else:
+                async with self._transaction() as (conn, pipeline):
+                    cur = await conn.execute(fenced, params)
+                    await pipeline.sync()  # the fence's answer, before anything else is sent
+                    if cur.rowcount != 1:
+                        raise LeaseLost(f"{queue} {row_id}: no longer held by {self.owner}")
+                    for sql, statement_params in then:
+                        await conn.execute(sql, clean(statement_params))
         except LeaseLost:
             self._held[queue].discard(row_id)
             raise
