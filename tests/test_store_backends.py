@@ -473,3 +473,30 @@ async def test_a_database_newer_than_this_mailgate_is_refused(pg_url: str) -> No
         conn.execute("UPDATE schema_version SET version = version + 1")
     with pytest.raises(StoreBusy, match="newer than this mailgate"):
         await pg_store(pg_url)
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_rows(pg_url: str) -> None:
+    """A database at schema version 1 gets version 2's column (a reply's links-only version) on opening;
+    its rows stay, and the new column reads back empty."""
+    import psycopg
+
+    from mailgate.store import pg_schema
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(pg_schema.MIGRATIONS[0])
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute(
+            "INSERT INTO outbox (id, kind, message_id, mail_from, recipients, data, state, created_at, "
+            "updated_at) VALUES ('o1', 'answer', '<r1@agents>', 'research@agents.example.com', "
+            "'[\"alice@example.org\"]', '\\x00ff'::bytea, 'sent', 1.0, 2.0)"
+        )
+    store = await pg_store(pg_url)
+    try:
+        row = await store.outbox_row("o1")
+        assert (store.migrated_from, store.schema_version) == (1, pg_schema.VERSION)
+    finally:
+        await store.close()
+    assert row is not None and (row.data, row.state, row.fallback) == (b"\x00\xff", "sent", None)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(pg_schema.VERSION,)]

@@ -182,6 +182,9 @@ class Store(Protocol):
     async def set_task_worker(self, task_id: str, worker_id: str) -> None:
         """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
 
+    async def use_fallback(self, outbox_id: str) -> None:
+        """The relay refused an outbox row's size: its links-only version becomes the message to send."""
+
     async def archive_task(self, task_id: str) -> None: ...
 
     async def reset_for_restart(self) -> None:

@@ -71,7 +71,11 @@ CREATE INDEX outbox_state ON outbox (state, id);
 """
 
 # Each step brings a database from the version before it to its own (version 1 = V1).
-MIGRATIONS: tuple[str, ...] = (V1,)
+MIGRATIONS: tuple[str, ...] = (
+    V1,
+    # 2: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
+    "ALTER TABLE outbox ADD COLUMN fallback bytea;",
+)
 VERSION = len(MIGRATIONS)
 
 

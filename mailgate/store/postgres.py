@@ -678,6 +678,14 @@ class PostgresStore:
     async def set_task_worker(self, task_id: str, worker_id: str) -> None:
         await self._write([("UPDATE task SET worker_id = %s WHERE id = %s", [worker_id, task_id])])
 
+    async def use_fallback(self, outbox_id: str) -> None:
+        """Fenced like every change of a claimed row (the outbox holds it while it sends)."""
+        row = await self.outbox_row(outbox_id)
+        if row is None or row.fallback is None:
+            return
+        values = {"data": row.fallback, "fallback": None, "updated_at": time.time()}
+        await self._change("outbox", outbox_id, values)
+
     async def archive_task(self, task_id: str) -> None:
         await self._write([("UPDATE task SET archived = 1 WHERE id = %s", [task_id])])
 

@@ -62,6 +62,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE inbound ADD COLUMN refs TEXT;"
     "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
     "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
+    # 3: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
+    "ALTER TABLE outbox ADD COLUMN fallback BLOB;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -131,6 +133,7 @@ class OutboxRow:
     created_at: float
     updated_at: float
     sent_at: float | None
+    fallback: bytes | None = None  # the links-only version (see `replies.compose`), until it is used
 
     @property
     def recipient_list(self) -> list[str]:
@@ -224,6 +227,7 @@ class NewReply:
     recipients: Sequence[str]
     data: bytes
     created_at: float
+    fallback: bytes | None = None  # a smaller version with the same Message-ID, for a relay's 552
 
 
 # --- statement builders (column names come from our own code, never from input) ----------------------
