@@ -292,6 +292,25 @@ async def test_a_message_walks_its_states_and_its_reply_goes_out(store: Store) -
     assert [o.id for o in await store.list_outbox("sent")] == [out.id]
 
 
+async def test_a_replys_fallback_replaces_its_bytes_once(store: Store) -> None:
+    """`use_fallback` makes the links-only version the message to send (same row, same Message-ID)."""
+    from dataclasses import replace
+
+    a = admitted(new_task=True)
+    [m] = a.messages
+    await store.admit(a)
+    [row] = await store.claim_inbound(time.time(), 1, set())
+    big = replace(reply(m), fallback=b"Subject: Re: Numbers\r\n\r\nThe files are linked.\r\n")
+    await store.finish(row.id, InboundState.ANSWERED, None, [big], task_id=m.task_id)
+    [due] = await store.claim_outbox(time.time(), 1, set())
+    assert due.fallback == big.fallback
+    await store.use_fallback(due.id)
+    await store.use_fallback(due.id)  # nothing left to swap: no change
+    swapped = await store.outbox_row(due.id)
+    assert swapped is not None
+    assert (swapped.data, swapped.fallback, swapped.message_id) == (big.fallback, None, big.message_id)
+
+
 async def test_notice_counts_and_replays(store: Store) -> None:
     """Notices count per address and per task; a failed message and a dead reply can be replayed."""
     a = admitted(new_task=True)
