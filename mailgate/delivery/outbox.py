@@ -55,6 +55,7 @@ class Outbox:
         self.retry_base = retry_base
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._draining = False  # set by `drain`: no send starts after it (the store closes next)
         self._unrecorded: dict[str, dict[str, Any]] = {}  # outbox id -> an attempt's outcome to write
         self.storage = Pause("outbox_storage", log, base=retry_base, clock=clock)
 
@@ -84,15 +85,20 @@ class Outbox:
             del self._unrecorded[outbox_id]
         self.storage.clear()
         free = self.parallel - len(self._busy)
-        if free > 0:
+        if free > 0 and not self._draining:
             for row in await self.store.claim_outbox(now, free, set(self._busy) | set(self._unrecorded)):
-                self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
+                if self._draining:  # the drain began while the claim was on its way: hand it back
+                    await self.store.release_outbox(row.id)
+                else:
+                    self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
         # rows due already are being sent or wait for a free sender (which wakes us when done)
         due = await self.store.next_due_after("outbox", now)
         return 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
+        """Start nothing more; wait up to `timeout` for the sends in hand, cancel the rest, close kept
+        relay connections."""
+        self._draining = True
         cancelled = await drain(self._busy.values(), timeout)
         await self.delivery.aclose()
         return cancelled

@@ -97,6 +97,7 @@ class Scheduler:
         self.hold_seconds = hold_seconds
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._draining = False  # set by `drain`: no job starts after it (the store closes next)
         self._hold_until = 0.0
         self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
@@ -127,9 +128,11 @@ class Scheduler:
         now = self.clock()
         paused_until = max(self._hold_until, self.storage.until)
         free = self.settings.concurrency - len(self._busy)
-        if free > 0 and now >= paused_until:
+        if free > 0 and now >= paused_until and not self._draining:
             for row in await self.store.claim_inbound(now, free, set(self._busy)):
-                if row.id not in self._busy:
+                if self._draining:  # the drain began while the claim was on its way: hand it back
+                    await self.store.release_inbound(row.id)
+                elif row.id not in self._busy:
                     self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
         # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
         due = await self.store.next_due_after("inbound", now)
@@ -139,7 +142,9 @@ class Scheduler:
         return timeout
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
+        """Start nothing more; wait up to `timeout` for jobs in hand, cancel the rest. Returns how many
+        were cancelled."""
+        self._draining = True
         return await drain(self._busy.values(), timeout)
 
     async def _job(self, row: InboundRow) -> None:
