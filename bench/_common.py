@@ -267,9 +267,9 @@ def peers_main(conn: Connection, turn_seconds: float, heartbeat: float, log_path
     relayed: list[tuple[float, str]] = []
     original_settle = _state._settle
 
-    def settle(turn: Any, status: str, started: float) -> None:
+    def settle(turn: Any, *args: Any) -> None:  # whatever else the sandbox passes, passed on
         ends[(turn.task_id, turn.seq)] = time.time()
-        original_settle(turn, status, started)
+        original_settle(turn, *args)
 
     _state._settle = settle  # type: ignore[attr-defined]
 

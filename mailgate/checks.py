@@ -42,10 +42,12 @@ class Check:
 
 async def run_checks(settings: Settings, api: HandingerClient) -> list[Check]:
     """Every check, in the order an operator reads them: files, listeners, relay, API, templates."""
-    running = holder(settings.database)
+    running = holder(settings.database) if settings.database_url is None else None
     checks = [Check(True, "configuration: valid")]
     if running is not None:
         checks.append(Check(True, f"gateway: running on this store (pid {running or '?'})"))
+    if settings.database_url is not None:
+        checks.append(await postgres_check(settings))
     checks += await asyncio.to_thread(_files, settings)
     checks += [_listener(listen, lmtp, running) for listen, lmtp in _listeners(settings)]
     checks.append(await relay_check(settings))
@@ -58,7 +60,8 @@ async def run_checks(settings: Settings, api: HandingerClient) -> list[Check]:
 
 
 def _files(settings: Settings) -> list[Check]:
-    checks = [database_check(settings.database), _directory("spool", settings.spool_dir)]
+    checks = [] if settings.database_url is not None else [database_check(settings.database)]
+    checks.append(_directory("spool", settings.spool_dir))
     if settings.smtp_relay is None:
         checks.append(_directory("outbox Maildir", settings.outbox_dir))
     return checks
@@ -81,6 +84,23 @@ def database_check(db: Path) -> Check:
         return Check(False, f"database {db}: not readable and writable by this user")
     upgrade = "" if version == VERSION else f", upgraded to {VERSION} at start"
     return Check(True, f"database {db}: opens, schema version {version}{upgrade}")
+
+
+async def postgres_check(settings: Settings) -> Check:
+    """The PostgreSQL database answers and its schema is one this mailgate can use (read, not changed)."""
+    from mailgate.store.pg_schema import VERSION as PG_VERSION
+    from mailgate.store.pg_schema import probe as pg_probe
+
+    label = f"database {settings.store_label}"
+    assert settings.database_url is not None
+    try:
+        version = await pg_probe(settings.database_url)
+    except StoreBusy as exc:
+        return Check(False, f"{label}: {exc}")
+    if version > PG_VERSION:
+        return Check(False, f"{label}: schema version {version} is newer than this mailgate's ({PG_VERSION})")
+    upgrade = "" if version == PG_VERSION else f", upgraded to {PG_VERSION} at start"
+    return Check(True, f"{label}: answers, schema version {version}{upgrade}")
 
 
 def _directory(label: str, path: Path) -> Check:

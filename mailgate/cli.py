@@ -1,4 +1,4 @@
-"""The `mailgate` command: serve, sandbox, demo, check, and the operator verbs.
+"""The `mailgate` command: serve, sandbox, demo, check, and the operator verbs (migrate and copy among them).
 
 Exit codes: 0 clean stop, 1 crash (or a failed `check`), 2 usage error, 3 start-up failure, 78 bad
 configuration.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
 from mailgate.config import Settings, load_settings
-from mailgate.errors import ConfigError, MailgateError, StartupError
+from mailgate.errors import ConfigError, MailgateError, StartupError, StoreBusy
 from mailgate.mail.headers import header_block
 
 if TYPE_CHECKING:
@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         "check the configuration, the store, the listeners, the relay, the API key, the workers and the "
         "templates without changing anything; exit 1 when a check fails",
     )
+    verb("migrate", "bring the store (SQLite or PostgreSQL) to this mailgate's schema version, then exit")
+    p = verb(
+        "copy",
+        "copy a gateway's state from its SQLite file into a new PostgreSQL database (gateway stopped)",
+        env=False,
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="SQLITE_PATH")
+    p.add_argument("--to", dest="target", required=True, metavar="POSTGRESQL_URL")
     p = verb(
         "sandbox", "run the local Handinger-compatible API (for trying mailgate and for tests)", env=False
     )
@@ -99,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "sandbox":
             return _run(_sandbox(args))
+        if args.verb == "copy":
+            return _run(_copy(args))
         if args.verb == "demo":
             from mailgate.demo import demo
 
@@ -179,6 +189,27 @@ async def _sandbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _copy(args: argparse.Namespace) -> int:
+    from mailgate.config import POSTGRES_SCHEMES, redact_url
+    from mailgate.store.copy import SourceInUse, TargetNotEmpty, copy_sqlite_to_postgres
+
+    if not args.target.startswith(POSTGRES_SCHEMES):
+        print("mailgate: --to must be a postgresql:// URL", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        counts = await copy_sqlite_to_postgres(Path(args.source), args.target)
+    except (FileNotFoundError, SourceInUse, TargetNotEmpty) as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreBusy as exc:
+        print(f"mailgate: cannot copy: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(f"copied {args.source} to {redact_url(args.target)}:")
+    for table, n in counts.items():
+        print(f"  {table:<15} {n}")
+    return EXIT_OK
+
+
 async def _check(settings: Settings) -> int:
     """One line per check (`ok` or `FAIL` and what was seen); exit 1 when any failed. Changes nothing."""
     from mailgate.checks import run_checks
@@ -203,6 +234,13 @@ async def _operator(args: argparse.Namespace, settings: Settings) -> int:
         print(f"mailgate: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     try:
+        if args.verb == "migrate":
+            before, now = store.migrated_from, store.schema_version
+            done = (
+                f"migrated from version {before} to {now}" if before != now else f"already at version {now}"
+            )
+            print(f"store {settings.store_label}: {done}")
+            return EXIT_OK
         return await _operate(args, settings, store)
     finally:
         await store.close()

@@ -99,6 +99,10 @@ class Settings:
     lmtp_socket_mode: int = 0o660
     lmtp_socket_group: int | None = None  # a gid; None keeps the group the socket was created with
     database: Path = Path("var/mailgate.db")
+    # MAILGATE_DATABASE as a libpq URL (postgresql:// or postgres://): PostgreSQL instead of `database`.
+    # It may hold a password, so it stays out of repr; `store_label` is the form to show.
+    database_url: str | None = field(default=None, repr=False)
+    lease_seconds: float = 60.0
     smtp_relay: Relay | None = None
     relay_verify_tls: bool = True
     helo_name: str | None = None  # the EHLO name towards the relay; None: `default_helo_name(domain)`
@@ -145,6 +149,13 @@ class Settings:
 
     def worker_for(self, alias: str) -> Worker | None:
         return self.workers.get(alias.lower())
+
+    @property
+    def store_label(self) -> str:
+        """Where the store is, fit for a log line or a message: the path, or the URL without a password."""
+        if self.database_url is None:
+            return str(self.database)
+        return redact_url(self.database_url)
 
 
 def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -198,6 +209,11 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         pass  # one of them is already reported as missing
     elif (tls_cert is None) != (tls_key is None):
         problems.append("MAILGATE_TLS_CERT / MAILGATE_TLS_KEY: set both or neither")
+    database = p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"
+    database_url = None
+    if database.startswith(POSTGRES_SCHEMES):
+        database_url = p.get("MAILGATE_DATABASE", _postgres_url, None)
+        database = "./var/mailgate.db"
     require_starttls = p.get("MAILGATE_REQUIRE_STARTTLS", _bool, False)
     if require_starttls and tls_cert is None:
         problems.append("MAILGATE_REQUIRE_STARTTLS: needs MAILGATE_TLS_CERT and MAILGATE_TLS_KEY")
@@ -222,7 +238,9 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         lmtp_listen=p.get("MAILGATE_LMTP_LISTEN", _listen_or_unix, None),
         lmtp_socket_mode=p.get("MAILGATE_LMTP_SOCKET_MODE", _file_mode, 0o660) or 0o660,
         lmtp_socket_group=p.get("MAILGATE_LMTP_SOCKET_GROUP", _group, None),
-        database=Path(p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"),
+        database=Path(database),
+        database_url=database_url,
+        lease_seconds=p.get("MAILGATE_LEASE_SECONDS", _lease_seconds, 60.0) or 60.0,
         smtp_relay=p.get("MAILGATE_SMTP_RELAY", _relay, None),
         relay_verify_tls=p.get("MAILGATE_RELAY_VERIFY_TLS", _bool, True) is not False,
         helo_name=p.get("MAILGATE_HELO_NAME", _helo_name, None) or default_helo_name(domain or ""),
@@ -528,6 +546,41 @@ def _relay(value: str) -> Relay:
         unquote(parts.username) if parts.username else None,
         unquote(parts.password) if parts.password else None,
     )
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _postgres_url(value: str) -> str:
+    """A libpq URL, checked by libpq's own parser (the `postgres` extra)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(
+            "a PostgreSQL URL needs the PostgreSQL driver: pip install 'mailgate[postgres]'"
+        ) from None
+    try:
+        conninfo_to_dict(value)
+    except Exception as exc:  # psycopg.ProgrammingError; its text does not echo the password
+        raise ValueError(f"not a usable PostgreSQL URL: {str(exc).strip()}") from None
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def _lease_seconds(value: str) -> float:
+    seconds = _positive_float(value)
+    if seconds < 1:
+        raise ValueError(f"must be at least 1 second, got {value}")
+    return seconds
 
 
 def _secret(value: str) -> str:

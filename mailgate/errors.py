@@ -9,7 +9,8 @@ MailgateError
 │   │   │                     `maybe_sent`: the request may have reached the API (reconcile first);
 │   │   │                     `answered`: the API sent a response, so it is done with the request
 │   │   └── ApiUnauthorized  (401: hold every queue, never tell senders)
-│   ├── StoreBusy            (sqlite: locked, disk full, I/O error)
+│   ├── StoreBusy            (the store: locked, disk full, I/O error, database unreachable)
+│   ├── LeaseLost            (PostgreSQL: another gateway has taken over a row this one claimed)
 │   └── DeliveryDeferred     (relay 4xx, connection errors)
 └── PermanentError           -> SMTP 5xx / a notice to the sender
     ├── MessageRejected      (policy: who, what, how big) carries the SMTP reply
@@ -21,7 +22,7 @@ MailgateError
     └── DeliveryFailed       (relay 5xx) `too_large`: the relay refused the message's size
 ```
 
-Foreign exceptions (httpx, sqlite3, aiosmtplib) are translated into these at one boundary each
+Foreign exceptions (httpx, sqlite3, psycopg, aiosmtplib) are translated into these at one boundary each
 (`api`, `store`, `delivery.transports`). A peer never sees exception text: SMTP replies are chosen by
 class.
 """
@@ -84,7 +85,13 @@ class ApiUnauthorized(ApiUnavailable):
 
 
 class StoreBusy(TransientError):
-    """The store could not read or commit (locked, disk full, I/O error)."""
+    """The store could not read or commit (locked, disk full, I/O error, database unreachable)."""
+
+
+class LeaseLost(TransientError):
+    """A change to a claimed row was refused: this gateway's lease on it ran out and another gateway
+    claimed it (PostgreSQL only). Nothing was written; the other gateway carries on from the last
+    committed state, so the work in hand is dropped, not retried."""
 
 
 class DeliveryDeferred(TransientError):

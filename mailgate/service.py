@@ -40,7 +40,7 @@ from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
-from mailgate.store import InstanceLock, Store
+from mailgate.store import InstanceLock, SqliteStore, Store
 from mailgate.turns.scheduler import Scheduler
 from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
@@ -49,11 +49,16 @@ log = logging.getLogger("mailgate.service")
 
 
 async def open_store(settings: Settings) -> Store:
-    """The store at MAILGATE_DATABASE; `StartupError` when it cannot be opened."""
+    """The store MAILGATE_DATABASE names, migrated to the current schema: PostgreSQL for a
+    `postgresql://` URL, else the SQLite file at the path. `StartupError` when it cannot be opened."""
     try:
-        return await Store.open(settings.database)
+        if settings.database_url is not None:
+            from mailgate.store.postgres import PostgresStore  # the driver is an extra
+
+            return await PostgresStore.open(settings.database_url, lease_seconds=settings.lease_seconds)
+        return await SqliteStore.open(settings.database)
     except StoreBusy as exc:
-        raise StartupError(f"the store at {settings.database} is unusable: {exc}") from exc
+        raise StartupError(f"the store at {settings.store_label} is unusable: {exc}") from exc
 
 
 def make_api_client(
@@ -126,7 +131,8 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         keep_big_buffers_out_of_the_heap()
-        self._lock = InstanceLock.acquire(s.database)
+        if s.database_url is None:  # several gateways share a PostgreSQL store: that is its point
+            self._lock = InstanceLock.acquire(s.database)
         try:
             self.store = await open_store(s)
         except BaseException:
@@ -161,6 +167,7 @@ class Gateway:
         )
         admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
+        await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
         self._tasks = [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
@@ -221,8 +228,9 @@ class Gateway:
     def _warn_exposed(self) -> None:
         """A WARNING for each existing file or folder holding mail that group or others may open."""
         s = self.settings
-        paths = [s.database, *(s.database.with_name(s.database.name + x) for x in ("-wal", "-shm"))]
-        paths.append(s.spool_dir)
+        paths = [s.spool_dir]
+        if s.database_url is None:
+            paths += [s.database, *(s.database.with_name(s.database.name + x) for x in ("-wal", "-shm"))]
         if s.smtp_relay is None:
             paths.append(s.outbox_dir)
         for path, mode in private.exposed(paths):

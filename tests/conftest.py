@@ -25,6 +25,19 @@ needs_corpus = pytest.mark.skipif(
 )
 
 
+# Run a test on both stores: `@both_stores` (the `database` fixture gives MAILGATE_DATABASE).
+both_stores = pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """MAILGATE_DATABASE for the test: an SQLite file in its tmp dir, or (parametrized "postgres") a fresh
+    PostgreSQL database on the session's server."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        return str(request.getfixturevalue("postgres_db"))
+    return str(tmp_path / "mailgate.db")
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -73,10 +86,14 @@ def env_for(tmp_path: Path, api_url: str, relay_port: int | None, **env: str) ->
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay) -> Callable[..., Any]:
-    """`async with make_gateway(**env) as gw:` a gateway wired to the sandbox and the relay."""
+def make_gateway(
+    tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay, database: str
+) -> Callable[..., Any]:
+    """`async with make_gateway(**env) as gw:` a gateway wired to the sandbox, the relay and the test's
+    store (`database`)."""
 
     def make(*, with_relay: bool = True, **env: str) -> Gateway:
+        env = {"MAILGATE_DATABASE": database, **env}
         settings = settings_for(tmp_path, sandbox.url, relay.port if with_relay else None, **env)
         return Gateway(settings, poll_base=0.05, retry_base=0.05, settle_seconds=0.2, shutdown_deadline=2.0)
 

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -299,16 +299,30 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 
 
 @pytest.fixture
-def postgres_db(postgres_server: PostgresServer) -> Iterator[str]:
-    """A libpq URL to a new empty database for this test alone, dropped afterwards."""
+def postgres_dbs(postgres_server: PostgresServer) -> Iterator[Callable[[], str]]:
+    """`postgres_dbs()` makes a new empty database for this test and returns its libpq URL; every one
+    made is dropped afterwards."""
     import psycopg
     from psycopg import sql
 
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_server.url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        made.append(name)
+        return postgres_server.url_for(name)
+
     try:
-        yield postgres_server.url_for(name)
+        yield make
     finally:
         with psycopg.connect(postgres_server.url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            for name in made:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def postgres_db(postgres_dbs: Callable[[], str]) -> str:
+    """A libpq URL to a new empty database for this test alone, dropped afterwards."""
+    return postgres_dbs()

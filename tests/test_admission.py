@@ -14,7 +14,7 @@ from mailgate.admission import threads
 from mailgate.admission.admit import BAD_TOKEN, Admission
 from mailgate.models import InboundState, SmtpReply
 from mailgate.smtp.handler import combine
-from mailgate.store import InboundRow, Store
+from mailgate.store import InboundRow, SqliteStore, Store
 from tests.conftest import DOMAIN, settings_for
 from tests.mail import make_mail
 
@@ -30,7 +30,7 @@ MakeAdmission = Callable[..., Any]
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "admission.db")
+    s = await SqliteStore.open(tmp_path / "admission.db")
     try:
         yield s
     finally:

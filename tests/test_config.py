@@ -238,3 +238,38 @@ def test_output_hosts_parse_and_match() -> None:
     assert v6.matches("http", "::1", 9) and not v6.matches("http", "localhost", 9)
     assert str(cdn) == "*.cdn.example.net:8443" and str(v6) == "[::1]:9"
     assert load_settings(environ=MINIMAL).output_hosts == ()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://mailgate:s3cret@db.example.com:5432/mailgate?sslmode=verify-full",
+        "postgres://mailgate@db.example.com/mailgate",
+        "postgresql:///mailgate?host=/run/postgresql",
+    ],
+)
+def test_a_postgresql_url_selects_postgresql_and_hides_its_password(url: str) -> None:
+    """MAILGATE_DATABASE as a libpq URL selects PostgreSQL; the password never shows in repr or labels."""
+    pytest.importorskip("psycopg")
+    settings = load_settings(environ={**MINIMAL, "MAILGATE_DATABASE": url})
+    assert settings.database_url == url
+    assert "s3cret" not in repr(settings) and "s3cret" not in settings.store_label
+    assert settings.store_label.startswith(url.split(":", 1)[0])
+    assert settings.lease_seconds == 60.0
+
+
+def test_a_path_keeps_sqlite() -> None:
+    """Anything that is not a postgresql:// or postgres:// URL is an SQLite path, as before."""
+    settings = load_settings(environ={**MINIMAL, "MAILGATE_DATABASE": "/var/lib/mailgate/postgres.db"})
+    assert (settings.database_url, settings.database) == (None, Path("/var/lib/mailgate/postgres.db"))
+    assert settings.store_label == "/var/lib/mailgate/postgres.db"
+
+
+def test_a_bad_postgresql_url_and_lease_are_named() -> None:
+    """A URL libpq refuses and a lease under a second are both named, in one go."""
+    pytest.importorskip("psycopg")
+    found = problems(
+        {**MINIMAL, "MAILGATE_DATABASE": "postgresql://h/db?nosuchoption=1", "MAILGATE_LEASE_SECONDS": "0.5"}
+    )
+    assert [p.split(":", 1)[0] for p in found] == ["MAILGATE_DATABASE", "MAILGATE_LEASE_SECONDS"]
+    assert "nosuchoption" in found[0]

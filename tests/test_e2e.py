@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import both_stores
 from tests.mail import make_mail, smtp_send, until
 
 pytestmark = pytest.mark.anyio
@@ -24,6 +25,7 @@ def body_text(msg: Any) -> str:
     return str(part.get_content())
 
 
+@both_stores
 async def test_mail_starts_a_task_and_the_answer_comes_back(
     make_gateway: Any, sandbox: Any, relay: Any
 ) -> None:
@@ -79,6 +81,7 @@ async def test_recipients_that_are_not_workers_are_refused(
     assert seen.rcpt[0][1].startswith(status)
 
 
+@both_stores
 async def test_disallowed_sender_is_refused_with_a_reason(make_gateway: Any, sandbox: Any) -> None:
     """A From address outside MAILGATE_ALLOWED_SENDERS gets 550 5.7.1 at DATA and no task."""
     async with make_gateway() as gw:
@@ -115,6 +118,7 @@ async def test_replies_go_to_the_maildir_without_a_relay(
     assert reply["To"] == "alice@example.org"
 
 
+@both_stores
 async def test_lmtp_answers_per_recipient(
     make_gateway: Any, tmp_path: Path, sandbox: Any, relay: Any
 ) -> None:

@@ -26,7 +26,7 @@ from mailgate.config import Relay
 from mailgate.delivery.outbox import Outbox
 from mailgate.delivery.transports import Delivery, MaildirDelivery, RelayDelivery
 from mailgate.models import InboundState, OutboxState
-from mailgate.store import Admitted, NewMessage, NewReply, OutboxRow, Store
+from mailgate.store import Admitted, NewMessage, NewReply, OutboxRow, SqliteStore, Store
 from tests.mail import make_mail, until
 from tests.relay import RecordingRelay
 
@@ -71,7 +71,7 @@ class SessionRelay(RecordingRelay):
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "outbox.db")
+    s = await SqliteStore.open(tmp_path / "outbox.db")
     try:
         yield s
     finally:
@@ -288,7 +288,7 @@ async def test_a_5xx_is_dead_at_once(
     row = await queue_reply(store, [ALICE, BOB], created_at=clock.now)
     async with running(store, relay_delivery(relay), clock):
         dead = await settled(store, row.id, 1)
-    assert await store.outbox_due(clock.now + 10 * HORIZON, 10, set()) == []  # never tried again
+    assert await store.claim_outbox(clock.now + 10 * HORIZON, 10, set()) == []  # never tried again
     assert dead.state == OutboxState.DEAD
     assert dead.last_error is not None and reply in dead.last_error
     assert relay.messages == []

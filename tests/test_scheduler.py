@@ -147,6 +147,17 @@ async def test_drain_cancels_a_running_job_and_a_restart_resumes_it(
     assert b"A long one" in answer.data
 
 
+async def test_a_draining_scheduler_starts_no_new_job(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    """Once `drain` began, due work stays in the store (the store closes next): the loop starts no job."""
+    async with turn_stack(tmp_path, sandbox, run=False) as stack:
+        assert await stack.scheduler.drain(1.0) == 0
+        queue_id = await admit(stack, "Late", "Arrived while stopping")
+        await stack.scheduler._start_due()  # the loop's next look, as it would run before its cancel
+        assert stack.scheduler.in_flight == 0
+        assert (await stack.row(queue_id)).state == InboundState.RECEIVED
+    assert sandbox.state.requests == []
+
+
 @pytest.mark.parametrize("attempts", [1, 3])
 async def test_a_message_that_always_crashes_is_quarantined_with_one_notice(
     tmp_path: Path, sandbox: RunningSandbox, attempts: int

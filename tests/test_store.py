@@ -1,7 +1,9 @@
-"""The store on its own: a real SQLite file per test, driven through `Store`'s named operations only.
+"""The store on its own, driven through `Store`'s named operations only: every test that is about an
+operation's promise runs on both backends (`store`: a real SQLite file, and a fresh PostgreSQL database on
+the session's server); schema versions of the SQLite file and SQLite's group commit are SQLite's own.
 
-What each operation promises (one transaction, group commit, the per-task order of turns, what replay
-accepts) is asserted on the rows read back, and where it matters on a second connection to the file.
+What each operation promises (one transaction, the per-task order of turns, what replay accepts) is
+asserted on the rows read back, and where it matters on a second connection to the file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from ulid import ULID
 
 from mailgate.errors import RawMissing, StoreBusy
 from mailgate.models import InboundState, OutboxState, TaskRef
-from mailgate.store import Admitted, NewMessage, NewReply, NewTask, Store
+from mailgate.store import Admitted, NewMessage, NewReply, NewTask, SqliteStore, Store
 from mailgate.store.schema import ACTIVE, MIGRATIONS, VERSION
 
 pytestmark = pytest.mark.anyio
@@ -44,9 +46,40 @@ async def duplicate_of(store: Store, key: str) -> str | None:
     return facts.duplicates[key]
 
 
+Opener = Callable[[str], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """`await open_store(name)` opens the store called `name` (an SQLite file, or a PostgreSQL database
+    made for this test); the same name opens the same store again. The caller closes it."""
+    urls: dict[str, str] = {}
+
+    async def open_(name: str) -> Store:
+        if request.param == "sqlite":
+            return await SqliteStore.open(tmp_path / f"{name}.db")
+        from mailgate.store.postgres import PostgresStore
+
+        if name not in urls:
+            urls[name] = request.getfixturevalue("postgres_dbs")()
+        return await PostgresStore.open(urls[name])
+
+    return open_
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "store.db")
+async def store(open_store: Opener) -> AsyncIterator[Store]:
+    """The test's store, on each backend."""
+    s = await open_store("store")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "store.db")
     try:
         yield s
     finally:
@@ -193,7 +226,7 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_rows(tmp_path: Path, 
     path = tmp_path / "old.db"
     make_v1_store(path, user_version)
     assert not set(NEW_COLUMNS) & columns_of(path, "inbound")
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         row = await store.inbound("m1")
         task = await store.task_row("tsk_1")
@@ -221,7 +254,7 @@ async def test_a_version_1_store_missing_an_index_gets_it(tmp_path: Path) -> Non
     with sqlite3.connect(path) as db:
         db.execute("DROP INDEX inbound_due")
     db.close()
-    await (await Store.open(path)).close()
+    await (await SqliteStore.open(path)).close()
     with sqlite3.connect(path) as db:
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     db.close()
@@ -231,10 +264,10 @@ async def test_a_version_1_store_missing_an_index_gets_it(tmp_path: Path) -> Non
 async def test_a_new_store_is_created_at_the_current_version_and_reopens(tmp_path: Path) -> None:
     """A fresh file gets every table at the current version; opening it again changes nothing."""
     path = tmp_path / "deep" / "dir" / "new.db"
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     _, message = await one_task_message(store)
     await store.close()
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         row = await store.inbound(message.id)
     finally:
@@ -249,7 +282,7 @@ async def test_a_store_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     make_v1_store(path, VERSION + 1)
     with pytest.raises(StoreBusy, match="newer than this mailgate"):
-        await Store.open(path)
+        await SqliteStore.open(path)
     assert pragma_user_version(path) == VERSION + 1
     assert not set(NEW_COLUMNS) & columns_of(path, "inbound")
 
@@ -305,8 +338,9 @@ async def test_a_duplicate_dedupe_key_fails_the_whole_admit(store: Store) -> Non
 
 
 @pytest.mark.parametrize("callers", [8, 40])
-async def test_concurrent_admits_share_transactions(store: Store, callers: int) -> None:
-    """Many callers at once commit in fewer transactions than callers, and every row is there."""
+async def test_concurrent_admits_share_transactions(sqlite_store: SqliteStore, callers: int) -> None:
+    """SQLite: many callers at once commit in fewer transactions than callers, and every row is there."""
+    store = sqlite_store
     batches = [admitted(new_message(t.id), tasks=[t]) for t in (new_task() for _ in range(callers))]
     before = store.batches
     await asyncio.gather(*(store.admit(b) for b in batches))
@@ -345,11 +379,16 @@ async def test_a_tasks_second_message_waits_while_its_first_is_active(store: Sto
     second = new_message(task.id)
     await store.admit(admitted(first, tasks=[task]))
     await store.admit(admitted(second))
-    runnable = await store.runnable_ids(time.time(), 10, set())
+    runnable = await runnable_ids(store, time.time(), 10, set())
     if first_state in ACTIVE:
         assert runnable == [first.id]
     else:
         assert runnable == [second.id]
+
+
+async def runnable_ids(store: Store, now: float, limit: int, busy: set[str]) -> list[str]:
+    """The ids `claim_inbound` hands out (claiming them: a claim is not a change of the row)."""
+    return [row.id for row in await store.claim_inbound(now, limit, busy)]
 
 
 async def test_runnable_ids_honour_next_attempt_at_busy_and_limit(store: Store) -> None:
@@ -361,10 +400,10 @@ async def test_runnable_ids_honour_next_attempt_at_busy_and_limit(store: Store) 
     await store.admit(admitted(behind))
     await store.reschedule(waiting.id, now + 60)
     others = [(await one_task_message(store))[1] for _ in range(3)]
-    assert await store.runnable_ids(now, 10, set()) == [m.id for m in others]
-    assert await store.runnable_ids(now, 2, set()) == [m.id for m in others[:2]]
-    assert await store.runnable_ids(now, 2, {others[0].id}) == [m.id for m in others[1:]]
-    assert await store.runnable_ids(now + 61, 10, set()) == [waiting.id] + [m.id for m in others]
+    assert await runnable_ids(store, now, 10, set()) == [m.id for m in others]
+    assert await runnable_ids(store, now, 2, set()) == [m.id for m in others[:2]]
+    assert await runnable_ids(store, now, 2, {others[0].id}) == [m.id for m in others[1:]]
+    assert await runnable_ids(store, now + 61, 10, set()) == [waiting.id] + [m.id for m in others]
     assert await store.next_due_after("inbound", now) == pytest.approx(now + 60)
     assert await store.next_due_after("inbound", now + 61) is None
 
@@ -509,15 +548,15 @@ async def test_record_delivery_writes_the_attempts_outcome(
 
 
 async def test_due_outbox_rows_exclude_sent_future_and_busy(store: Store) -> None:
-    """`outbox_due` lists pending and retry rows that are due, minus those in hand, oldest first."""
+    """`claim_outbox` hands out pending and retry rows that are due, minus those in hand, oldest first."""
     ids = [await pending_reply(store) for _ in range(4)]
     now = time.time()
     await store.record_delivery(ids[0], OutboxState.SENT, attempts=1, error="250")
     await store.record_delivery(ids[1], OutboxState.RETRY, attempts=1, error="451", next_attempt_at=now + 60)
     await store.record_delivery(ids[2], OutboxState.RETRY, attempts=1, error="451", next_attempt_at=now - 1)
-    assert [r.id for r in await store.outbox_due(now, 10, set())] == [ids[2], ids[3]]
-    assert [r.id for r in await store.outbox_due(now, 10, {ids[2]})] == [ids[3]]
-    assert [r.id for r in await store.outbox_due(now + 61, 1, set())] == [ids[1]]
+    assert [r.id for r in await store.claim_outbox(now, 10, set())] == [ids[2], ids[3]]
+    assert [r.id for r in await store.claim_outbox(now, 10, {ids[2]})] == [ids[3]]
+    assert [r.id for r in await store.claim_outbox(now + 61, 1, set())] == [ids[1]]
     assert await store.next_due_after("outbox", now) == now + 60
 
 
@@ -603,9 +642,9 @@ async def test_reset_for_restart_makes_in_flight_rows_due_now(store: Store) -> N
 # --- small reads -------------------------------------------------------------------------------------------
 
 
-async def test_the_secret_is_made_once_and_survives_reopening(tmp_path: Path) -> None:
+async def test_the_secret_is_made_once_and_survives_reopening(open_store: Opener) -> None:
     """The reply-token key is generated on first use, then always the same, also after reopening."""
-    store = await Store.open(tmp_path / "a.db")
+    store = await open_store("a")
     try:
         first = await store.secret()
         again = await store.secret()
@@ -614,12 +653,12 @@ async def test_the_secret_is_made_once_and_survives_reopening(tmp_path: Path) ->
         assert store.batches == batches  # read, not written, once it exists
     finally:
         await store.close()
-    store = await Store.open(tmp_path / "a.db")
+    store = await open_store("a")
     try:
         reopened = await store.secret()
     finally:
         await store.close()
-    other = await Store.open(tmp_path / "b.db")
+    other = await open_store("b")
     try:
         elsewhere = await other.secret()
     finally:

@@ -10,6 +10,9 @@ for good and is sent at once, with the same Message-ID; it is `dead` only if tha
 `sent` row becomes `bounced` later, in admission, when a bounce comes back to its return path (the
 envelope sender, one per row); the outbox never sends a `bounced` row again.
 
+Which rows this gateway sends is a claim on them (`Store.claim_outbox`), handed back when the send ends;
+an outcome the store refuses because another gateway took the row over (`LeaseLost`) is dropped.
+
 When the store cannot take the outcome of an attempt (a full or failing disk), the outcome is kept in
 memory and written once the store takes writes again, so a delivered reply is never sent twice; the
 loop pauses meanwhile (`loops.Pause`), logging once a minute at most.
@@ -18,6 +21,7 @@ loop pauses meanwhile (`loops.Pause`), logging once a minute at most.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 from mailgate.delivery.transports import Delivery
-from mailgate.errors import DeliveryDeferred, DeliveryFailed
+from mailgate.errors import DeliveryDeferred, DeliveryFailed, LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import OutboxState
 from mailgate.store import OutboxRow, Store
@@ -53,6 +57,7 @@ class Outbox:
         self.retry_base = retry_base
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._draining = False  # set by `drain`: no send starts after it (the store closes next)
         self._unrecorded: dict[str, dict[str, Any]] = {}  # outbox id -> an attempt's outcome to write
         self.storage = Pause("outbox_storage", log, base=retry_base, clock=clock)
 
@@ -77,19 +82,25 @@ class Outbox:
         if now < self.storage.until:
             return self.storage.until - now
         for outbox_id, outcome in list(self._unrecorded.items()):
-            await self.store.record_delivery(outbox_id, **outcome)
+            with contextlib.suppress(LeaseLost):  # another gateway took the row: its outcome counts
+                await self.store.record_delivery(outbox_id, **outcome)
             del self._unrecorded[outbox_id]
         self.storage.clear()
         free = self.parallel - len(self._busy)
-        if free > 0:
-            for row in await self.store.outbox_due(now, free, set(self._busy) | set(self._unrecorded)):
-                self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
+        if free > 0 and not self._draining:
+            for row in await self.store.claim_outbox(now, free, set(self._busy) | set(self._unrecorded)):
+                if self._draining:  # the drain began while the claim was on its way: hand it back
+                    await self.store.release_outbox(row.id)
+                else:
+                    self._busy[row.id] = asyncio.create_task(self._send(row), name=f"outbox-{row.id}")
         # rows due already are being sent or wait for a free sender (which wakes us when done)
         due = await self.store.next_due_after("outbox", now)
         return 5.0 if due is None else min(5.0, max(0.05, due - self.clock()))
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for the sends in hand, cancel the rest, close kept relay connections."""
+        """Start nothing more; wait up to `timeout` for the sends in hand, cancel the rest, close kept
+        relay connections."""
+        self._draining = True
         cancelled = await drain(self._busy.values(), timeout)
         await self.delivery.aclose()
         return cancelled
@@ -99,6 +110,8 @@ class Outbox:
             await self._attempt(row)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            log.warning("lease_lost", extra={"outbox": row.id, "error": str(exc)})
         except Exception as exc:
             if storage_trouble(exc):  # the row stays due; the loop pauses
                 self.storage.trip(f"{type(exc).__name__}: {exc}")
@@ -106,6 +119,8 @@ class Outbox:
                 log.exception("outbox_crashed", extra={"outbox": row.id})
                 await self._defer(row, f"{type(exc).__name__}: {exc}")
         finally:
+            if row.id not in self._unrecorded:  # an outcome kept in memory still needs the claim
+                await self.store.release_outbox(row.id)
             self._busy.pop(row.id, None)
             self._wake.set()
 

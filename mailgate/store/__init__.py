@@ -1,11 +1,15 @@
 """The store: every hand-off between mailgate's stages is a committed row here.
 
-`Store` (SQLite, `sqlite`) is the async face: named reads and named state changes, each one
-transaction. `schema` holds the tables, their versions and the row types; `reads` the synchronous SQL
-that runs on the reader's thread; `probe` reads a store's version without changing anything; `lock`
-keeps one gateway per store. Nothing outside this package writes SQL.
+`Store` (`base`) is the protocol the stages use: named reads, claims and named state changes, each one
+transaction. Two backends implement it: `sqlite.SqliteStore` (the embedded default) and
+`postgres.PostgresStore` (several gateways on one database; imported only when asked for, since its
+driver is an extra). `schema` holds SQLite's tables, versions and the row types, `reads` the synchronous
+SQL that runs on SQLite's reader thread; `probe` reads an SQLite store's version without changing
+anything; `lock` keeps one gateway per SQLite store; `pg_schema` and `pg_reads` are PostgreSQL's. `copy`
+moves a gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL.
 """
 
+from mailgate.store.base import Queue, Store
 from mailgate.store.lock import InstanceLock, holder
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
@@ -20,7 +24,7 @@ from mailgate.store.schema import (
     SuppressionRow,
     TaskRow,
 )
-from mailgate.store.sqlite import Store, probe
+from mailgate.store.sqlite import SqliteStore, probe
 
 __all__ = [
     "AdmissionFacts",
@@ -33,6 +37,8 @@ __all__ = [
     "NewReply",
     "NewTask",
     "OutboxRow",
+    "Queue",
+    "SqliteStore",
     "Store",
     "SuppressionRow",
     "TaskRow",

@@ -5,6 +5,9 @@ concurrent SMTP sessions share one transaction and one fsync (group commit); eac
 when its batch is durable. A batch that fails is retried one item at a time, so one bad item fails
 alone. Reads use a second connection and see every committed write.
 
+One process owns the file, so a claim is the scheduler's and the outbox's own busy set (`claim_*` take
+`busy` and leave it out; `release_*` have nothing to do) and nothing else commits work to wake for.
+
 sqlite3 errors are translated to `StoreBusy` here and nowhere else.
 """
 
@@ -64,8 +67,8 @@ def _run_transaction(db: sqlite3.Connection, statements: list[Statement]) -> Non
         raise
 
 
-class Store:
-    """The async face of the database. Open with `await Store.open(path)`, close with `await close()`."""
+class SqliteStore:
+    """The SQLite store (`base.Store`). Open with `await SqliteStore.open(path)`, close with `close()`."""
 
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
         self._writer = writer
@@ -73,6 +76,8 @@ class Store:
         self._queue: asyncio.Queue[tuple[list[Statement], asyncio.Future[None]]] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self.batches = 0  # how many transactions the writer committed (for benchmarks and tests)
+        self.schema_version = VERSION
+        self.migrated_from = VERSION  # the schema version found when the store was opened
 
     @classmethod
     async def open(cls, path: Path) -> Self:
@@ -93,7 +98,7 @@ class Store:
                     "foreign_keys=ON",
                 ):
                     await writer.execute(f"PRAGMA {pragma}")
-                await _migrate(writer)
+                found = await _migrate(writer)
                 reader = await aiosqlite.connect(path, isolation_level=None)
             except BaseException:
                 await writer.close()
@@ -103,6 +108,7 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreBusy(f"cannot open the store at {path}: {exc}") from exc
         store = cls(writer, reader)
+        store.migrated_from = found
         store._writer_task = asyncio.get_running_loop().create_task(store._write_loop(), name="store-writer")
         return store
 
@@ -295,7 +301,11 @@ class Store:
         )
         return row
 
-    async def outbox_due(self, now: float, limit: int, busy: set[str]) -> list[OutboxRow]:
+    async def watch(self, *, on_inbound: Callable[[], None], on_outbox: Callable[[], None]) -> None:
+        """Nothing to watch: only this process commits work, and it wakes its own loops."""
+
+    async def claim_outbox(self, now: float, limit: int, busy: set[str]) -> list[OutboxRow]:
+        """The due outbox rows not in `busy` (the outbox's own set: the claim)."""
         rows = await self._all(
             "SELECT * FROM outbox WHERE state IN ('pending','retry') AND next_attempt_at<=? "
             "ORDER BY id LIMIT ?",
@@ -303,8 +313,19 @@ class Store:
         )
         return [row_of(OutboxRow, r) for r in rows if r["id"] not in busy][:limit]
 
-    async def runnable_ids(self, now: float, limit: int, busy: set[str]) -> list[str]:
-        """`runnable`, but only the ids: cheap when many jobs are in flight (their rows come back too)."""
+    async def release_outbox(self, outbox_id: str) -> None:
+        """Nothing to hand back: the outbox's busy set is the claim."""
+
+    async def claim_inbound(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
+        """The due messages not in `busy` (the scheduler's own set: the claim), each its task's oldest
+        unfinished one. Ids first, then the rows of those taken: the ids of the jobs in hand come back
+        too, and are cheap."""
+        return await self._inbound_rows(await self._runnable_ids(now, limit, busy))
+
+    async def release_inbound(self, inbound_id: str) -> None:
+        """Nothing to hand back: the scheduler's busy set is the claim."""
+
+    async def _runnable_ids(self, now: float, limit: int, busy: set[str]) -> list[str]:
         rows = await self._all(
             f"SELECT id FROM inbound i WHERE state IN ({ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
             f"AND (task_id IS NULL OR NOT EXISTS (SELECT 1 FROM inbound j WHERE j.task_id=i.task_id "
@@ -313,7 +334,7 @@ class Store:
         )
         return [str(r["id"]) for r in rows if r["id"] not in busy][:limit]
 
-    async def inbound_rows(self, ids: Sequence[str]) -> list[InboundRow]:
+    async def _inbound_rows(self, ids: Sequence[str]) -> list[InboundRow]:
         """The rows of `ids` (those that exist), in id order, in one read."""
         if not ids:
             return []
@@ -442,6 +463,10 @@ class Store:
             files=json.dumps(list(files)),
             skipped=json.dumps(list(skipped)),
         )
+
+    async def set_files(self, inbound_id: str, files: Sequence[dict[str, Any]]) -> None:
+        """The spooled files were made again: the state and the input stay as they are."""
+        await self._set_inbound(inbound_id, files=json.dumps(list(files)))
 
     async def mark_submitting(self, inbound_id: str, *, turn_seq: int, attempts: int) -> None:
         """About to POST the turn numbered `turn_seq`: from here on it may exist at the API."""
@@ -724,8 +749,9 @@ def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
         future.set_exception(err)
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    """Bring the store to the current schema version, one step at a time, each in its own transaction."""
+async def _migrate(db: aiosqlite.Connection) -> int:
+    """Bring the store to the current schema version, one step at a time, each in its own transaction;
+    returns the version found (0: a new store)."""
     async with db.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
     version = int(row[0]) if row else 0
@@ -740,3 +766,4 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         await db.executescript(
             f"BEGIN IMMEDIATE; {MIGRATIONS[step]}; PRAGMA user_version={step + 1}; COMMIT;"
         )
+    return version

@@ -27,6 +27,11 @@ A message that keeps crashing its job (a bug, a poison message) is quarantined a
 MAILGATE_MAX_PROCESSING_ATTEMPTS; the count is taken before the work it guards, so a message that takes
 the whole process down is caught on the next start.
 
+Which messages this gateway runs is a claim on them (`Store.claim_inbound`; with SQLite the scheduler's
+own busy set, with PostgreSQL also a lease that other gateways respect), handed back when the job ends.
+A job whose claim was taken over by another gateway (`LeaseLost`: this gateway was cut off for longer
+than the lease) stops without writing anything: the other gateway resumes from the last commit.
+
 Two conditions pause the whole scheduler instead of failing anyone's message: the API refusing our key
 (the hold: nothing is posted until a call succeeds again) and trouble with the disk or the database
 (full, read-only, failing, locked: `loops.storage_trouble`). The storage pause backs off from 1 s to a
@@ -56,6 +61,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailgate.config import Settings
+from mailgate.errors import LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
@@ -105,6 +111,7 @@ class Scheduler:
         self.hold_seconds = hold_seconds
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._draining = False  # set by `drain`: no job starts after it (the store closes next)
         self._hold_until = 0.0
         self._held = False  # a 401 was seen and no API call has succeeded since
         self._last_loud = 0.0
@@ -136,11 +143,11 @@ class Scheduler:
         now = self.clock()
         paused_until = max(self._hold_until, self.storage.until)
         free = self.settings.concurrency - len(self._busy)
-        if free > 0 and now >= paused_until:
-            # ids first (cheap with many jobs in hand), whole rows only for those started
-            ids = await self.store.runnable_ids(now, free, set(self._busy))
-            for row in await self.store.inbound_rows(ids):
-                if row.id not in self._busy:
+        if free > 0 and now >= paused_until and not self._draining:
+            for row in await self.store.claim_inbound(now, free, set(self._busy)):
+                if self._draining:  # the drain began while the claim was on its way: hand it back
+                    await self.store.release_inbound(row.id)
+                elif row.id not in self._busy:
                     self._busy[row.id] = asyncio.create_task(self._job(row), name=f"message-{row.id}")
         # rows due already are in hand or wait for a slot (a finishing job wakes us): only later ones
         due = await self.store.next_due_after("inbound", now)
@@ -150,7 +157,9 @@ class Scheduler:
         return timeout
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for jobs in hand; cancel the rest. Returns how many were cancelled."""
+        """Start nothing more; wait up to `timeout` for jobs in hand, cancel the rest. Returns how many
+        were cancelled."""
+        self._draining = True
         return await drain(self._busy.values(), timeout)
 
     async def _job(self, row: InboundRow) -> None:
@@ -158,12 +167,15 @@ class Scheduler:
             await self._drive(row)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:  # another gateway has it now and resumes from the last commit
+            log.warning("lease_lost", extra={"inbound": row.id, "error": str(exc)})
         except Exception as exc:
             if storage_trouble(exc):  # the disk's fault, not the message's: pause, count nothing
                 await self._stalled(row, exc)
             else:  # a bug or a poison message: count it, quarantine after a few
                 await self._crashed(row, exc)
         finally:
+            await self.store.release_inbound(row.id)
             self._busy.pop(row.id, None)
             self._acked.discard(row.id)
             self._wake.set()

@@ -1,8 +1,10 @@
 """The attachment spool: a message's files on disk, so uploads stream from open files.
 
-`var/spool/<queue id>/<n>-<name>`; written once when the message is composed, removed when the message
-is done. Everything can be made again from the raw message in the store, so no fsync is needed. The
-folders are 0700 and the files 0600 whatever the umask (they are mail).
+`var/spool/<queue id>/<n>.bin`; written once when the message is composed, removed when the message
+is done. Everything can be made again from the raw message in the store, so no fsync is needed, and a
+row lists its files relative to the spool (`describe`): with several gateways the spool is each host's
+own, and a host resuming another's message finds the files `missing` and makes them again. The folders
+are 0700 and the files 0600 whatever the umask (they are mail).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mailgate import private
 from mailgate.models import Attachment, UploadFile
@@ -46,10 +49,34 @@ class Spool:
     def remove(self, message_id: str) -> None:
         shutil.rmtree(self.root / message_id, ignore_errors=True)
 
-    @staticmethod
-    def uploads(files_json: str | None) -> list[UploadFile]:
-        """The spooled files a row lists (its `files` column), ready to upload."""
+    def describe(self, files: Sequence[UploadFile]) -> list[dict[str, Any]]:
+        """The `files` column for spooled files: each path relative to the spool root."""
         return [
-            UploadFile(f["filename"], f["content_type"], Path(f["path"]), f["size"], f["sha256"])
+            {
+                "filename": f.filename,
+                "content_type": f.content_type,
+                "path": str(f.path.relative_to(self.root)),
+                "size": f.size,
+                "sha256": f.sha256,
+            }
+            for f in files
+        ]
+
+    def uploads(self, files_json: str | None) -> list[UploadFile]:
+        """The spooled files a row lists (its `files` column), ready to upload from this host's spool (an
+        absolute path, as rows written before paths were relative hold, is kept as it is)."""
+        return [
+            UploadFile(f["filename"], f["content_type"], self.root / f["path"], f["size"], f["sha256"])
             for f in json.loads(files_json or "[]")
         ]
+
+    def missing(self, files_json: str | None) -> bool:
+        """Is any file the row lists not in this host's spool at its size (another host spooled it, or the
+        spool was lost)?"""
+        for upload in self.uploads(files_json):
+            try:
+                if upload.path.stat().st_size != upload.size:
+                    return True
+            except OSError:
+                return True
+        return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from mailgate.mail.parse import parse_body
 from mailgate.models import InboundState, RunResult, SkippedFile, TaskSnapshot, Turn, TurnAnswer
 from mailgate.store import InboundRow, Store
 from mailgate.turns.spool import Spool
-from mailgate.turns.turn_input import build_turn_input
+from mailgate.turns.turn_input import TurnInput, build_turn_input
 
 log = logging.getLogger("mailgate.turns")
 
@@ -188,13 +189,29 @@ class TurnSteps:
     # --- received -> queued ------------------------------------------------------------------------
 
     async def _prepare(self, row: InboundRow) -> Outcome:
-        assert row.task_id is not None and row.sender is not None
         await self.store.count_crash(row.id, row.crashes + 1)  # counts a crash while parsing, too
+        turn = await self._read_turn(row)
+        if not turn.input:
+            return Notice("empty_reply", "nothing new after removing quoted text", skipped=turn.skipped)
+        files = await self.spool.write(row.id, turn.files)
+        await self.store.set_turn_input(
+            row.id,
+            input=turn.input,
+            files=self.spool.describe(files),
+            skipped=[{"filename": s.filename, "reason": s.reason} for s in turn.skipped],
+        )
+        fresh = await self.store.inbound(row.id)
+        assert fresh is not None
+        return Continue(fresh)
+
+    async def _read_turn(self, row: InboundRow) -> TurnInput:
+        """What the worker receives, read from the raw message (the same every time it is read)."""
+        assert row.task_id is not None and row.sender is not None
         raw = await self.store.raw(row.raw_id)
         body = await asyncio.to_thread(parse_body, raw)
         del raw
         already = set() if row.new_task else await self.store.file_hashes_of_task(row.task_id, before=row.id)
-        turn = build_turn_input(
+        return build_turn_input(
             body,
             subject=row.subject,
             sender=row.sender,
@@ -202,28 +219,15 @@ class TurnSteps:
             new_task=bool(row.new_task),
             already_sent=already,
         )
-        del body
-        if not turn.input:
-            return Notice("empty_reply", "nothing new after removing quoted text", skipped=turn.skipped)
-        files = await self.spool.write(row.id, turn.files)
-        await self.store.set_turn_input(
-            row.id,
-            input=turn.input,
-            files=[
-                {
-                    "filename": f.filename,
-                    "content_type": f.content_type,
-                    "path": str(f.path),
-                    "size": f.size,
-                    "sha256": f.sha256,
-                }
-                for f in files
-            ],
-            skipped=[{"filename": s.filename, "reason": s.reason} for s in turn.skipped],
-        )
-        fresh = await self.store.inbound(row.id)
-        assert fresh is not None
-        return Continue(fresh)
+
+    async def _respool(self, row: InboundRow) -> str:
+        """The row's files are not in this host's spool (another gateway prepared it, or the spool was
+        lost): spool them again from the raw message; the input stays as committed."""
+        turn = await self._read_turn(row)
+        files = self.spool.describe(await self.spool.write(row.id, turn.files))
+        await self.store.set_files(row.id, files)
+        log.info("turn_respooled", extra={"inbound": row.id, "files": len(files)})
+        return json.dumps(files)
 
     # --- queued/submitting -> running ---------------------------------------------------------------
 
@@ -258,8 +262,9 @@ class TurnSteps:
             await self.store.set_task_worker(task.id, worker_id)
             log.info("task_worker_changed", extra={"task": task.id, "worker": worker_id})
         expected = len(snapshot.turns) if snapshot is not None else 0
+        files = await self._respool(row) if self.spool.missing(row.files) else row.files
         await self.store.mark_submitting(row.id, turn_seq=expected, attempts=row.attempts + 1)
-        uploads = self.spool.uploads(row.files)
+        uploads = self.spool.uploads(files)
         log.info(
             "turn_post",
             extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)},

@@ -1,0 +1,195 @@
+"""What every store does: the named operations the stages use, whatever the database.
+
+Two backends implement `Store`: `sqlite.SqliteStore` (one process, one file: the default) and
+`postgres.PostgresStore` (several gateways on one PostgreSQL). The stages see only this protocol, so a
+stage never knows which one it talks to. The guarantees both keep:
+
+- Every state change is one transaction, durable when the call returns (`admit` before the `250`).
+- Errors of the database become `StoreBusy` at the store's boundary (`LeaseLost` for a fenced change
+  refused, PostgreSQL only).
+- **Claims.** The scheduler and the outbox take due work with `claim_inbound` / `claim_outbox` and hand
+  it back with `release_*` when the job ends. SQLite: one process, so a claim is the caller's in-memory
+  busy set (`busy`), as it always was. PostgreSQL: a lease on the row (owner, expiry by the database's
+  clock) taken with `FOR UPDATE SKIP LOCKED`, renewed while the job runs; every change to a claimed row
+  is fenced on the owner; a dead gateway's leases run out and another gateway claims the rows.
+- Only the oldest unfinished message of a task is ever claimable: a task's turns run in order.
+- `watch` registers the wake-ups for work committed elsewhere (PostgreSQL: `LISTEN/NOTIFY` from other
+  gateways; SQLite: nothing, the one process wakes itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+from mailgate.models import TaskRef
+from mailgate.store.reads import AdmissionFacts
+from mailgate.store.schema import Admitted, InboundRow, NewReply, OutboxRow, TaskRow
+
+Queue = Literal["inbound", "outbox"]
+
+
+class Store(Protocol):
+    """The store's named operations (see the module docstring for what each backend guarantees)."""
+
+    batches: int  # transactions committed (benchmarks and tests)
+    schema_version: int  # the schema version this mailgate writes
+    migrated_from: int  # the version the store had when it was opened (0: it was new)
+
+    async def close(self) -> None:
+        """Hand back every claim still held, stop the background work, close the connections."""
+
+    async def secret(self) -> str:
+        """The reply-token key: generated and stored on first use, the same for every gateway."""
+
+    async def watch(self, *, on_inbound: Callable[[], None], on_outbox: Callable[[], None]) -> None:
+        """Call `on_inbound` / `on_outbox` when another gateway commits work for that queue."""
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    async def admission_facts(
+        self,
+        keys: Sequence[str],
+        *,
+        token_task_ids: Sequence[str] = (),
+        chain: Sequence[str] = (),
+        aliases: Sequence[str] = (),
+        sender: str | None = None,
+        since: float = 0.0,
+        max_turns: int,
+        max_new_tasks: int,
+    ) -> AdmissionFacts:
+        """The reads of one message's DATA decision at once (see `AdmissionFacts`)."""
+
+    async def task(self, task_id: str) -> TaskRef | None: ...
+
+    async def participants(self, task_id: str) -> list[str]: ...
+
+    async def count_notices(self, addr: str, since: float, notice: str | None = None) -> int: ...
+
+    async def count_notices_for_task(self, task_id: str, notice: str, since: float) -> int: ...
+
+    async def raw(self, raw_id: str) -> bytes:
+        """A message's raw bytes; `RawMissing` when they are gone."""
+
+    async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
+        """The start of a raw message, at most `size` bytes."""
+
+    async def inbound(self, inbound_id: str) -> InboundRow | None: ...
+
+    async def task_row(self, task_id: str) -> TaskRow | None: ...
+
+    async def outbox_row(self, outbox_id: str) -> OutboxRow | None: ...
+
+    async def next_due_after(self, table: Queue, now: float) -> float | None:
+        """When the next row of `table` becomes due later than `now` (a retry time, or another gateway's
+        lease running out), or None."""
+
+    async def list_inbound(self, state: str | None = None, limit: int = 50) -> list[InboundRow]: ...
+
+    async def list_outbox(self, state: str | None = None, limit: int = 50) -> list[OutboxRow]: ...
+
+    async def list_tasks(self, limit: int = 50) -> list[TaskRow]: ...
+
+    async def outbox_for(self, inbound_id: str) -> list[OutboxRow]: ...
+
+    async def messages_of_task(self, task_id: str) -> list[InboundRow]: ...
+
+    async def file_hashes_of_task(self, task_id: str, before: str) -> set[str]: ...
+
+    async def thread_chain(self, task_id: str, before: str, *, limit: int) -> list[str]: ...
+
+    # --- claims --------------------------------------------------------------------------------------
+
+    async def claim_inbound(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
+        """Up to `limit` due messages, each its task's oldest unfinished one, none in `busy`: claimed."""
+
+    async def release_inbound(self, inbound_id: str) -> None:
+        """The job on a claimed message ended: hand the claim back (a no-op once a change released it).
+        Never raises."""
+
+    async def claim_outbox(self, now: float, limit: int, busy: set[str]) -> list[OutboxRow]:
+        """Up to `limit` due outbox rows not in `busy`: claimed."""
+
+    async def release_outbox(self, outbox_id: str) -> None:
+        """The send of a claimed outbox row ended: hand the claim back. Never raises."""
+
+    # --- state changes (each one transaction; those of a claimed row fenced on the claim) ----------
+
+    async def admit(self, admitted: Admitted) -> None:
+        """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
+
+    async def count_crash(self, inbound_id: str, crashes: int) -> None: ...
+
+    async def set_turn_input(
+        self,
+        inbound_id: str,
+        *,
+        input: str,
+        files: Sequence[dict[str, Any]],
+        skipped: Sequence[dict[str, str]],
+    ) -> None:
+        """`received -> queued`: the turn's input and its spooled files are known."""
+
+    async def set_files(self, inbound_id: str, files: Sequence[dict[str, Any]]) -> None:
+        """The spooled files were made again (on another host, or after the spool was lost); the state
+        and the input are kept."""
+
+    async def mark_submitting(self, inbound_id: str, *, turn_seq: int, attempts: int) -> None: ...
+
+    async def mark_running(self, inbound_id: str, *, turn_seq: int | None = None) -> None: ...
+
+    async def reschedule(
+        self,
+        inbound_id: str,
+        at: float,
+        *,
+        state: str | None = None,
+        error: str | None = None,
+        crashes: int | None = None,
+        replies: Sequence[NewReply] = (),
+    ) -> None:
+        """Look at the message again at `at`, queueing `replies` (a notice to the sender of a held
+        message) in the same transaction; releases the claim."""
+
+    async def finish(
+        self,
+        inbound_id: str,
+        state: str,
+        reason: str | None,
+        replies: Sequence[NewReply] = (),
+        *,
+        turn_seq: int | None = None,
+        task_id: str | None = None,
+        task_url: str | None = None,
+        task_turns: int | None = None,
+    ) -> None:
+        """End a message and queue its replies, in one transaction; releases the claim."""
+
+    async def record_delivery(
+        self,
+        outbox_id: str,
+        state: str,
+        *,
+        attempts: int,
+        error: str | None,
+        next_attempt_at: float = 0.0,
+        refused: dict[str, str] | None = None,
+        sent_at: float | None = None,
+    ) -> None:
+        """What one delivery attempt came to; releases the claim."""
+
+    async def set_task_worker(self, task_id: str, worker_id: str) -> None:
+        """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
+
+    async def use_fallback(self, outbox_id: str) -> None:
+        """The relay refused an outbox row's size: its links-only version becomes the message to send."""
+
+    async def archive_task(self, task_id: str) -> None: ...
+
+    async def reset_for_restart(self) -> None:
+        """On start-up: make work in flight due now (where no other gateway holds it)."""
+
+    async def replay_inbound(self, inbound_id: str) -> bool: ...
+
+    async def replay_outbox(self, outbox_id: str) -> bool: ...
