@@ -23,6 +23,8 @@ from mailgate.errors import ConfigError
 from mailgate.models import BUDGETS
 
 MiB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("logfmt", "json")
 AuthMode = Literal["dmarc", "dkim", "none"]
 T = TypeVar("T")
 
@@ -106,6 +108,8 @@ class Settings:
     tls_key: Path | None = None
     require_starttls: bool = False
     log_level: str = "INFO"
+    log_format: str = "logfmt"  # or "json"
+    metrics_listen: Listen | None = None  # /metrics, /healthz, /readyz; None: off
 
     def worker_for(self, alias: str) -> Worker | None:
         return self.workers.get(alias.lower())
@@ -208,7 +212,63 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         tls_cert=tls_cert,
         tls_key=tls_key,
         require_starttls=bool(require_starttls),
-        log_level=p.get("MAILGATE_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO") or "INFO",
+        log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "INFO") or "INFO",
+        log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
+        metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator verbs (`messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`)
+    need: the database, how to log, and the API only for `archive`."""
+
+    database: Path = Path("var/mailgate.db")
+    base_url: str = "https://handinger.com"
+    api_key: str | None = field(default=None, repr=False)
+    metrics_listen: Listen | None = None
+    log_level: str = "WARNING"
+    log_format: str = "logfmt"
+
+    def api_problem(self) -> str | None:
+        """Why `archive` cannot call the API with these settings, or None."""
+        if self.api_key is None and not _is_loopback_url(self.base_url):
+            return "HANDINGER_API_KEY: required to call the API (only a sandbox on a loopback address runs without one)"
+        return None
+
+
+def load_operator_settings(
+    env_file: str | Path | None = None, environ: Mapping[str, str] | None = None, *, cwd: Path | None = None
+) -> OperatorSettings:
+    """The operator verbs' settings: `env_file`, or else `./.env` when there is one (python-dotenv's
+    convention), with `environ` on top. Only the keys those verbs use are read and validated (every bad
+    one named in one `ConfigError`); the workers, senders and API key a gateway needs are not asked for.
+    """
+    if env_file is None and (found := (cwd or Path.cwd()) / ".env").is_file():
+        env_file = found
+    raw: dict[str, str] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError([f"--env-file: {path} does not exist or is not a file"])
+        raw.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    if environ:
+        raw.update({k: v for k, v in environ.items() if k.startswith(("MAILGATE_", "HANDINGER_"))})
+    values = {k: v.strip() for k, v in raw.items() if v.strip() != ""}
+    problems: list[str] = []
+    p = _Parser(values, problems)
+    settings = OperatorSettings(
+        database=Path(p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"),
+        base_url=(p.get("HANDINGER_BASE_URL", _url, "https://handinger.com") or "https://handinger.com").rstrip(
+            "/"
+        ),
+        api_key=p.get("HANDINGER_API_KEY", str, None),
+        metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
+        log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "WARNING") or "WARNING",
+        log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
     )
     if problems:
         raise ConfigError(problems)
