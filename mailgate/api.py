@@ -28,6 +28,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from mailgate import __version__
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
+from mailgate.metrics import Metrics
 from mailgate.models import OutputFile, RunResult, Source, TaskSnapshot, Turn, UploadFile
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class HandingerClient:
         files_field: str = "files",
         stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.base_url = httpx.URL(base_url.rstrip("/"))
+        self.metrics = metrics if metrics is not None else Metrics()
         self.send_triggered_by = send_triggered_by
         self.files_field = files_field
         self.stream = stream
@@ -77,7 +80,25 @@ class HandingerClient:
             timeout=httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=30.0),
             follow_redirects=False,
             transport=transport,
+            event_hooks={"response": [self._count]},
         )
+
+    async def _count(self, response: httpx.Response) -> None:
+        """Count each answered request in `mailgate_api_requests` (by endpoint template, never the path)."""
+        request = response.request
+        endpoint = _endpoint(request.url, self.base_url)
+        self.metrics.api_requests.labels(request.method, endpoint, str(response.status_code)).inc()
+
+    def _translate(self, exc: httpx.HTTPError) -> ApiUnavailable:
+        """`_translate`, counting a request that got no answer as status `error`."""
+        try:
+            request: httpx.Request | None = exc.request
+        except RuntimeError:  # an error raised before any request was made
+            request = None
+        if request is not None and not isinstance(exc, httpx.HTTPStatusError):
+            endpoint = _endpoint(request.url, self.base_url)
+            self.metrics.api_requests.labels(request.method, endpoint, "error").inc()
+        return _translate(exc)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -139,7 +160,7 @@ class HandingerClient:
                         await accepted()
                     return await _read_run(response, progress)
             except httpx.HTTPError as exc:
-                raise _translate(exc) from exc
+                raise self._translate(exc) from exc
 
     async def get_task(self, task_id: str) -> TaskSnapshot | None:
         """GET /api/tasks/{id} (and /turns in the newest era). None when the task does not exist."""
@@ -178,7 +199,7 @@ class HandingerClient:
         try:
             response = await self._client.get(path, headers=self._auth)
         except httpx.HTTPError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
         body = response.content[:_ERROR_BODY_MAX]
         if response.status_code == 404:
             reason = _reason(response, body).lower()
@@ -217,7 +238,7 @@ class HandingerClient:
                             raise TooLarge(len(data), max_bytes)
                     return bytes(data), response.headers.get("content-type")
             except httpx.HTTPError as exc:
-                raise _translate(exc) from exc
+                raise self._translate(exc) from exc
         raise ApiRejected(0, f"more than {_MAX_REDIRECTS} redirects")
 
     async def _get_json(self, path: str, *, params: Any = None, method: str = "GET") -> dict[str, Any] | None:
@@ -225,7 +246,7 @@ class HandingerClient:
         try:
             response = await self._client.request(method, path, params=params, headers=self._auth)
         except httpx.HTTPError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
         if response.status_code == 404:
             return None
         if not response.is_success:
@@ -404,6 +425,27 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> NoReturn:
             answered=True,
         )
     raise ApiRejected(status, _reason(response, body))
+
+
+_RESOURCES = ("tasks", "workers")  # /api/<resource>/{id}
+
+
+def _endpoint(url: httpx.URL, base: httpx.URL) -> str:
+    """The endpoint template of `url` (`/api/tasks/{id}/turns`): a bounded label, never an id.
+    Files fetched from elsewhere than the API's origin are `download`."""
+    if _origin(url) != _origin(base):
+        return "download"
+    parts = [p for p in url.path.removeprefix(base.path.rstrip("/")).split("/") if p]
+    if len(parts) < 2 or parts[0] != "api" or parts[1] not in _RESOURCES:
+        return "other"
+    template = ["", "api", parts[1]]
+    if len(parts) >= 3:
+        template.append("{id}")
+    if len(parts) == 4 and parts[3] == "turns":
+        template.append("turns")
+    elif len(parts) >= 4:
+        return "other"
+    return "/".join(template)
 
 
 def _translate(exc: httpx.HTTPError) -> ApiUnavailable:

@@ -236,7 +236,10 @@ class OperatorSettings:
     def api_problem(self) -> str | None:
         """Why `archive` cannot call the API with these settings, or None."""
         if self.api_key is None and not _is_loopback_url(self.base_url):
-            return "HANDINGER_API_KEY: required to call the API (only a sandbox on a loopback address runs without one)"
+            return (
+                "HANDINGER_API_KEY: required to call the API "
+                "(only a sandbox on a loopback address runs without one)"
+            )
         return None
 
 
@@ -262,9 +265,9 @@ def load_operator_settings(
     p = _Parser(values, problems)
     settings = OperatorSettings(
         database=Path(p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"),
-        base_url=(p.get("HANDINGER_BASE_URL", _url, "https://handinger.com") or "https://handinger.com").rstrip(
-            "/"
-        ),
+        base_url=(
+            p.get("HANDINGER_BASE_URL", _url, "https://handinger.com") or "https://handinger.com"
+        ).rstrip("/"),
         api_key=p.get("HANDINGER_API_KEY", str, None),
         metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
         log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "WARNING") or "WARNING",

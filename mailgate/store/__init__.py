@@ -15,6 +15,8 @@ from mailgate.store.schema import (
     NewReply,
     NewTask,
     OutboxRow,
+    Problem,
+    TaskListing,
     TaskRow,
 )
 from mailgate.store.sqlite import Store, probe
@@ -28,7 +30,9 @@ __all__ = [
     "NewReply",
     "NewTask",
     "OutboxRow",
+    "Problem",
     "Store",
+    "TaskListing",
     "TaskRow",
     "holder",
     "probe",

@@ -62,6 +62,11 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE inbound ADD COLUMN refs TEXT;"
     "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
     "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
+    # 3: the relay's reply to a delivery in its own column (`last_error` holds only errors); how the
+    # message's turn ended at the API (so `replay` knows to post a new turn after an errored one)
+    "ALTER TABLE outbox ADD COLUMN relay_reply TEXT;"
+    "ALTER TABLE inbound ADD COLUMN turn_status TEXT;"
+    "UPDATE outbox SET relay_reply=last_error, last_error=NULL WHERE state='sent' AND last_error LIKE '2%';",
 )
 VERSION = len(MIGRATIONS)
 
@@ -98,6 +103,7 @@ class InboundRow:
     refs: str | None = None  # References, space-separated, oldest first
     to_cc: str | None = None  # JSON list of the addresses on To and Cc
     sender_name: str | None = None  # the From display name
+    turn_status: str | None = None  # how the turn ended at the API (completed, error, ...); None: not yet
 
     @property
     def in_reply_to_ids(self) -> list[str]:
@@ -131,6 +137,7 @@ class OutboxRow:
     created_at: float
     updated_at: float
     sent_at: float | None
+    relay_reply: str | None = None  # the relay's reply to the last delivery that it took ("250 2.0.0 ...")
 
     @property
     def recipient_list(self) -> list[str]:
@@ -149,6 +156,27 @@ class TaskRow:
     url: str | None
     turns: int
     archived: int
+
+
+@dataclass
+class TaskListing(TaskRow):
+    """A task as the operator's `tasks` table shows it: its row, the state of its newest message (its
+    status: `running`, `answered`, `failed`, ...) and when that message came."""
+
+    status: str | None = None
+    last_message_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that went wrong lately, for `mailgate status`: a failed message, a dead or retrying
+    reply, a message waiting on a retry."""
+
+    at: float
+    table: str  # inbound or outbox
+    id: str
+    state: str
+    error: str
 
 
 def row_of(cls: type[Any], row: sqlite3.Row | None) -> Any:
