@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from mailgate.admission import threads
-from mailgate.admission.admit import BAD_TOKEN, Admission, combine
+from mailgate.admission.admit import BAD_TOKEN, Admission
 from mailgate.models import InboundState, SmtpReply
+from mailgate.smtp.handler import combine
 from mailgate.store import InboundRow, Store
 from tests.conftest import DOMAIN, settings_for
 from tests.mail import make_mail
@@ -359,7 +360,10 @@ async def test_a_task_reached_by_token_and_plain_address_makes_one_turn(
     assert rows[tokened.lower()].task_id == first.task_id
     assert rows[RESEARCH].state == InboundState.IGNORED
     assert (rows[RESEARCH].reason, rows[RESEARCH].task_id) == (f"same task as {turn}", None)
-    assert await store.count_turns(first.task_id, 0.0) == 2
+    facts = await store.admission_facts(
+        [], token_task_ids=[first.task_id], sender=first.sender, max_turns=100, max_new_tasks=1
+    )
+    assert facts.turns[first.task_id] == 2
 
 
 async def test_a_bad_token_at_data_is_refused_for_that_recipient_only(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from ulid import ULID
 
-from mailgate.errors import StoreBusy
+from mailgate.errors import RawMissing, StoreBusy
 from mailgate.models import InboundState, OutboxState, TaskRef
 from mailgate.store import Admitted, NewMessage, NewReply, NewTask, Store
 from mailgate.store.schema import ACTIVE, MIGRATIONS, VERSION
@@ -28,6 +28,20 @@ pytestmark = pytest.mark.anyio
 OWNER = "alice@example.org"
 NEW_COLUMNS = ("in_reply_to", "refs", "to_cc", "sender_name")
 TERMINAL = tuple(s for s in InboundState if s not in ACTIVE)
+
+
+async def task_by_chain(store: Store, message_ids: list[str], alias: str) -> TaskRef | None:
+    """The task the Message-IDs name for `alias`, as admission reads it."""
+    facts = await store.admission_facts(
+        [], chain=message_ids, aliases=[alias], sender="x@example.org", max_turns=1, max_new_tasks=1
+    )
+    return facts.by_chain.get(alias)
+
+
+async def duplicate_of(store: Store, key: str) -> str | None:
+    """The queue id a dedupe key was committed under, as admission reads it."""
+    facts = await store.admission_facts([key], max_turns=1, max_new_tasks=1)
+    return facts.duplicates[key]
 
 
 @pytest.fixture
@@ -184,7 +198,7 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_rows(tmp_path: Path, 
         row = await store.inbound("m1")
         task = await store.task_row("tsk_1")
         sent = await store.outbox_row("o1")
-        found = await store.task_for_message_ids(["<old@example.org>"], "research")
+        found = await task_by_chain(store, ["<old@example.org>"], "research")
         raw = await store.raw("raw1")
     finally:
         await store.close()
@@ -269,10 +283,8 @@ async def test_admit_commits_the_raw_message_and_every_row(store: Store) -> None
     assert rows[0].sender_name == "Alice Example"
     assert await store.task(task.id) == TaskRef(task.id, "research", OWNER)
     assert await store.participants(task.id) == ["alice@example.org", "bob@example.org"]
-    assert await store.task_for_message_ids(["<q1@example.org>"], "research") == TaskRef(
-        task.id, "research", OWNER
-    )
-    assert await store.duplicate_of(batch.messages[0].dedupe_key) == batch.messages[0].id
+    assert await task_by_chain(store, ["<q1@example.org>"], "research") == TaskRef(task.id, "research", OWNER)
+    assert await duplicate_of(store, batch.messages[0].dedupe_key) == batch.messages[0].id
 
 
 async def test_a_duplicate_dedupe_key_fails_the_whole_admit(store: Store) -> None:
@@ -284,12 +296,12 @@ async def test_a_duplicate_dedupe_key_fails_the_whole_admit(store: Store) -> Non
     batch = admitted(fresh, clash, tasks=[task], participants=[(task.id, "carol@example.org")])
     with pytest.raises(StoreBusy, match="commit failed"):
         await store.admit(batch)
-    with pytest.raises(StoreBusy, match="missing"):
+    with pytest.raises(RawMissing, match="missing"):
         await store.raw(batch.raw_id)
     assert await store.task_row(task.id) is None
     assert await store.inbound(batch.messages[0].id) is None
     assert await store.participants(task.id) == []
-    assert await store.duplicate_of(committed.dedupe_key) == committed.id
+    assert await duplicate_of(store, committed.dedupe_key) == committed.id
 
 
 @pytest.mark.parametrize("callers", [8, 40])
@@ -422,7 +434,7 @@ async def test_finish_ends_the_message_with_its_replies_in_one_transaction(store
     assert rows[0].recipient_list == [OWNER, "bob@example.org"]
     assert rows[0].data == replies[0].data and rows[0].updated_at == replies[0].created_at
     for sent in replies:
-        assert await store.task_for_message_ids([sent.message_id], "research") == TaskRef(
+        assert await task_by_chain(store, [sent.message_id], "research") == TaskRef(
             task.id, "research", OWNER
         )
     task_row = await store.task_row(task.id)
@@ -443,7 +455,7 @@ async def test_a_failing_finish_leaves_everything_as_it_was(store: Store) -> Non
     assert row is not None and row.state == InboundState.RECEIVED
     assert await store.outbox_for(second.id) == []
     assert await store.outbox_row(clash[0].id) is None
-    assert await store.task_for_message_ids([clash[0].message_id], "research") is None
+    assert await task_by_chain(store, [clash[0].message_id], "research") is None
     task_row = await store.task_row(task.id)
     assert task_row is not None and task_row.turns == 1
 
