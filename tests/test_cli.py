@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,9 @@ async def test_messages_lists_by_state_readably_and_as_json(
     code, out, _ = await run(capsys, env, "messages")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["ID", "STATE", "SENDER"]
+    assert lines[0].split()[:4] == ["RECEIVED", "ID", "STATE", "SENDER"]
     assert len(lines) == 3 and filled["good"] in out and filled["bad"] in out
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines[1:])
 
     code, out, _ = await run(capsys, env, "messages", "--state", "failed", "--json")
     assert code == 0
@@ -155,7 +157,7 @@ async def test_show_a_message_with_headers_states_errors_and_task_link(
     assert code == 0 and json.loads(out)["outbox"]["state"] == "sent"
 
     code, _, err = await run(capsys, env, "show", "nope")
-    assert code == 2 and "no message, outbox row or task nope" in err
+    assert code == 1 and "no message, outbox row, task or Message-ID nope" in err
 
 
 async def test_replay_requeues_only_failed_messages(
@@ -166,7 +168,7 @@ async def test_replay_requeues_only_failed_messages(
     code, out, _ = await run(capsys, env, "replay", filled["bad"])
     assert code == 0 and "queued again" in out
     code, _, err = await run(capsys, env, "replay", filled["good"])
-    assert code == 2 and "not a failed" in err
+    assert code == 1 and "not a failed" in err
 
     settings = settings_for(tmp_path, sandbox.url, relay.port)
     async with Gateway(settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2) as gw:
@@ -189,7 +191,7 @@ async def test_archive_deletes_the_task_at_the_api(
     assert (code, out.strip()) == (0, f"{filled['task']}: archived")
     assert sandbox.state.tasks[filled["task"]].archived
     code, out, _ = await run(capsys, env, "show", filled["task"], "--json")
-    assert json.loads(out)["task"]["archived"] == 1
+    assert json.loads(out)["task"]["archived"] is True
 
 
 async def test_archive_reports_an_api_failure(
@@ -203,12 +205,13 @@ async def test_archive_reports_an_api_failure(
     assert not sandbox.state.tasks[filled["task"]].archived
 
 
-async def test_a_bad_env_file_exits_78(tmp_path: Path, capsys: Any) -> None:
-    """The operator verbs validate the configuration like `serve` does."""
+async def test_a_bad_env_file_exits_78_naming_only_the_keys_the_verbs_use(tmp_path: Path, capsys: Any) -> None:
+    """The operator verbs validate the keys they read (every bad one named) and ignore the gateway's."""
     env = tmp_path / "bad.env"
-    env.write_text("MAILGATE_DOMAIN=not a domain\n")
+    env.write_text("MAILGATE_DOMAIN=not a domain\nMAILGATE_LOG_LEVEL=LOUD\nMAILGATE_METRICS_LISTEN=nowhere\n")
     capsys.readouterr()
     code = await anyio.to_thread.run_sync(cli.main, ["messages", "--env-file", str(env)])
     err = capsys.readouterr().err
     assert code == 78
-    assert "MAILGATE_DOMAIN" in err and "MAILGATE_WORKERS" in err
+    assert "MAILGATE_LOG_LEVEL" in err and "MAILGATE_METRICS_LISTEN" in err
+    assert "MAILGATE_DOMAIN" not in err and "MAILGATE_WORKERS" not in err
