@@ -3,7 +3,7 @@
 A small server of its own on the gateway's event loop (`asyncio.start_server`), not uvicorn: uvicorn's
 `Server.serve()` installs SIGINT/SIGTERM handlers that would fight `mailgate serve`'s, and three GETs
 need no framework. Each connection carries one request: the request line and headers are read within
-`READ_TIMEOUT` seconds and at most `MAX_REQUEST` bytes (over: 431, too slow: closed), only GET and HEAD
+`read_timeout` seconds (default 5) and at most `MAX_REQUEST` bytes (over: 431, too slow: closed), only GET and HEAD
 are served (405 otherwise), and every answer says `Connection: close`.
 
 - `/healthz`: 200 `ok` while the process serves (the event loop answers).
@@ -46,9 +46,10 @@ class Probe(Protocol):
 class Monitor:
     """Serves the endpoints of one gateway. `await start(host, port)`; `await close()`."""
 
-    def __init__(self, metrics: Metrics, probe: Probe) -> None:
+    def __init__(self, metrics: Metrics, probe: Probe, *, read_timeout: float = READ_TIMEOUT) -> None:
         self.metrics = metrics
         self.probe = probe
+        self.read_timeout = read_timeout
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -98,7 +99,7 @@ class Monitor:
         """(status, body, content type, HEAD?) for the one request on this connection."""
         text = "text/plain; charset=utf-8"
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(self.read_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             return 431, b"request too large\n", text, False

@@ -205,7 +205,9 @@ async def test_archive_reports_an_api_failure(
     assert not sandbox.state.tasks[filled["task"]].archived
 
 
-async def test_a_bad_env_file_exits_78_naming_only_the_keys_the_verbs_use(tmp_path: Path, capsys: Any) -> None:
+async def test_a_bad_env_file_exits_78_naming_only_the_keys_the_verbs_use(
+    tmp_path: Path, capsys: Any
+) -> None:
     """The operator verbs validate the keys they read (every bad one named) and ignore the gateway's."""
     env = tmp_path / "bad.env"
     env.write_text("MAILGATE_DOMAIN=not a domain\nMAILGATE_LOG_LEVEL=LOUD\nMAILGATE_METRICS_LISTEN=nowhere\n")

@@ -484,7 +484,12 @@ async def pending_reply(store: Store) -> str:
         (
             OutboxState.SENT,
             {"error": None, "reply": "250 2.0.0 Ok: queued as Q1", "refused": {}, "sent_at": 1234.5},
-            {"last_error": None, "relay_reply": "250 2.0.0 Ok: queued as Q1", "refused": None, "sent_at": 1234.5},
+            {
+                "last_error": None,
+                "relay_reply": "250 2.0.0 Ok: queued as Q1",
+                "refused": None,
+                "sent_at": 1234.5,
+            },
         ),
         (
             OutboxState.RETRY,
