@@ -3,8 +3,8 @@
 A small server of its own on the gateway's event loop (`asyncio.start_server`), not uvicorn: uvicorn's
 `Server.serve()` installs SIGINT/SIGTERM handlers that would fight `mailgate serve`'s, and three GETs
 need no framework. Each connection carries one request: the request line and headers are read within
-`read_timeout` seconds (default 5) and at most `MAX_REQUEST` bytes (over: 431, too slow: closed), only GET and HEAD
-are served (405 otherwise), and every answer says `Connection: close`.
+`read_timeout` seconds (default 5) and at most `MAX_REQUEST` bytes (over: 431, too slow: closed), only
+GET and HEAD are served (405 otherwise), and every answer says `Connection: close`.
 
 - `/healthz`: 200 `ok` while the process serves (the event loop answers).
 - `/readyz`: 200 `ready` when `Probe.not_ready()` finds nothing wrong, else 503 with one reason a line.

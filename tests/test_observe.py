@@ -292,7 +292,7 @@ async def test_an_ignored_bounce_is_logged_with_its_reason_and_queue_id(
 async def test_a_failed_message_is_a_warning_and_a_sent_reply_names_recipients_and_the_relay_reply(
     make_gateway: Callable[..., Gateway], relay: RecordingRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`message_done` of a failed message is WARNING; `outbox_sent` names who got it and what the relay said."""
+    """A failed message is a WARNING; `outbox_sent` names the recipients and the relay's reply."""
     caplog.set_level(logging.INFO, logger="mailgate")
     async with make_gateway() as gw:
         await smtp_send(gw.smtp_port, make_mail(body="Refuse me [sandbox:status=422]"))
