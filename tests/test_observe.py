@@ -414,3 +414,27 @@ async def test_serve_logs_json_lines_that_parse_and_carry_typed_fields(
     stopped = next(e for e in found if e["event"] == "stopped")
     assert stopped["cancelled"] == 0  # an int, not "0"
     assert [e["event"] for e in found].count("stopping") == 1
+
+
+async def test_an_lmtp_refusal_on_the_unix_socket_names_the_socket(
+    make_gateway: Callable[..., Gateway], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An LMTP client on the unix socket has no address: the line names the socket (`client=unix:...`)."""
+    caplog.set_level(logging.INFO, logger="mailgate")
+    sock = tmp_path / "lmtp.sock"
+    async with make_gateway(MAILGATE_LMTP_LISTEN=f"unix:{sock}"):
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        await reader.readline()
+        for command in (
+            b"LHLO mx.example.com",
+            b"MAIL FROM:<alice@example.org>",
+            f"RCPT TO:<x@{DOMAIN}>".encode(),
+        ):
+            writer.write(command + b"\r\n")
+            while (await asyncio.wait_for(reader.readline(), 10))[3:4] == b"-":
+                pass
+        writer.write(b"QUIT\r\n")
+        await reader.read()
+        writer.close()
+    [record] = [r for r in caplog.records if r.getMessage() == "smtp_reject"]
+    assert f" client=unix:{sock} helo=mx.example.com mail_from=alice@example.org " in line(record)
