@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 run: $(VENV)/.run
 	$(BIN)/mailgate demo
 
+# four workers: most tests wait on sockets and timers, so they overlap well even on two cores
 test: $(VENV)/.test
-	$(BIN)/pytest
+	$(BIN)/pytest -n 4
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
