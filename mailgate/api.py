@@ -268,7 +268,10 @@ async def _read_run(response: httpx.Response, on_progress: Progress) -> RunResul
             if isinstance(body, dict):
                 result = _run_from_json(body)
     except httpx.HTTPError as exc:
-        logger.warning("api.answer_incomplete: %s (%s); reconcile with GET", type(exc).__name__, exc)
+        logger.warning(
+            "api_answer_incomplete: the turn was accepted; its end is read with GET",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
     if on_progress is not None:
         _notify(on_progress, result)
     return result
