@@ -285,11 +285,12 @@ class Scheduler:
         )
 
     async def _stalled(self, row: InboundRow, exc: Exception) -> None:
-        """Pause everything for a while; the message keeps its state and is tried again after the pause."""
-        self.storage.trip(f"{type(exc).__name__}: {exc}")
+        """Pause everything for a while; the message keeps its state and is tried again after the pause.
+        The row is put right before the pause begins, so whoever sees the pause sees the row at rest."""
         if row.state == InboundState.RECEIVED:  # the crash counted before reading the body was not one
             with contextlib.suppress(Exception):
                 await self.store.count_crash(row.id, row.crashes)
+        self.storage.trip(f"{type(exc).__name__}: {exc}")
 
     async def _crashed(self, row: InboundRow, exc: Exception) -> None:
         log.exception("message_crashed", extra={"inbound": row.id})
