@@ -166,6 +166,7 @@ class SmtpNoopProbe:
         self.connect_timeout = connect_timeout
         self.name = name
         self.round_trips: list[float] = []
+        self.sent: list[float] = []  # perf_counter when each NOOP went, parallel to round_trips
         self.errors = 0
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -204,6 +205,7 @@ class SmtpNoopProbe:
                 self.errors += 1
                 return
             self.round_trips.append(time.perf_counter() - started)
+            self.sent.append(started)
             if code != 250:
                 self.errors += 1
             await asyncio.sleep(max(0.0, started + self.interval - time.perf_counter()))
@@ -217,6 +219,7 @@ class SmtpNoopProbe:
             self._task = None
             if self._sent_at is not None:
                 self.round_trips.append(time.perf_counter() - self._sent_at)
+                self.sent.append(self._sent_at)
                 self._sent_at = None
         if self._writer is not None:
             with contextlib.suppress(OSError):
@@ -231,6 +234,13 @@ class SmtpNoopProbe:
 
     def report(self) -> LagReport:
         return LagReport(self.name, tuple(self.round_trips), self.threshold, self.errors)
+
+    def between(self, start: float, end: float) -> list[float]:
+        """Round trips of the NOOPs that were waiting at some moment between `start` and `end`
+        (perf_counter values)."""
+        return [
+            rt for at, rt in zip(self.sent, self.round_trips, strict=True) if at <= end and at + rt >= start
+        ]
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

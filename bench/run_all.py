@@ -10,7 +10,10 @@ from pathlib import Path
 
 from _common import header, run_py
 
-SCRIPTS = ["smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py"]
+SCRIPTS = [
+    "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py",
+    "huge_answer.py",
+]  # fmt: skip
 
 
 def main() -> int:

@@ -82,6 +82,7 @@ def public(row: Any) -> dict[str, Any]:
     """A store row as an operator reads it: no raw bytes, times as ISO, JSON columns and flags decoded."""
     data = asdict(row)
     data.pop("data", None)
+    data.pop("fallback", None)  # the bytes of a links-only version of a reply
     for key, value in data.items():
         if key.endswith("_at"):
             data[key] = iso(value)

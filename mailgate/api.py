@@ -1,4 +1,5 @@
-"""The Handinger API client: one shared `httpx.AsyncClient`, every foreign error translated here.
+"""The Handinger API client: one shared `httpx.AsyncClient` (and one for output files, see `download`),
+every foreign error translated here.
 
 `HandingerClient.create_turn` posts one turn (JSON, or multipart when there are files; streamed as SSE
 when the server supports it) and returns what it saw as a `RunResult`. It never retries a request that
@@ -6,17 +7,21 @@ may have created a turn: the caller reconciles with `get_task` first (see DESIGN
 
 Errors (see `mailgate.errors`): `ApiUnavailable` (transport errors, timeouts, 429, 409, 5xx, redirects;
 `maybe_sent` tells whether the request may have done something), `ApiUnauthorized` (401), `ApiRejected`
-(other 4xx, with the API's own short reason), `TooLarge` (`download` past `max_bytes`). A read error
-*after* a 2xx answer to `create_turn` is no error: the turn was accepted, so `RunResult(done=False)`.
+(other 4xx, with the API's own short reason), `TooLarge` (`download` past `max_bytes`),
+`DownloadRefused` (`download` of a URL that `egress` does not allow). A read error *after* a 2xx answer
+to `create_turn` is no error: the turn was accepted, so `RunResult(done=False)`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import ExitStack, aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import ExitStack, aclosing, asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -26,8 +31,9 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
-from mailgate import __version__
-from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
+from mailgate import __version__, egress
+from mailgate.config import OutputHost
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, DownloadRefused, TooLarge
 from mailgate.metrics import Metrics
 from mailgate.models import OutputFile, RunResult, Source, TaskSnapshot, Turn, UploadFile
 
@@ -37,7 +43,6 @@ _REASON_MAX = 300
 _ERROR_BODY_MAX = 64 * 1024
 _MAX_REDIRECTS = 5
 _PROGRESS_INTERVAL = 0.5  # seconds between on_progress calls while text streams in
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 STREAM_RETRY_AFTER = 3600.0  # seconds to use the blocking form after the API refused a stream
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 Progress = Callable[[RunResult], None] | None
@@ -62,10 +67,15 @@ class HandingerClient:
         files_field: str = "files",
         stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        output_hosts: Sequence[OutputHost] = (),
+        private_origins: Iterable[str] = (),
+        verify: ssl.SSLContext | bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         self.base_url = httpx.URL(base_url.rstrip("/"))
         self.metrics = metrics if metrics is not None else Metrics()
+        # where output files may come from; `private_origins`: for tests, whose servers are on loopback
+        self.destinations = egress.Destinations(self.base_url, output_hosts, private_origins)
         self.send_triggered_by = send_triggered_by
         self.files_field = files_field
         self.stream = stream
@@ -80,6 +90,16 @@ class HandingerClient:
             timeout=httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=30.0),
             follow_redirects=False,
             transport=transport,
+            verify=verify,
+            event_hooks={"response": [self._count]},
+        )
+        self._files = httpx.AsyncClient(  # output files: see `download`
+            headers={"User-Agent": f"mailgate/{__version__}"},
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=0),
+            timeout=httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=30.0),
+            follow_redirects=False,
+            trust_env=False,
+            verify=verify,
             event_hooks={"response": [self._count]},
         )
 
@@ -102,6 +122,7 @@ class HandingerClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._files.aclose()
 
     async def create_turn(
         self,
@@ -209,22 +230,34 @@ class HandingerClient:
         return True
 
     async def download(self, url: str, *, max_bytes: int) -> tuple[bytes, str | None]:
-        """Fetch a file the worker produced: (bytes, content-type). `TooLarge` past `max_bytes`.
+        """Fetch a file the worker produced: (bytes, content-type). `TooLarge` past `max_bytes`;
+        `DownloadRefused` for a URL that `egress.Destinations` does not allow (another host, a private
+        address, a redirect to another origin, not http(s)).
 
-        The API key goes only to the API's own origin (scheme, host and port), also across redirects.
+        The address connected to is the address checked: the host is resolved here, every address it
+        has is checked, and the request goes to a checked address by IP, with the URL's host in the Host
+        header and, over https, in SNI and the certificate check. (A transport with socket options
+        never sees the name; checking the peer after connecting comes after the request was sent.)
+        Connections for files are not kept (a kept one would be reused by address, for any name) and
+        no proxy from the environment is used (the proxy would be what is connected to). The API key
+        goes only to the API's own origin, also across redirects.
         """
         try:
             target = self.base_url.join(url)
         except httpx.InvalidURL:
-            raise ApiRejected(0, f"not a URL: {url[:100]!r}") from None
+            raise DownloadRefused(egress.NOT_WEB) from None
+        first: egress.Origin | None = None
         for _ in range(_MAX_REDIRECTS + 1):
-            if target.scheme not in ("http", "https"):
-                raise ApiRejected(0, f"not an http(s) URL: {str(target)[:100]}")
-            headers = self._auth if _origin(target) == _origin(self.base_url) else {}
+            where = self.destinations.check_url(target, redirected_from=first)
+            first = first or where
+            headers = self._auth if where == self.destinations.api else {}
             try:
-                async with self._client.stream("GET", target, headers=headers) as response:
+                async with self._open(target, where, headers) as response:
                     if response.is_redirect and "location" in response.headers:
-                        target = target.join(response.headers["location"])
+                        try:
+                            target = target.join(response.headers["location"])
+                        except httpx.InvalidURL:
+                            raise DownloadRefused(egress.NOT_WEB) from None
                         continue
                     if not response.is_success:
                         _raise_for_status(response, await _read_error_body(response))
@@ -240,6 +273,37 @@ class HandingerClient:
             except httpx.HTTPError as exc:
                 raise self._translate(exc) from exc
         raise ApiRejected(0, f"more than {_MAX_REDIRECTS} redirects")
+
+    @asynccontextmanager
+    async def _open(
+        self, target: httpx.URL, where: egress.Origin, headers: dict[str, str]
+    ) -> AsyncIterator[httpx.Response]:
+        """GET `target` from a checked address of its host (the next one when one refuses to connect)."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(where[1], where[2], type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ApiUnavailable(f"cannot look up {where[1]}: {exc}", maybe_sent=False) from exc
+        addresses = self.destinations.check_addresses(where, [str(info[4][0]) for info in infos])
+        host = target.raw_host.decode("ascii")
+        extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+        headers = {**headers, "Host": target.netloc.decode("ascii")}
+        failed: httpx.HTTPError | None = None
+        for address in addresses:
+            request = self._files.build_request(
+                "GET", target.copy_with(host=address), headers=headers, extensions=extensions
+            )
+            try:
+                response = await self._files.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failed = exc  # nothing was sent: try the next address
+                continue
+            try:
+                yield response
+            finally:
+                await response.aclose()
+            return
+        assert failed is not None
+        raise failed
 
     async def _get_json(self, path: str, *, params: Any = None, method: str = "GET") -> dict[str, Any] | None:
         """One small request: the JSON object on 2xx, None on 404, translated errors otherwise."""
@@ -374,10 +438,6 @@ def _json(raw: str | bytes) -> Any:
         return None
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme)
-
-
 async def _read_error_body(response: httpx.Response) -> bytes:  # a proxy's error page can be big
     chunks = bytearray()
     async for chunk in response.aiter_bytes():
@@ -436,7 +496,7 @@ _RESOURCES = ("tasks", "workers")  # /api/<resource>/{id}
 def _endpoint(url: httpx.URL, base: httpx.URL) -> str:
     """The endpoint template of `url` (`/api/tasks/{id}/turns`): a bounded label, never an id.
     Files fetched from elsewhere than the API's origin are `download`."""
-    if _origin(url) != _origin(base):
+    if egress.origin(url) != egress.origin(base):
         return "download"
     parts = [p for p in url.path.removeprefix(base.path.rstrip("/")).split("/") if p]
     if len(parts) < 2 or parts[0] != "api" or parts[1] not in _RESOURCES:

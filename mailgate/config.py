@@ -51,6 +51,33 @@ class Relay:
 
 
 @dataclass(frozen=True)
+class OutputHost:
+    """One MAILGATE_OUTPUT_HOSTS entry: a host mailgate may download output files from.
+
+    A host is the URL's host as written (a name or an IP literal), never what it resolves to: listing
+    `127.0.0.1` does not allow `localhost`, nor the other way round. Without a port, only the scheme's
+    default port (80 for http, 443 for https); `*.example.com` allows every name under example.com (not
+    example.com itself). Where it resolves is checked separately (no private addresses).
+    """
+
+    host: str  # lower case, IDNA, no trailing dot; an IPv6 literal without brackets
+    port: int | None = None
+    subdomains: bool = False
+
+    def matches(self, scheme: str, host: str, port: int | None) -> bool:
+        """Whether `scheme://host:port` (host already in lower-case IDNA form) is this entry."""
+        default = {"http": 80, "https": 443}.get(scheme)
+        if (port or default) != (self.port or default) or default is None:
+            return False
+        host = host.rstrip(".")
+        return host.endswith("." + self.host) if self.subdomains else host == self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return ("*." if self.subdomains else "") + host + (f":{self.port}" if self.port else "")
+
+
+@dataclass(frozen=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int = 2525
@@ -95,6 +122,10 @@ class Settings:
     # what the worker's output may attach to a reply
     output_file_max: int = 10 * MiB
     output_total_max: int = 20 * MiB
+    output_hosts: tuple[OutputHost, ...] = ()  # besides the API's own origin
+    # how big a reply may get
+    max_answer_inline: int = 64 * 1024  # bytes of the answer shown in the body; the rest is attached
+    max_reply_size: int = 10 * MiB  # bytes on the wire, attachments included
     # limits against abuse and loops
     max_new_tasks_per_hour: int = 20
     max_turns_per_thread_per_hour: int = 12
@@ -201,6 +232,9 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         max_processing_attempts=p.get("MAILGATE_MAX_PROCESSING_ATTEMPTS", _positive_int, 5) or 5,
         output_file_max=p.get("MAILGATE_OUTPUT_FILE_MAX", _positive_int, 10 * MiB) or 10 * MiB,
         output_total_max=p.get("MAILGATE_OUTPUT_TOTAL_MAX", _positive_int, 20 * MiB) or 20 * MiB,
+        output_hosts=p.get("MAILGATE_OUTPUT_HOSTS", _output_hosts, ()) or (),
+        max_answer_inline=p.get("MAILGATE_MAX_ANSWER_INLINE", _positive_int, 64 * 1024) or 64 * 1024,
+        max_reply_size=p.get("MAILGATE_MAX_REPLY_SIZE", _positive_int, 10 * MiB) or 10 * MiB,
         max_new_tasks_per_hour=p.get("MAILGATE_MAX_NEW_TASKS_PER_HOUR", _positive_int, 20) or 20,
         max_turns_per_thread_per_hour=p.get("MAILGATE_MAX_TURNS_PER_THREAD_PER_HOUR", _positive_int, 12)
         or 12,
@@ -384,6 +418,45 @@ def _url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {value!r}")
     return value
+
+
+def _output_hosts(value: str) -> tuple[OutputHost, ...]:
+    hosts = []
+    for item in filter(None, (part.strip().lower() for part in value.split(","))):
+        if "/" in item or "@" in item:
+            raise ValueError(f"{item!r}: expected host, host:port or *.domain (a host, not a URL)")
+        subdomains = item.startswith("*.")
+        rest = item.removeprefix("*.")
+        if rest.startswith("["):  # [IPv6]:port
+            host, _, port = rest[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = rest.partition(":")
+        host = host.rstrip(".")
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError(f"{item!r}: not a host name") from None
+        try:
+            number = int(port) if port else None
+        except ValueError:
+            raise ValueError(f"{item!r}: bad port {port!r}") from None
+        if number is not None and not 0 < number < 65536:
+            raise ValueError(f"{item!r}: port out of range")
+        literal = _ip_literal(host)
+        if (literal and subdomains) or not (literal or _DOMAIN.match(host)):
+            raise ValueError(f"{item!r}: expected host, host:port or *.domain")
+        hosts.append(OutputHost(literal or host, number, subdomains))
+    return tuple(hosts)
+
+
+def _ip_literal(host: str) -> str | None:
+    """`host` in canonical form when it is an IP address, else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def _is_loopback_url(url: str) -> bool:

@@ -16,8 +16,9 @@ MailgateError
     ├── BadToken             (a recipient's reply token does not verify)
     ├── ApiRejected          (400/402/403/404/422) carries the status and the API's reason
     ├── TooLarge             (a download past its limit)
+    ├── DownloadRefused      (an output file mailgate may not fetch) carries the reason for the reader
     ├── RawMissing           (a message's raw bytes are gone: pruned, or the store was edited)
-    └── DeliveryFailed       (relay 5xx)
+    └── DeliveryFailed       (relay 5xx) `too_large`: the relay refused the message's size
 ```
 
 Foreign exceptions (httpx, sqlite3, aiosmtplib) are translated into these at one boundary each
@@ -128,9 +129,23 @@ class TooLarge(PermanentError):
         self.limit = limit
 
 
+class DownloadRefused(PermanentError):
+    """An output file's URL is not one mailgate fetches (another host, a private address, a redirect to
+    another site, not http(s)). `reason` is for the reply's reader: "not fetched: ..."."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RawMissing(PermanentError):
     """A message's raw bytes are not in the store (pruned after the retention time, or edited away)."""
 
 
 class DeliveryFailed(PermanentError):
-    """The relay refused the message permanently (5xx)."""
+    """The relay refused the message permanently (5xx). `too_large`: for its size (552, or the enhanced
+    status 5.3.4 / 5.2.3), so a smaller version of the same message may still go through."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large

@@ -174,11 +174,13 @@ class TaskSnapshot:
 
 @dataclass(frozen=True)
 class AttachedFile:
-    """An output file of the worker's, downloaded, to attach to the reply."""
+    """An output file of the worker's, downloaded, to attach to the reply (`url`: where it came from,
+    for a link when it does not fit)."""
 
     filename: str
     content_type: str
     data: bytes
+    url: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@
 
 Optional: STARTTLS (`tls_context`, a server context), implicit TLS (`implicit_tls=True`), AUTH
 (`logins={"user": "password"}`, required before MAIL when given; PLAIN and LOGIN, or fewer with
-`auth_exclude`), per-recipient refusals (`refuse`). Every message is recorded with whether its session was
-encrypted, who logged in and the client's EHLO name (`tls`, `users`, `helo_names`, parallel to
-`messages`).
+`auth_exclude`), per-recipient refusals (`refuse`), no 8BITMIME in its EHLO (`eight_bit_mime=False`).
+Every message is recorded with whether its session was encrypted, who logged in and the client's EHLO
+name (`tls`, `users`, `helo_names`, parallel to `messages`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class RecordingRelay:
         auth_exclude: Sequence[str] = (),
         hostname: str = "relay.test",
         smtputf8: bool = True,
+        eight_bit_mime: bool = True,
     ) -> None:
         if implicit_tls and tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
@@ -57,6 +58,7 @@ class RecordingRelay:
         self.auth_exclude = list(auth_exclude)
         self.hostname = hostname
         self.smtputf8 = smtputf8
+        self.eight_bit_mime = eight_bit_mime
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.tls: list[bool] = []  # per message: was the session encrypted
         self.users: list[str | None] = []  # per message: the AUTH user, if any
@@ -148,6 +150,12 @@ class RecordingRelay:
         return AuthResult(success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None)
 
     # aiosmtpd handler hooks
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [r for r in responses if self.eight_bit_mime or r != "250-8BITMIME"]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]

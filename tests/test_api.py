@@ -24,7 +24,8 @@ from starlette.routing import Route
 import mailgate.api as api_module
 from mailgate import __version__
 from mailgate.api import HandingerClient
-from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, TooLarge
+from mailgate.config import OutputHost
+from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, DownloadRefused, TooLarge
 from mailgate.models import OutputFile, RunResult, Source, UploadFile
 
 pytestmark = pytest.mark.anyio
@@ -598,22 +599,26 @@ async def test_multipart_upload(tmp_path: Path, field: str) -> None:
 
 
 async def test_download_sends_the_key_only_to_the_api_origin() -> None:
-    """The key goes to the API's own origin, not to another port, not across a redirect."""
+    """The key goes to the API's own origin (also after a redirect within it), never to a listed host."""
     seen_api: Seen = []
     seen_cdn: Seen = []
     async with serve(("/f/{name}", answer(seen_cdn, lambda: PlainTextResponse("cdn bytes")), ["GET"])) as cdn:
         routes = [
             ("/files/own", answer(seen_api, lambda: Response(b"own bytes", media_type="image/png")), ["GET"]),
-            ("/files/moved", answer(seen_api, lambda: RedirectResponse(f"{cdn}/f/moved", 302)), ["GET"]),
+            ("/files/hop", answer(seen_api, lambda: RedirectResponse("/files/own", 302)), ["GET"]),
         ]
-        async with serve(*routes) as api, client_for(api) as client:
+        listed = [OutputHost("127.0.0.1", int(cdn.rpartition(":")[2]))]
+        async with (
+            serve(*routes) as api,
+            client_for(api, output_hosts=listed, private_origins=[cdn]) as client,
+        ):
             assert await client.download("/files/own", max_bytes=100) == (b"own bytes", "image/png")
             assert await client.download(f"{api}/files/own", max_bytes=100) == (b"own bytes", "image/png")
+            assert await client.download(f"{api}/files/hop", max_bytes=100) == (b"own bytes", "image/png")
             data, ctype = await client.download(f"{cdn}/f/direct", max_bytes=100)
             assert (data, ctype) == (b"cdn bytes", "text/plain; charset=utf-8")
-            assert (await client.download(f"{api}/files/moved", max_bytes=100))[0] == b"cdn bytes"
-    assert [headers.get("authorization") for headers, _ in seen_api] == ["Bearer hk_test"] * 3
-    assert [headers.get("authorization") for headers, _ in seen_cdn] == [None, None]
+    assert [headers.get("authorization") for headers, _ in seen_api] == ["Bearer hk_test"] * 4
+    assert [headers.get("authorization") for headers, _ in seen_cdn] == [None]
 
 
 async def test_download_aborts_past_max_bytes() -> None:
@@ -638,7 +643,7 @@ async def test_download_aborts_past_max_bytes() -> None:
             await client.download("/chunked", max_bytes=4096)
         with pytest.raises(ApiRejected) as gone:
             await client.download("/gone", max_bytes=4096)
-        with pytest.raises(ApiRejected):
+        with pytest.raises(DownloadRefused):
             await client.download("file:///etc/passwd", max_bytes=4096)
         assert await client.download("/declared", max_bytes=5000) == (b"y" * 5000, None)
     assert declared.value.size == 5000

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.config import Listen, Relay, default_helo_name, load_operator_settings, load_settings
+from mailgate.config import (
+    Listen,
+    OutputHost,
+    Relay,
+    default_helo_name,
+    load_operator_settings,
+    load_settings,
+)
 from mailgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +80,12 @@ def test_every_bad_key_is_named_at_once() -> None:
         ("MAILGATE_FILES_FIELD", "attachments"),
         ("MAILGATE_REQUIRE_STARTTLS", "true"),
         ("MAILGATE_TLS_CERT", "/nonexistent/cert.pem"),
+        ("MAILGATE_OUTPUT_HOSTS", "https://files.example.com/"),
+        ("MAILGATE_OUTPUT_HOSTS", "files.example.com:0"),
+        ("MAILGATE_OUTPUT_HOSTS", "*.10.0.0.1"),
+        ("MAILGATE_OUTPUT_HOSTS", "files example.com"),
+        ("MAILGATE_MAX_ANSWER_INLINE", "0"),
+        ("MAILGATE_MAX_REPLY_SIZE", "ten"),
     ],
 )
 def test_bad_values_are_refused(key: str, value: str) -> None:
@@ -237,3 +250,31 @@ def test_operator_settings_read_dot_env_in_the_working_directory(tmp_path: Path)
             environ={"HANDINGER_BASE_URL": "ftp://x", "MAILGATE_LOG_LEVEL": "LOUD"}, cwd=tmp_path
         )
     assert [p.split(":")[0] for p in info.value.problems] == ["HANDINGER_BASE_URL", "MAILGATE_LOG_LEVEL"]
+
+
+def test_output_hosts_parse_and_match() -> None:
+    """MAILGATE_OUTPUT_HOSTS: names as written (IDNA, lower case), default ports unless given, `*.` for
+    names under a domain; a host is the URL's host, so a name never matches its address."""
+    settings = load_settings(
+        environ={
+            **MINIMAL,
+            "MAILGATE_OUTPUT_HOSTS": "Files.Example.com, *.cdn.example.net:8443, [::1]:9, bücher.example",
+        }
+    )
+    files, cdn, v6, idn = settings.output_hosts
+    assert (files, cdn, v6) == (
+        OutputHost("files.example.com"),
+        OutputHost("cdn.example.net", 8443, True),
+        OutputHost("::1", 9),
+    )
+    assert idn == OutputHost("xn--bcher-kva.example")
+    assert files.matches("https", "files.example.com", 443) and files.matches("http", "files.example.com", 80)
+    assert not files.matches("https", "files.example.com", 8443)
+    assert not files.matches("https", "evil.files.example.com", 443)
+    assert cdn.matches("https", "a.b.cdn.example.net", 8443) and not cdn.matches(
+        "https", "cdn.example.net", 8443
+    )
+    assert not cdn.matches("https", "a.cdn.example.net", 443)
+    assert v6.matches("http", "::1", 9) and not v6.matches("http", "localhost", 9)
+    assert str(cdn) == "*.cdn.example.net:8443" and str(v6) == "[::1]:9"
+    assert load_settings(environ=MINIMAL).output_hosts == ()

@@ -69,6 +69,37 @@ async def test_plain_delivery_is_recorded(relay: RecordingRelay) -> None:
     assert f"SIZE={len(MESSAGE)}" in relay.mail_options[0]
 
 
+@pytest.mark.parametrize(
+    ("message", "received"),
+    [
+        (
+            b"Subject: x\r\n\r\n.starts\r\nmid\r\n..two\r\n.\r\nend",
+            b"Subject: x\r\n\r\n.starts\r\nmid\r\n..two\r\n.\r\nend\r\n",
+        ),
+        (b".Subject: x\r\n\r\nbody\r\n", b".Subject: x\r\n\r\nbody\r\n"),
+        (b"Subject: x\n\n.lf only\nend\n", b"Subject: x\r\n\r\n.lf only\r\nend\r\n"),  # through data()
+    ],
+)
+async def test_dot_lines_and_line_ends_arrive_as_meant(
+    relay: RecordingRelay, message: bytes, received: bytes
+) -> None:
+    """Lines starting with a dot (and a lone dot) survive the transparency procedure; a message with
+    bare LF line ends goes out with CRLF."""
+    await plain(relay.port).deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+    [(_, _, data)] = await relay.wait_for(1)
+    assert data == received
+
+
+async def test_a_big_message_goes_out_intact_in_slices(relay: RecordingRelay) -> None:
+    """A 3 MB message whose every line starts with a dot (so every 1 MiB slice does) arrives unchanged,
+    with SIZE= its exact size."""
+    message = b"Subject: dots\r\n\r\n" + b"".join(b".%07d" % n + b"." * 990 + b"\r\n" for n in range(3000))
+    await plain(relay.port).deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+    [(_, _, data)] = await relay.wait_for(1)
+    assert data == message
+    assert f"SIZE={len(message)}" in relay.mail_options[0]
+
+
 async def test_eight_bit_message_declares_8bitmime(relay: RecordingRelay) -> None:
     """A message with 8-bit bytes is sent with BODY=8BITMIME, unchanged."""
     message = MESSAGE.replace(b"Here they are.", "Voilà, les chiffres.".encode())
@@ -114,6 +145,39 @@ async def test_relay_refusals(relay: RecordingRelay, stage: str, reply: str, err
     assert type(caught.value) is error
     assert reply in str(caught.value)
     assert relay.messages == []
+    assert not getattr(caught.value, "too_large", False)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("MAIL", "552 5.3.4 Message size exceeds fixed limit"),  # Postfix, with SIZE= on MAIL FROM
+        ("DATA", "552 5.3.4 Message too big for system"),
+        ("DATA", "554 5.3.4 Message too big for system"),
+        ("DATA", "550 5.2.3 Message length exceeds administrative limit"),
+    ],
+)
+async def test_a_refusal_for_size_says_so(relay: RecordingRelay, stage: str, reply: str) -> None:
+    """552, or the enhanced status 5.3.4 / 5.2.3, is a permanent refusal marked `too_large`."""
+    relay.fail_next(reply, stage=stage)  # type: ignore[arg-type]
+    with pytest.raises(DeliveryFailed) as caught:
+        await plain(relay.port).deliver(MESSAGE, mail_from=SENDER, recipients=["a@example.org"])
+    assert caught.value.too_large
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_the_relay_says_whether_it_takes_8bit(offered: bool) -> None:
+    """`eight_bit` follows the relay's EHLO (8BITMIME offered or not); BODY=8BITMIME only when offered."""
+    relay = RecordingRelay(eight_bit_mime=offered)
+    await relay.start()
+    try:
+        delivery = plain(relay.port)
+        message = MESSAGE.replace(b"Here they are.", "Voilà.".encode())
+        await delivery.deliver(message, mail_from=SENDER, recipients=["alice@example.org"])
+        assert delivery.eight_bit is offered
+        assert ("BODY=8BITMIME" in relay.mail_options[0]) is offered
+    finally:
+        await relay.close()
 
 
 async def test_mixed_temporary_and_permanent_refusal_of_everyone_defers(relay: RecordingRelay) -> None:

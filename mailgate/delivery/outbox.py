@@ -3,7 +3,10 @@
 `pending -> sent`, or `retry` (relay 4xx, connection errors) with backoff until the horizon, then
 `dead`; a relay 5xx is `dead` at once. Recipients refused one by one are recorded on the row (`refused`,
 recipient -> the relay's reply); those refused with a 4xx are retried on their own (the row goes back to
-`retry`). The message bytes, and so the Message-ID, never change between attempts.
+`retry`). The message bytes, and so the Message-ID, never change between attempts, with one exception:
+when the relay refuses a reply for its size (552) and the row has a links-only version (`fallback`,
+stored by `replies.compose`), that version replaces the bytes for good and is sent at once, with the
+same Message-ID; it is `dead` only if that is refused too.
 
 When the store cannot take the outcome of an attempt (a full or failing disk), the outcome is kept in
 memory and written once the store takes writes again, so a delivered reply is never sent twice; the
@@ -17,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from mailgate.delivery.transports import Delivery
@@ -120,6 +124,19 @@ class Outbox:
             await self._defer(row, str(exc))
             return
         except DeliveryFailed as exc:
+            if exc.too_large and row.fallback is not None:
+                log.warning(
+                    "outbox_too_large",
+                    extra=_fields(row, recipients)
+                    | {
+                        "error": str(exc),
+                        "size": len(row.data),
+                        "now": len(row.fallback),
+                    },
+                )
+                await self.store.use_fallback(row.id)
+                await self._attempt(replace(row, data=row.fallback, fallback=None))
+                return
             log.error("outbox_dead", extra=_fields(row, recipients) | {"error": str(exc)})
             await self._record(row, OutboxState.DEAD, attempts=attempts, error=str(exc))
             return

@@ -6,6 +6,20 @@ and never to anyone who is not an allowed sender. Its threading comes from what 
 the row (In-Reply-To, References, To/Cc): the raw message is never read again. Its Message-ID is chosen
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
 crash carries the same id.
+
+An answer's reply is built in a worker thread (`asyncio.to_thread`: Markdown, sanitising, MIME and its
+bytes), so however big the answer, the event loop keeps serving SMTP meanwhile. Its size is bounded:
+
+- the body shows at most MAILGATE_MAX_ANSWER_INLINE bytes of the answer and says when it was cut; the
+  whole answer is then attached as `answer.md`, in the most compact encoding the relay path allows
+  (`wire.encode_text`; 8-bit only when the delivery says the relay takes it);
+- the whole reply, as bytes on the wire, stays under MAILGATE_MAX_REPLY_SIZE: the worker's files become
+  links first, the largest first, then `answer.md` is left out (the body points to the task page);
+- a reply with anything attached also gets a links-only version (no attachments, the body as capped),
+  stored with the outbox row in the same transaction: the outbox sends it, under the same Message-ID,
+  when the relay refuses the first for its size (552). Stored rather than re-rendered later, because
+  re-rendering would need the answer again (from the API, which may have moved on) and the renderer of
+  a later version; it costs the links-only bytes (the capped body, ~100-250 KB) per such reply.
 """
 
 from __future__ import annotations
@@ -14,51 +28,147 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
-from email.message import EmailMessage
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.policy import SMTP
 
 from ulid import ULID
 
 from mailgate.admission import policy, threads
 from mailgate.config import Settings
-from mailgate.models import ReplyHeaders, SkippedFile, TurnAnswer
+from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, TurnAnswer, human_size
+from mailgate.replies import wire
 from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import Renderer
+from mailgate.replies.render import InlineAnswer, Renderer, inline_answer
 from mailgate.store import InboundRow, NewReply, Store
 
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
+WHOLE_ANSWER = "answer.md"
 
 
 class Replies:
     """Builds the outbox rows for answers and notices."""
 
     def __init__(
-        self, settings: Settings, store: Store, renderer: Renderer, output_files: OutputFiles, secret: bytes
+        self,
+        settings: Settings,
+        store: Store,
+        renderer: Renderer,
+        output_files: OutputFiles,
+        secret: bytes,
+        *,
+        eight_bit: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.store = store
         self.renderer = renderer
         self.output_files = output_files
         self.secret = secret
+        self.eight_bit = eight_bit  # whether the relay path takes 8-bit data (asked at each reply)
 
     async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
         """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked)."""
         headers, recipients = await self._headers(row)
         attached, linked = await self.output_files.collect(answer.files)
-        msg = self.renderer.answer(
-            headers,
-            answer_markdown=answer.text,
-            sources=answer.sources,
-            task_url=answer.task_url,
-            attached=attached,
-            linked=linked,
-            skipped=_skipped(row.skipped),
-            note=row.note,
+        draft = _Draft(headers, answer, attached, linked, _skipped(row.skipped), row.note, self.eight_bit())
+        started = time.perf_counter()
+        data, fallback = await asyncio.to_thread(self._answer_bytes, draft)
+        log.info(
+            "reply_composed",
+            extra={
+                "inbound": row.id,
+                "bytes": len(data),
+                "fallback_bytes": len(fallback) if fallback else 0,
+                "render_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
         )
-        return [self._reply(row, msg, headers, recipients, "answer", None)]
+        return [self._reply(row, data, headers, recipients, "answer", None, fallback)]
+
+    def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
+        """In a worker thread: the reply's bytes under the size limit, and its links-only version
+        when anything is attached (see the module docstring).
+
+        What is attached is chosen greedily, measured on the rendered message each time: answer.md if
+        it fits with the body alone, then the worker's files smallest first while they fit (so the
+        largest are the first to become links). The final render is the last one that fitted.
+        """
+        inline = inline_answer(draft.answer.text, self.settings.max_answer_inline)
+        whole = None
+        if inline.cut:
+            cte, chunks = wire.encode_text(draft.answer.text, eight_bit=draft.eight_bit)
+            whole = wire.EncodedPart(WHOLE_ANSWER, "text/markdown", cte, chunks, charset="utf-8")
+        limit = self.settings.max_reply_size
+        best = self._layout(draft, inline, whole, [])
+        if whole is not None and best[1] > limit:  # the body points to the task page instead
+            whole = None
+            best = self._layout(draft, inline, whole, [])
+        kept: list[AttachedFile] = []
+        for f in sorted(draft.attached, key=lambda f: len(f.data)):
+            trial = self._layout(draft, inline, whole, [*kept, f])
+            if trial[1] <= limit:
+                kept.append(f)
+                best = trial
+        skeleton, _, parts = best
+        for part, content in parts:
+            if content is not None:  # a file's placeholder: encode it now that it is staying
+                part.chunks = wire.encode_bytes(content)
+        data = wire.flatten(skeleton, [part for part, _ in parts])
+        del skeleton, parts, best
+        if not (whole or kept):
+            return data, None
+        why = "not attached: the mail server refused an email this large"
+        msg = self.renderer.answer(
+            draft.headers,
+            answer_markdown=inline,
+            sources=draft.answer.sources,
+            task_url=draft.answer.task_url,
+            linked=[*draft.linked, *(LinkedFile(f.filename, f.url, why) for f in draft.attached)],
+            skipped=draft.skipped,
+            note=draft.note,
+        )
+        return data, msg.as_bytes(policy=SMTP)
+
+    def _layout(
+        self,
+        draft: _Draft,
+        inline: InlineAnswer,
+        whole: wire.EncodedPart | None,
+        kept: Sequence[AttachedFile],
+    ) -> tuple[bytes, int, list[tuple[wire.EncodedPart, bytes | None]]]:
+        """The message with `whole` and `kept` attached (files as placeholders) and the other files
+        linked: (its skeleton, its size on the wire, the parts to splice in with each file's bytes)."""
+        limit = self.settings.max_reply_size
+        placeholders = {id(f): wire.EncodedPart(f.filename, f.content_type, "base64", []) for f in kept}
+        files = [f for f in draft.attached if id(f) in placeholders]  # in the worker's order
+        left_out = [
+            LinkedFile(
+                f.filename,
+                f.url,
+                f"{human_size(len(f.data))}, left out to keep this email under {human_size(limit)}",
+            )
+            for f in draft.attached
+            if id(f) not in placeholders
+        ]
+        parts: list[tuple[wire.EncodedPart, bytes | None]] = [(whole, None)] if whole else []
+        parts += [(placeholders[id(f)], f.data) for f in files]
+        msg = self.renderer.answer(
+            draft.headers,
+            answer_markdown=inline,
+            sources=draft.answer.sources,
+            task_url=draft.answer.task_url,
+            attached=[part for part, _ in parts],
+            linked=[*draft.linked, *left_out],
+            skipped=draft.skipped,
+            note=draft.note,
+            whole_answer=WHOLE_ANSWER if whole else None,
+        )
+        skeleton = msg.as_bytes(policy=SMTP)
+        size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
+            wire.base64_size(len(f.data)) - len(placeholders[id(f)].marker) for f in files
+        )
+        return skeleton, size, parts
 
     async def notice(
         self,
@@ -90,7 +200,7 @@ class Replies:
             return []
         headers, recipients = await self._headers(row)
         msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
-        return [self._reply(row, msg, headers, recipients[:1], "notice", kind)]
+        return [self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", kind)]
 
     async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str]]:
         """How the reply to `row` threads, and its recipients (the sender first)."""
@@ -138,11 +248,12 @@ class Replies:
     def _reply(
         self,
         row: InboundRow,
-        msg: EmailMessage,
+        data: bytes,
         headers: ReplyHeaders,
         recipients: list[str],
         kind: str,
         notice: str | None,
+        fallback: bytes | None = None,
     ) -> NewReply:
         return NewReply(
             id=str(ULID()),
@@ -153,9 +264,23 @@ class Replies:
             message_id=headers.message_id,
             mail_from=headers.from_addr,
             recipients=recipients,
-            data=msg.as_bytes(policy=SMTP),
+            data=data,
             created_at=time.time(),
+            fallback=fallback,
         )
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """What an answer's reply is made of, handed to the worker thread."""
+
+    headers: ReplyHeaders
+    answer: TurnAnswer
+    attached: Sequence[AttachedFile]
+    linked: Sequence[LinkedFile]
+    skipped: Sequence[SkippedFile]
+    note: str | None
+    eight_bit: bool
 
 
 def _skipped(data: str | None) -> list[SkippedFile]:

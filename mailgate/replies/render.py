@@ -13,6 +13,10 @@ Templates in `templates_dir` take precedence over the packaged ones, file by fil
 - Markdown goes through markdown-it-py (CommonMark, tables, strikethrough, bare http(s) URLs linked) and
   nh3: formatting tags only, no style/class/event attributes, links to http/https/mailto only with
   rel="noopener noreferrer". Images become links ("[Image: alt]"): opening a reply fetches nothing.
+- A long answer is shown up to a limit (`inline_answer`): cut at a paragraph or line end, and the body
+  says so; the whole answer then goes as an attachment (`wire.EncodedPart`, laid out here with a
+  marker for `wire.flatten`) or is on the task page. Only the part shown is rendered as Markdown, so
+  the cost of a reply does not grow with the answer.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import importlib.resources
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import Policy
@@ -37,7 +42,8 @@ from markdown_it.token import Token
 from markupsafe import Markup
 
 from mailgate.errors import ConfigError
-from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, Source
+from mailgate.models import AttachedFile, LinkedFile, ReplyHeaders, SkippedFile, Source, human_size
+from mailgate.replies.wire import EncodedPart, utf8_size
 
 NOTICE_KINDS = (
     "empty_reply", "api_rejected", "wrong_worker", "task_not_found",
@@ -252,6 +258,38 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
 
 
+@dataclass(frozen=True)
+class InlineAnswer:
+    """What a reply's body shows of an answer: `text` (tidied Markdown) and its sanitised `html`.
+    `total`: bytes (UTF-8) of the whole answer; `cut`: the body shows only its beginning."""
+
+    text: str
+    html: str
+    total: int
+    cut: bool = False
+
+    @property
+    def shown(self) -> int:
+        return utf8_size(self.text)
+
+
+def inline_answer(markdown: str, limit: int | None = None) -> InlineAnswer:
+    """The answer as the body shows it: whole, or its first `limit` bytes cut at the last paragraph
+    end (or line end, or space) in their final quarter. Only what is shown is tidied and rendered."""
+    total = utf8_size(markdown)
+    if limit is None or total <= limit:
+        text = _tidy(markdown)
+        return InlineAnswer(text, markdown_to_html(text), total)
+    head = markdown[:limit].encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
+    for end in ("\n\n", "\n", " "):
+        at = head.rfind(end)
+        if at >= len(head) * 3 // 4:
+            head = head[:at]
+            break
+    text = _tidy(head)
+    return InlineAnswer(text, markdown_to_html(text), total, cut=True)
+
+
 def _safe_url(url: str | None) -> str | None:
     """`url` if it is an absolute http(s) URL, else None (the templates then show it without a link)."""
     url = _header_text(url or "", 2000)
@@ -284,19 +322,37 @@ class Renderer:
         self,
         headers: ReplyHeaders,
         *,
-        answer_markdown: str,
+        answer_markdown: str | InlineAnswer,
         sources: Sequence[Source],
         task_url: str | None,
-        attached: Sequence[AttachedFile] = (),
+        attached: Sequence[AttachedFile | EncodedPart] = (),
         linked: Sequence[LinkedFile] = (),
         skipped: Sequence[SkippedFile] = (),
         note: str | None = None,
+        whole_answer: str | None = None,
     ) -> EmailMessage:
-        """The reply carrying a turn's answer, its sources, and files attached, linked or skipped."""
-        text = _tidy(answer_markdown) or "(The worker finished without writing an answer.)"
+        """The reply carrying a turn's answer, its sources, and files attached, linked or skipped.
+
+        `answer_markdown`: the answer (shown whole) or an `inline_answer`; when that was cut,
+        `whole_answer` names the attachment (among `attached`) that holds all of it, or is None when
+        the whole answer is only on the task page. An `EncodedPart` is laid out with its marker as
+        payload, for `wire.flatten`.
+        """
+        inline = (
+            answer_markdown if isinstance(answer_markdown, InlineAnswer) else inline_answer(answer_markdown)
+        )
+        text = inline.text or "(The worker finished without writing an answer.)"
+        cut = None
+        if inline.cut:
+            cut = {
+                "total": human_size(inline.total),
+                "shown": human_size(inline.shown),
+                "attached": _filename(whole_answer) if whole_answer else None,
+            }
         context = _context(headers, task_url, skipped, reason=None) | {
             "answer_text": text,
-            "answer_html": Markup(markdown_to_html(text)),  # noqa: S704 - sanitised by nh3 just above
+            "answer_html": Markup(inline.html if inline.text else markdown_to_html(text)),  # noqa: S704 - sanitised by nh3
+            "cut": cut,
             "sources": [_link(s.title or s.url, s.url) for s in sources if s.url.strip()],
             "linked": [
                 _link(_filename(f.filename), f.url) | {"reason": _header_text(f.reason)} for f in linked
@@ -306,7 +362,15 @@ class Renderer:
         msg = self._message(headers, "answer", context)
         for f in attached:
             maintype, _, subtype = _content_type(f.content_type).partition("/")
-            msg.add_attachment(f.data, maintype=maintype, subtype=subtype, filename=_filename(f.filename))
+            if isinstance(f, AttachedFile):
+                msg.add_attachment(f.data, maintype=maintype, subtype=subtype, filename=_filename(f.filename))
+                continue
+            msg.add_attachment(b"", maintype=maintype, subtype=subtype, filename=_filename(f.filename))
+            *_, part = msg.iter_parts()
+            if f.charset:
+                part.set_param("charset", f.charset)
+            part.replace_header("Content-Transfer-Encoding", f.cte)
+            part.set_payload(f.marker)
         return msg
 
     def notice(

@@ -62,7 +62,9 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE inbound ADD COLUMN refs TEXT;"
     "ALTER TABLE inbound ADD COLUMN to_cc TEXT;"
     "ALTER TABLE inbound ADD COLUMN sender_name TEXT;",
-    # 3: the relay's reply to a delivery in its own column (`last_error` holds only errors); how the
+    # 3: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
+    "ALTER TABLE outbox ADD COLUMN fallback BLOB;",
+    # 4: the relay's reply to a delivery in its own column (`last_error` holds only errors); how the
     # message's turn ended at the API (so `replay` knows to post a new turn after an errored one)
     "ALTER TABLE outbox ADD COLUMN relay_reply TEXT;"
     "ALTER TABLE inbound ADD COLUMN turn_status TEXT;"
@@ -137,6 +139,7 @@ class OutboxRow:
     created_at: float
     updated_at: float
     sent_at: float | None
+    fallback: bytes | None = None  # the links-only version (see `replies.compose`), until it is used
     relay_reply: str | None = None  # the relay's reply to the last delivery that it took ("250 2.0.0 ...")
 
     @property
@@ -252,6 +255,7 @@ class NewReply:
     recipients: Sequence[str]
     data: bytes
     created_at: float
+    fallback: bytes | None = None  # a smaller version with the same Message-ID, for a relay's 552
 
 
 # --- statement builders (column names come from our own code, never from input) ----------------------

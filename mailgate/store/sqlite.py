@@ -585,6 +585,18 @@ class Store:
         """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
         await self.write([update("task", task_id, worker_id=worker_id)])
 
+    async def use_fallback(self, outbox_id: str) -> None:
+        """The relay refused an outbox row's size: its links-only version becomes the message to send."""
+        await self.write(
+            [
+                (
+                    "UPDATE outbox SET data=fallback, fallback=NULL, updated_at=? "
+                    "WHERE id=? AND fallback IS NOT NULL",
+                    (time.time(), outbox_id),
+                )
+            ]
+        )
+
     async def archive_task(self, task_id: str) -> None:
         """The task was archived at the API: later replies in its thread start a new task."""
         await self.write([update("task", task_id, archived=1)])
