@@ -34,6 +34,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from mailgate import __version__, egress
 from mailgate.config import OutputHost
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, DownloadRefused, TooLarge
+from mailgate.metrics import Metrics
 from mailgate.models import OutputFile, RunResult, Source, TaskSnapshot, Turn, UploadFile
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class HandingerClient:
         output_hosts: Sequence[OutputHost] = (),
         private_origins: Iterable[str] = (),
         verify: ssl.SSLContext | bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.base_url = httpx.URL(base_url.rstrip("/"))
+        self.metrics = metrics if metrics is not None else Metrics()
         # where output files may come from; `private_origins`: for tests, whose servers are on loopback
         self.destinations = egress.Destinations(self.base_url, output_hosts, private_origins)
         self.send_triggered_by = send_triggered_by
@@ -88,6 +91,7 @@ class HandingerClient:
             follow_redirects=False,
             transport=transport,
             verify=verify,
+            event_hooks={"response": [self._count]},
         )
         self._files = httpx.AsyncClient(  # output files: see `download`
             headers={"User-Agent": f"mailgate/{__version__}"},
@@ -96,7 +100,25 @@ class HandingerClient:
             follow_redirects=False,
             trust_env=False,
             verify=verify,
+            event_hooks={"response": [self._count]},
         )
+
+    async def _count(self, response: httpx.Response) -> None:
+        """Count each answered request in `mailgate_api_requests` (by endpoint template, never the path)."""
+        request = response.request
+        endpoint = _endpoint(request.url, self.base_url)
+        self.metrics.api_requests.labels(request.method, endpoint, str(response.status_code)).inc()
+
+    def _translate(self, exc: httpx.HTTPError) -> ApiUnavailable:
+        """`_translate`, counting a request that got no answer as status `error`."""
+        try:
+            request: httpx.Request | None = exc.request
+        except RuntimeError:  # an error raised before any request was made
+            request = None
+        if request is not None and not isinstance(exc, httpx.HTTPStatusError):
+            endpoint = _endpoint(request.url, self.base_url)
+            self.metrics.api_requests.labels(request.method, endpoint, "error").inc()
+        return _translate(exc)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -159,7 +181,7 @@ class HandingerClient:
                         await accepted()
                     return await _read_run(response, progress)
             except httpx.HTTPError as exc:
-                raise _translate(exc) from exc
+                raise self._translate(exc) from exc
 
     async def get_task(self, task_id: str) -> TaskSnapshot | None:
         """GET /api/tasks/{id} (and /turns in the newest era). None when the task does not exist."""
@@ -198,7 +220,7 @@ class HandingerClient:
         try:
             response = await self._client.get(path, headers=self._auth)
         except httpx.HTTPError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
         body = response.content[:_ERROR_BODY_MAX]
         if response.status_code == 404:
             reason = _reason(response, body).lower()
@@ -249,7 +271,7 @@ class HandingerClient:
                             raise TooLarge(len(data), max_bytes)
                     return bytes(data), response.headers.get("content-type")
             except httpx.HTTPError as exc:
-                raise _translate(exc) from exc
+                raise self._translate(exc) from exc
         raise ApiRejected(0, f"more than {_MAX_REDIRECTS} redirects")
 
     @asynccontextmanager
@@ -288,7 +310,7 @@ class HandingerClient:
         try:
             response = await self._client.request(method, path, params=params, headers=self._auth)
         except httpx.HTTPError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
         if response.status_code == 404:
             return None
         if not response.is_success:
@@ -310,7 +332,10 @@ async def _read_run(response: httpx.Response, on_progress: Progress) -> RunResul
             if isinstance(body, dict):
                 result = _run_from_json(body)
     except httpx.HTTPError as exc:
-        logger.warning("api.answer_incomplete: %s (%s); reconcile with GET", type(exc).__name__, exc)
+        logger.warning(
+            "api_answer_incomplete: the turn was accepted; its end is read with GET",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
     if on_progress is not None:
         _notify(on_progress, result)
     return result
@@ -463,6 +488,27 @@ def _raise_for_status(response: httpx.Response, body: bytes) -> NoReturn:
             answered=True,
         )
     raise ApiRejected(status, _reason(response, body))
+
+
+_RESOURCES = ("tasks", "workers")  # /api/<resource>/{id}
+
+
+def _endpoint(url: httpx.URL, base: httpx.URL) -> str:
+    """The endpoint template of `url` (`/api/tasks/{id}/turns`): a bounded label, never an id.
+    Files fetched from elsewhere than the API's origin are `download`."""
+    if egress.origin(url) != egress.origin(base):
+        return "download"
+    parts = [p for p in url.path.removeprefix(base.path.rstrip("/")).split("/") if p]
+    if len(parts) < 2 or parts[0] != "api" or parts[1] not in _RESOURCES:
+        return "other"
+    template = ["", "api", parts[1]]
+    if len(parts) >= 3:
+        template.append("{id}")
+    if len(parts) == 4 and parts[3] == "turns":
+        template.append("turns")
+    elif len(parts) >= 4:
+        return "other"
+    return "/".join(template)
 
 
 def _translate(exc: httpx.HTTPError) -> ApiUnavailable:

@@ -1,36 +1,37 @@
-"""The `mailgate` command: serve, sandbox, demo, check, and the operator verbs (migrate and copy among them).
+"""The `mailgate` command: serve, sandbox, demo, check, migrate, copy, and the operator verbs (in `admin`).
 
-Exit codes: 0 clean stop, 1 crash (or a failed `check`), 2 usage error, 3 start-up failure, 78 bad
-configuration.
+Exit codes: 0 clean stop, 1 crash (or a failed `check`, or an operator verb's "not found"), 2 usage
+error (bare `mailgate` prints the help), 3 start-up failure, 78 bad configuration. Output cut short by
+a closed pipe (`mailgate messages | head`) is no error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import io
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
-from mailgate.config import Settings, load_settings
-from mailgate.errors import ConfigError, MailgateError, StartupError, StoreBusy
-from mailgate.mail.headers import header_block
+from mailgate.config import OperatorSettings, Settings, load_operator_settings, load_settings
+from mailgate.errors import ConfigError, StartupError, StoreBusy
+from mailgate.models import InboundState, OutboxState
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
+OPERATOR_VERBS = (
+    *("messages", "outbox", "tasks", "show", "status", "replay", "archive"),
+    *("migrate", "suppressed", "unsuppress"),
+)
+INBOUND_STATES = tuple(str(s) for s in InboundState)
+OUTBOX_STATES = tuple(str(s) for s in OutboxState)
 
 if TYPE_CHECKING:
     from mailgate.store import Store
-
-EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
-_STATES = {
-    "messages": "received, queued, submitting, running, answered, ignored, failed",
-    "outbox": "pending, retry, sent, dead, bounced",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="mailgate", description="Email-triggered task gateway for Handinger workers."
     )
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name: str, help_: str, *, env: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -77,24 +78,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smtp-port", type=int, default=2525)
     p.add_argument("--api-port", type=int, default=8787)
     p.add_argument("--once", action="store_true", help="exit after the sample reply instead of running on")
-    for name, help_ in (
-        ("messages", "list inbound messages"),
-        ("outbox", "list outbound messages"),
-        ("tasks", "list tasks"),
+
+    def positive(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+        return int(value)
+
+    for name, help_, states in (
+        ("messages", "list inbound messages, newest first", INBOUND_STATES),
+        ("outbox", "list replies and notices, newest first", OUTBOX_STATES),
+        ("tasks", "list tasks, newest first", ()),
     ):
         p = verb(name, help_)
-        if name != "tasks":
-            p.add_argument("--state", default=None, help=f"only rows in this state: {_STATES[name]}")
-        p.add_argument("--limit", type=int, default=50)
+        if states:
+            p.add_argument(
+                "--state", choices=states, default=None, help=f"only rows in this state: {', '.join(states)}"
+            )
+        p.add_argument("--limit", type=positive, default=50, help="at most this many rows (default 50)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p = verb("show", "show one inbound message, outbox row or task by id")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p = verb("replay", "queue a failed message or a dead outbox row again")
+    p = verb(
+        "show",
+        "show one message (by queue id or Message-ID), reply (by outbox id or Message-ID) or task (by id)",
+    )
+    p.add_argument(
+        "id", help="a queue id, outbox id, task id, or a Message-ID (<...@...>, brackets optional)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = verb(
+        "status",
+        "the queue at a glance (like postqueue -p): rows per state, the oldest waiting message, running "
+        "turns, the API hold, the last problems",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = verb("replay", "queue a failed or ignored message, or a dead outbox row, again")
     p.add_argument("id")
     p = verb("archive", "archive a task at the API (DELETE /api/tasks/{id})")
     p.add_argument("task_id")
     _add_sender_verbs(verb)
+    parser.epilog = (
+        "The operator verbs (messages, outbox, tasks, show, status, replay, archive) need only the "
+        "database: without --env-file they read ./.env when there is one."
+    )
     return parser
 
 
@@ -104,26 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help / --version exit 0, usage errors exit 2
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.verb is None:  # bare `mailgate`: what it can do
+        parser.print_help()
+        return EXIT_USAGE
     try:
-        if args.verb == "sandbox":
-            return _run(_sandbox(args))
-        if args.verb == "copy":
-            return _run(_copy(args))
-        if args.verb == "demo":
-            from mailgate.demo import demo
-
-            return _run(
-                demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once)
-            )
-        if args.verb == "dkim-keygen":
-            return _dkim_keygen(args)
-        settings = load_settings(args.env_file, os.environ)
-        logs.setup(settings.log_level)
-        if args.verb == "serve":
-            return _run(serve(settings))
-        if args.verb == "check":
-            return _run(_check(settings))
-        return _run(_operator(args, settings))
+        code = _main(args)
+        sys.stdout.flush()
+        return code
     except ConfigError as exc:
         print("mailgate: bad configuration:", file=sys.stderr)
         for problem in exc.problems:
@@ -131,6 +142,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:  # `mailgate messages | head`: the reader has all it wanted
+        _stdout_to_devnull()
+        return EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.verb == "sandbox":
+        return _run(_sandbox(args))
+    if args.verb == "copy":
+        return _run(_copy(args))
+    if args.verb == "dkim-keygen":
+        return _dkim_keygen(args)
+    if args.verb == "demo":
+        from mailgate.demo import demo
+
+        return _run(demo(Path(args.dir), smtp_port=args.smtp_port, api_port=args.api_port, once=args.once))
+    if args.verb in OPERATOR_VERBS:
+        operator = load_operator_settings(args.env_file, os.environ)
+        if args.verb == "archive" and (problem := operator.api_problem()) is not None:
+            raise ConfigError([problem])
+        logs.setup(operator.log_level, operator.log_format)
+        return _run(_operator(args, operator))
+    settings = load_settings(args.env_file, os.environ)
+    logs.setup(settings.log_level, settings.log_format)
+    if args.verb == "serve":
+        return _run(serve(settings))
+    return _run(_check(settings))
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's last flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a real file (a test's capture)
+        pass
 
 
 def _run(coro: Any) -> int:
@@ -225,9 +272,17 @@ async def _check(settings: Settings) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_CRASH
 
 
-async def _operator(args: argparse.Namespace, settings: Settings) -> int:
+async def _operator(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    from mailgate.admin import run
     from mailgate.service import open_store
 
+    if settings.database_url is None and not settings.database.is_file():
+        print(
+            f"mailgate: no database at {settings.database} (set MAILGATE_DATABASE, in ./.env or with "
+            "--env-file)",
+            file=sys.stderr,
+        )
+        return EXIT_STARTUP
     try:
         store = await open_store(settings)
     except StartupError as exc:
@@ -241,129 +296,11 @@ async def _operator(args: argparse.Namespace, settings: Settings) -> int:
             )
             print(f"store {settings.store_label}: {done}")
             return EXIT_OK
-        return await _operate(args, settings, store)
+        if args.verb in ("suppressed", "unsuppress"):
+            return await _suppression(args, store)
+        return await run(args.verb, args, settings, store)
     finally:
         await store.close()
-
-
-async def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    verb = args.verb
-    from mailgate.service import make_api_client
-
-    if verb in ("messages", "outbox", "tasks"):
-        cols: tuple[str, ...]
-        rows: Sequence[Any]
-        if verb == "messages":
-            rows = await store.list_inbound(args.state, args.limit)
-            cols = ("id", "state", "sender", "alias", "task_id", "attempts", "subject", "reason")
-        elif verb == "outbox":
-            rows = await store.list_outbox(args.state, args.limit)
-            cols = ("id", "state", "kind", "notice", "task_id", "attempts", "message_id", "last_error")
-        else:
-            rows = await store.list_tasks(args.limit)
-            cols = ("id", "alias", "owner", "budget", "turns", "subject", "url")
-        _print_rows([_public(r) for r in rows], cols, as_json=args.json)
-        return EXIT_OK
-    if verb == "show":
-        found: dict[str, Any] | None = None
-        if (row := await store.inbound(args.id)) is not None:
-            head = header_block(await store.raw_head(row.raw_id)).decode("utf-8", "replace").rstrip()
-            task = await store.task_row(row.task_id) if row.task_id else None
-            found = {
-                "inbound": _public(row),
-                "task": {"id": task.id, "url": task.url, "turns": task.turns} if task else None,
-                "headers": head,
-                "outbox": [_public(o) for o in await store.outbox_for(row.id)],
-            }
-        elif (o := await store.outbox_row(args.id)) is not None:
-            found = {"outbox": _public(o)}
-        elif (t := await store.task_row(args.id)) is not None:
-            found = {
-                "task": _public(t),
-                "participants": await store.participants(t.id),
-                "messages": [_public(m) for m in await store.messages_of_task(t.id)],
-            }
-        if found is None:
-            print(f"mailgate: no message, outbox row or task {args.id}", file=sys.stderr)
-            return EXIT_USAGE
-        found |= await _bounces_shown(store, found)
-        if args.json:
-            print(json.dumps(found, default=str))
-        else:
-            _print_found(found)
-        return EXIT_OK
-    if verb == "replay":
-        if await store.replay_inbound(args.id) or await store.replay_outbox(args.id):
-            print(f"queued again: {args.id} (a running gateway picks it up within seconds)")
-            return EXIT_OK
-        print(f"mailgate: {args.id} is not a failed/ignored message or a dead outbox row", file=sys.stderr)
-        return EXIT_USAGE
-    if verb == "archive":
-        api = make_api_client(settings, concurrency=1, timeout=30)
-        try:
-            archived = await api.delete_task(args.task_id)
-        except MailgateError as exc:
-            print(f"mailgate: could not archive {args.task_id}: {exc}", file=sys.stderr)
-            return EXIT_CRASH
-        finally:
-            await api.aclose()
-        if archived:
-            await store.archive_task(args.task_id)
-        print(f"{args.task_id}: {'archived' if archived else 'not archived'}")
-        return EXIT_OK
-    if verb in ("suppressed", "unsuppress"):
-        return await _suppression(args, store)
-    return EXIT_USAGE  # pragma: no cover (argparse allows only the verbs above)
-
-
-def _public(row: Any) -> dict[str, Any]:
-    data = asdict(row)
-    data.pop("data", None)
-    for key in ("received_at", "updated_at", "created_at", "sent_at", "next_attempt_at"):
-        if isinstance(data.get(key), float) and data[key] > 0:
-            data[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(data[key]))
-    return data
-
-
-_SHOW_COLS = {
-    "outbox": ("id", "state", "kind", "notice", "attempts", "message_id", "refused", "last_error"),
-    "messages": ("id", "state", "sender", "attempts", "subject", "reason"),
-}
-
-
-def _print_found(found: dict[str, Any]) -> None:
-    """`show` for a terminal: one section per part, `key  value` lines, tables for lists of rows."""
-    for section, value in found.items():
-        if value is None:
-            continue
-        print(f"== {section}")
-        if isinstance(value, dict):
-            width = max(map(len, value), default=0)
-            for key, item in value.items():
-                if item is not None and item != "":
-                    print(f"  {key.ljust(width)}  {item}")
-        elif isinstance(value, str):
-            print("\n".join("  " + line for line in value.splitlines()))
-        elif value and isinstance(value[0], dict):
-            _print_rows(value, _SHOW_COLS.get(section, tuple(value[0])), as_json=False)
-        else:
-            print("\n".join(f"  {item}" for item in value) or "  (none)")
-        print()
-
-
-def _print_rows(rows: list[dict[str, Any]], cols: Sequence[str], *, as_json: bool) -> None:
-    if as_json:
-        for row in rows:
-            print(json.dumps(row, default=str))
-        return
-    if not rows:
-        print("(none)")
-        return
-    table = [[str(row.get(c) if row.get(c) is not None else "-")[:60] for c in cols] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
 
 # --- what the sender hears: bounces, suppression, DKIM keys (issue 15) ---------------------------------
@@ -387,30 +324,17 @@ def _add_sender_verbs(verb: Any) -> None:
 
 async def _suppression(args: argparse.Namespace, store: Store) -> int:
     """`suppressed`: the list (exit 0); `unsuppress ADDR`: exit 0 when cleared, 2 when not suppressed."""
+    from mailgate.admin import print_rows, public
+
     if args.verb == "suppressed":
-        rows = [_public(r) | {"suppressed_at": _when(r.suppressed_at)} for r in await store.suppressed()]
-        _print_rows(rows, ("addr", "suppressed_at", "reason"), as_json=args.json)
+        rows = [public(r) for r in await store.suppressed()]
+        print_rows(rows, ("addr", "suppressed_at", "reason"), rows, args.json)
         return EXIT_OK
     if await store.unsuppress(args.addr):
         print(f"{args.addr.lower()}: gets notices again")
         return EXIT_OK
     print(f"mailgate: {args.addr} is not suppressed", file=sys.stderr)
     return EXIT_USAGE
-
-
-async def _bounces_shown(store: Store, found: dict[str, Any]) -> dict[str, Any]:
-    """`show`'s bounces section: the bounces of the replies shown, and those a bounce message reported."""
-    outbox = found.get("outbox")
-    rows = [outbox] if isinstance(outbox, dict) else outbox if isinstance(outbox, list) else []
-    bounces = await store.bounces_of([r["id"] for r in rows])
-    if isinstance(found.get("inbound"), dict):
-        bounces += await store.bounce_reported_by(found["inbound"]["id"])
-    shown = [_public(b) | {"at": _when(b.at), "hard": bool(b.hard)} for b in bounces]
-    return {"bounces": shown} if shown else {}
-
-
-def _when(at: float | None) -> str | None:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else None
 
 
 def _dkim_keygen(args: argparse.Namespace) -> int:

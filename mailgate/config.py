@@ -23,6 +23,8 @@ from mailgate.errors import ConfigError
 from mailgate.models import BUDGETS
 
 MiB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("logfmt", "json")
 AuthMode = Literal["dmarc", "dkim", "none"]
 T = TypeVar("T")
 
@@ -146,6 +148,8 @@ class Settings:
     bounce_limit: int = 3  # hard bounces of our replies in 30 days after which an address gets no notices
     dkim_selector: str | None = None  # sign replies as `selector._domainkey.<domain>` (with `dkim_key`)
     dkim_key: Path | None = None  # the PEM file of the RSA private key
+    log_format: str = "logfmt"  # or "json"
+    metrics_listen: Listen | None = None  # /metrics, /healthz, /readyz; None: off
 
     def worker_for(self, alias: str) -> Worker | None:
         return self.workers.get(alias.lower())
@@ -273,11 +277,85 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         tls_cert=tls_cert,
         tls_key=tls_key,
         require_starttls=bool(require_starttls),
-        log_level=p.get("MAILGATE_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO") or "INFO",
+        log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "INFO") or "INFO",
         ack_after=_or(p.get("MAILGATE_ACK_AFTER", _seconds_or_off, 120.0), 120.0),
         bounce_limit=p.get("MAILGATE_BOUNCE_LIMIT", _positive_int, 3) or 3,
         dkim_selector=dkim_selector if dkim_key is not None else None,
         dkim_key=dkim_key if dkim_selector is not None else None,
+        log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
+        metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator verbs (`messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`)
+    need: the database, how to log, and the API only for `archive`."""
+
+    database: Path = Path("var/mailgate.db")
+    database_url: str | None = field(default=None, repr=False)  # a PostgreSQL store
+    lease_seconds: float = 60.0
+    base_url: str = "https://handinger.com"
+    api_key: str | None = field(default=None, repr=False)
+    metrics_listen: Listen | None = None
+    log_level: str = "WARNING"
+    log_format: str = "logfmt"
+
+    @property
+    def store_label(self) -> str:
+        """Where the store is, fit for a message: the path, or the URL without a password."""
+        return str(self.database) if self.database_url is None else redact_url(self.database_url)
+
+    def api_problem(self) -> str | None:
+        """Why `archive` cannot call the API with these settings, or None."""
+        if self.api_key is None and not _is_loopback_url(self.base_url):
+            return (
+                "HANDINGER_API_KEY: required to call the API "
+                "(only a sandbox on a loopback address runs without one)"
+            )
+        return None
+
+
+def load_operator_settings(
+    env_file: str | Path | None = None, environ: Mapping[str, str] | None = None, *, cwd: Path | None = None
+) -> OperatorSettings:
+    """The operator verbs' settings: `env_file`, or else `./.env` when there is one (python-dotenv's
+    convention), with `environ` on top. Only the keys those verbs use are read and validated (every bad
+    one named in one `ConfigError`); the workers, senders and API key a gateway needs are not asked for.
+    """
+    if env_file is None and (found := (cwd or Path.cwd()) / ".env").is_file():
+        env_file = found
+    raw: dict[str, str] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError([f"--env-file: {path} does not exist or is not a file"])
+        raw.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    if environ:
+        raw.update({k: v for k, v in environ.items() if k.startswith(("MAILGATE_", "HANDINGER_"))})
+    values = {k: v.strip() for k, v in raw.items() if v.strip() != ""}
+    problems: list[str] = []
+    p = _Parser(values, problems)
+    database = p.get("MAILGATE_DATABASE", str, "./var/mailgate.db") or "./var/mailgate.db"
+    database_url = None
+    if database.startswith(POSTGRES_SCHEMES):
+        database_url = p.get("MAILGATE_DATABASE", _postgres_url, None)
+        database = "./var/mailgate.db"
+    lease_seconds = p.get("MAILGATE_LEASE_SECONDS", _lease_seconds, 60.0) or 60.0
+    settings = OperatorSettings(
+        database=Path(database),
+        database_url=database_url,
+        lease_seconds=lease_seconds,
+        base_url=(
+            p.get("HANDINGER_BASE_URL", _url, "https://handinger.com") or "https://handinger.com"
+        ).rstrip("/"),
+        api_key=p.get("HANDINGER_API_KEY", str, None),
+        metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
+        log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "WARNING") or "WARNING",
+        log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
     )
     if problems:
         raise ConfigError(problems)

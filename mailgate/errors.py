@@ -103,13 +103,15 @@ class PermanentError(MailgateError):
 
 
 class MessageRejected(PermanentError):
-    """Policy refuses a message. `code` and `status` form the SMTP reply, `reason` is safe to show."""
+    """Policy refuses a message. `code` and `status` form the SMTP reply, `reason` is safe to show;
+    `why` names the decision in one fixed word (for metrics and logs, see `models.SmtpReply`)."""
 
-    def __init__(self, code: int, status: str, reason: str) -> None:
+    def __init__(self, code: int, status: str, reason: str, *, why: str = "") -> None:
         super().__init__(f"{code} {status} {reason}")
         self.code = code
         self.status = status
         self.reason = reason
+        self.why = why
 
 
 class BadToken(PermanentError):

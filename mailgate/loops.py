@@ -9,7 +9,7 @@ import errno
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 from mailgate.errors import StoreBusy
 
@@ -28,18 +28,32 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
             await event.wait()
 
 
-async def drain(jobs: Iterable[asyncio.Task[None]], timeout: float) -> int:
-    """Wait up to `timeout` for `jobs`, cancel the rest; returns how many were cancelled.
+async def drain(
+    jobs: Mapping[str, asyncio.Task[None]], timeout: float, log: logging.Logger, loop: str
+) -> int:
+    """Wait up to `timeout` for `jobs` (row id -> job), cancel the rest; returns how many were cancelled.
 
-    A cancelled job leaves its row in a committed state, so the next start resumes it.
+    Says on `log` what it waits for (`shutdown_waiting`, the row ids) and what it cancelled
+    (`shutdown_cancelled`). A cancelled job leaves its row in a committed state, so the next start
+    resumes it.
     """
-    jobs = list(jobs)
-    if not jobs:
+    named = dict(jobs)
+    if not named:
         return 0
-    _, pending = await asyncio.wait(jobs, timeout=timeout)
+    log.info(
+        "shutdown_waiting",
+        extra={"loop": loop, "jobs": len(named), "ids": sorted(named)[:20], "deadline": timeout},
+    )
+    _, pending = await asyncio.wait(named.values(), timeout=timeout)
     for job in pending:
         job.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        cancelled = sorted(name for name, job in named.items() if job in pending)
+        log.warning(
+            "shutdown_cancelled: resumed at the next start",
+            extra={"loop": loop, "jobs": len(cancelled), "ids": cancelled[:20]},
+        )
     return len(pending)
 
 

@@ -30,10 +30,17 @@ class OutboxState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class SmtpReply:
-    """One SMTP/LMTP reply line for one recipient: `250 2.0.0 Ok: queued as ...`."""
+    """One SMTP/LMTP reply line for one recipient: `250 2.0.0 Ok: queued as ...`.
+
+    `why` is the decision as a short fixed word (`accepted`, `unknown_worker`, `rate_limited`, ...: the
+    `reason` label of `mailgate_smtp_replies` and of the log line); `note` says more for the log only
+    (why a message was ignored). Neither is sent to the peer, nor compared.
+    """
 
     code: int
     text: str
+    why: str = field(default="", compare=False)
+    note: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"

@@ -4,9 +4,11 @@
 operator verbs). Start-up: the store's instance lock (one gateway per store), the store (and the
 reply-token secret), the API client, the turn scheduler, the outbox, then the listeners; then, in the
 background, the API key and the worker ids are checked (an ERROR line per problem; the gateway runs on).
-Files that hold mail and are open to group or others get a WARNING each. Shutdown: stop the listeners,
-let jobs in hand finish within a deadline, cancel the rest (their rows say where to resume), then close
-the client and the store, and release the lock.
+Files that hold mail and are open to group or others get a WARNING each. With MAILGATE_METRICS_LISTEN,
+`monitor.Monitor` serves `/metrics`, `/healthz` and `/readyz`; the `Gateway` is its probe (`refresh`,
+`not_ready`), and its one `Metrics` registry is handed to every component. Shutdown: stop the listeners,
+let jobs in hand finish within a deadline (saying which), cancel the rest (their rows say where to
+resume), then close the monitor, the client and the store, and release the lock.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import platform
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -30,10 +33,13 @@ import httpx
 from mailgate import checks, private
 from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
-from mailgate.config import Listen, Settings
+from mailgate.config import Listen, OperatorSettings, Settings
 from mailgate.delivery.outbox import Outbox
 from mailgate.delivery.transports import Delivery, make_delivery
 from mailgate.errors import StartupError, StoreBusy
+from mailgate.metrics import Metrics
+from mailgate.models import InboundState, OutboxState
+from mailgate.monitor import Monitor
 from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
@@ -47,8 +53,10 @@ from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
 
+READY_WRITE_EVERY = 5.0  # seconds between the readiness probe's writes to the store
 
-async def open_store(settings: Settings) -> Store:
+
+async def open_store(settings: Settings | OperatorSettings) -> Store:
     """The store MAILGATE_DATABASE names, migrated to the current schema: PostgreSQL for a
     `postgresql://` URL, else the SQLite file at the path. `StartupError` when it cannot be opened."""
     try:
@@ -67,6 +75,7 @@ def make_api_client(
     concurrency: int | None = None,
     timeout: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    metrics: Metrics | None = None,
 ) -> HandingerClient:
     """The Handinger client as the settings describe it (one per process)."""
     return HandingerClient(
@@ -79,6 +88,7 @@ def make_api_client(
         stream=settings.stream,
         transport=transport,
         output_hosts=settings.output_hosts,
+        metrics=metrics,
     )
 
 
@@ -115,6 +125,10 @@ class Gateway:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
+        self._monitor: Monitor | None = None
+        self._stopping = False
+        self._writable_at = float("-inf")  # when the store last took the readiness probe's write
+        self.metrics = Metrics()  # this gateway's registry: several gateways may share a process
         self.store: Store
         self.scheduler: Scheduler
         self.outbox: Outbox
@@ -128,6 +142,11 @@ class Gateway:
     def lmtp_address(self) -> Any:
         return self._servers[1].sockets[0].getsockname() if len(self._servers) > 1 else None
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port `/metrics`, `/healthz` and `/readyz` are served on (None: MAILGATE_METRICS_LISTEN off)."""
+        return self._monitor.port if self._monitor is not None else None
+
     async def start(self) -> None:
         s = self.settings
         keep_big_buffers_out_of_the_heap()
@@ -140,11 +159,16 @@ class Gateway:
             raise
         self._warn_exposed()
         secret = (s.secret or await self.store.secret()).encode()
-        self.api = make_api_client(s, transport=self._api_transport)
+        metrics = self.metrics
+        self.api = make_api_client(s, transport=self._api_transport, metrics=metrics)
         delivery = self._delivery or make_delivery(s)
         # the relay is retried a little more patiently than the API (5 s base with the default 2 s)
         self.outbox = Outbox(
-            self.store, delivery, horizon=s.retry_horizon, retry_base=self._timing.retry_base * 2.5
+            self.store,
+            delivery,
+            horizon=s.retry_horizon,
+            retry_base=self._timing.retry_base * 2.5,
+            metrics=metrics,
         )
         spool = Spool(s.spool_dir)
         replies = Replies(
@@ -159,15 +183,17 @@ class Gateway:
         self.scheduler = Scheduler(
             s,
             self.store,
-            TurnSteps(s, self.store, self.api, spool, self._timing),
+            TurnSteps(s, self.store, self.api, spool, self._timing, metrics=metrics),
             replies,
             spool,
             on_outbox=self.outbox.wake,
             hold_seconds=self._hold_seconds,
+            metrics=metrics,
         )
         admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
         await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
+        await self.store.clear_api_hold()  # a hold recorded by an earlier run is no longer known
         self._tasks = [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
@@ -183,6 +209,7 @@ class Gateway:
                     max_recipients=s.max_recipients,
                     is_lmtp=lmtp,
                     on_accepted=self.scheduler.wake,
+                    metrics=metrics,
                 )
                 factory = protocol_factory(
                     handler,
@@ -195,6 +222,9 @@ class Gateway:
                     lmtp=lmtp,
                 )
                 self._servers.append(await _listen(loop, factory, listen, s))
+            if (listen := s.metrics_listen) is not None:
+                self._monitor = Monitor(metrics, self)
+                await self._monitor.start(listen.host, listen.port)
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
@@ -203,6 +233,7 @@ class Gateway:
             extra={
                 "smtp": f"{s.listen.host}:{self.smtp_port}",
                 "lmtp": str(s.lmtp_listen or "off"),
+                "metrics": f"{s.metrics_listen.host}:{self.metrics_port}" if s.metrics_listen else "off",
                 "api": s.base_url,
                 "auth": s.auth,
             },
@@ -263,7 +294,43 @@ class Gateway:
                 log.exception("loop_failed", extra={"loop": name})
                 await asyncio.sleep(1.0)
 
+    # --- what /metrics and /readyz read (monitor.Probe) ----------------------------------------------
+
+    async def refresh(self) -> None:
+        """Set the gauges that describe the store: rows per state, the oldest waiting message."""
+        counts = await self.store.count_by_state()
+        for table, states in (("inbound", InboundState), ("outbox", OutboxState)):
+            for state in states:
+                self.metrics.rows.labels(table, str(state)).set(counts[table].get(str(state), 0))
+        oldest = await self.store.oldest_waiting()
+        self.metrics.oldest_waiting.set(max(0.0, time.time() - oldest.received_at) if oldest else 0.0)
+
+    async def not_ready(self) -> list[str]:
+        """Why this gateway should not be sent mail now: stopping, a listener down, the store not taking
+        writes, the API refusing the key. The store is written to at most every few seconds."""
+        reasons: list[str] = []
+        if self._stopping:
+            reasons.append("stopping: finishing the work in hand")
+        expected = 1 + (self.settings.lmtp_listen is not None)
+        if len([srv for srv in self._servers if srv.is_serving()]) < expected:
+            reasons.append("listeners: not all SMTP/LMTP listeners are up")
+        for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage)):
+            if pause.tripped:
+                reasons.append(f"storage: the {name} is paused: {pause.reason}")
+        if time.monotonic() - self._writable_at > READY_WRITE_EVERY:
+            try:
+                await self.store.check_writable()
+            except StoreBusy as exc:
+                reasons.append(f"store: cannot write: {exc}")
+            else:
+                self._writable_at = time.monotonic()
+        if (held := self.scheduler.held) is not None:
+            reasons.append(f"api_hold: the API refuses HANDINGER_API_KEY; every turn is held: {held}")
+        return reasons
+
     async def stop(self) -> None:
+        self._stopping = True
+        log.info("stopping", extra={"listeners": len(self._servers), "deadline": self.shutdown_deadline})
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -278,6 +345,9 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._monitor is not None:  # last of the listeners: /readyz says "stopping" until here
+            await self._monitor.close()
+            self._monitor = None
         if hasattr(self, "api"):
             await self.api.aclose()
         if hasattr(self, "store"):

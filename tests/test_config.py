@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.config import Listen, OutputHost, Relay, default_helo_name, load_settings
+from mailgate.config import (
+    Listen,
+    OutputHost,
+    Relay,
+    default_helo_name,
+    load_operator_settings,
+    load_settings,
+)
 from mailgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +217,39 @@ def test_the_default_helo_name_of_this_machine() -> None:
     name = load_settings(environ=MINIMAL).helo_name
     assert name == default_helo_name("agents.example.com")
     assert name is not None and "." in name and not name.startswith("localhost")
+
+
+def test_log_format_and_metrics_listen() -> None:
+    """MAILGATE_LOG_FORMAT is logfmt (default) or json; MAILGATE_METRICS_LISTEN is off unless set."""
+    settings = load_settings(environ=MINIMAL)
+    assert (settings.log_format, settings.metrics_listen) == ("logfmt", None)
+    settings = load_settings(
+        environ=MINIMAL | {"MAILGATE_LOG_FORMAT": "JSON", "MAILGATE_METRICS_LISTEN": ":9125"}
+    )
+    assert (settings.log_format, settings.metrics_listen) == ("json", Listen("127.0.0.1", 9125))
+    bad = problems(MINIMAL | {"MAILGATE_LOG_FORMAT": "xml", "MAILGATE_METRICS_LISTEN": "9125"})
+    assert [p.split(":")[0] for p in bad] == ["MAILGATE_LOG_FORMAT", "MAILGATE_METRICS_LISTEN"]
+
+
+def test_operator_settings_read_dot_env_in_the_working_directory(tmp_path: Path) -> None:
+    """Without an env file the operator verbs read ./.env; the environment wins; gateway keys are not
+    asked for; every bad key they read is named; the API key is needed only to call the API."""
+    (tmp_path / ".env").write_text("MAILGATE_DATABASE=/srv/mg.db\nMAILGATE_LOG_FORMAT=json\n")
+    settings = load_operator_settings(environ={"MAILGATE_LOG_FORMAT": "logfmt"}, cwd=tmp_path)
+    assert (settings.database, settings.log_format, settings.log_level) == (
+        Path("/srv/mg.db"),
+        "logfmt",
+        "WARNING",
+    )
+    assert settings.api_problem() is not None and "HANDINGER_API_KEY" in str(settings.api_problem())
+    assert load_operator_settings(environ={}, cwd=tmp_path / "nowhere").database == Path("var/mailgate.db")
+    local = load_operator_settings(environ={"HANDINGER_BASE_URL": "http://127.0.0.1:8787"}, cwd=tmp_path)
+    assert local.api_problem() is None
+    with pytest.raises(ConfigError) as info:
+        load_operator_settings(
+            environ={"HANDINGER_BASE_URL": "ftp://x", "MAILGATE_LOG_LEVEL": "LOUD"}, cwd=tmp_path
+        )
+    assert [p.split(":")[0] for p in info.value.problems] == ["HANDINGER_BASE_URL", "MAILGATE_LOG_LEVEL"]
 
 
 def test_output_hosts_parse_and_match() -> None:

@@ -195,7 +195,7 @@ async def test_a_pending_reply_is_sent_with_the_relays_reply_recorded(
         sent = await settled(store, row.id, 1)
     assert (mail_from, rcpts, data) == (FROM, [ALICE, BOB], row.data)
     assert sent.state == OutboxState.SENT
-    assert sent.last_error == "250 2.0.0 Ok: queued as Q1"
+    assert (sent.relay_reply, sent.last_error) == ("250 2.0.0 Ok: queued as Q1", None)
     assert (sent.sent_at, sent.refused, sent.next_attempt_at) == (clock.now, None, 0)
 
 
@@ -210,7 +210,7 @@ async def test_the_maildir_transport_writes_the_reply_and_marks_it_sent(
     [written] = list((maildir / "new").iterdir())
     assert list((maildir / "tmp").iterdir()) == []
     assert sent.state == OutboxState.SENT
-    assert sent.last_error == f"250 2.0.0 Ok: written to {written.name}"
+    assert (sent.relay_reply, sent.last_error) == (f"250 2.0.0 Ok: written to {written.name}", None)
     content = written.read_bytes()
     assert content.startswith(f"Return-Path: <{FROM}>\nX-Envelope-To: {ALICE}, {BOB}\n".encode())
     assert content.endswith(row.data.replace(b"\r\n", b"\n"))
@@ -257,7 +257,8 @@ async def test_a_4xx_is_retried_with_back_off_then_sent(
         [(_, rcpts, data)] = await relay.wait_for(1)
         sent = await settled(store, row.id, 3)
     assert (rcpts, data) == (recipients, row.data)
-    assert sent.state == OutboxState.SENT and sent.last_error == "250 2.0.0 Ok: queued as Q1"
+    assert sent.state == OutboxState.SENT and sent.relay_reply == "250 2.0.0 Ok: queued as Q1"
+    assert sent.last_error is None
 
 
 async def test_an_unreachable_relay_is_retried(store: Store, clock: Clock) -> None:

@@ -88,6 +88,11 @@ async def test_a_full_store_mid_turn_pauses_and_every_message_is_answered_once(
             seen = await smtp_send(gw.smtp_port, make_mail(body=f"Number {n} [sandbox:slow=1]"))
             assert seen.accepted
         await until(lambda: len(sandbox.state.requests) == 3, timeout=15, what="three turns posted")
+
+        async def all_running() -> bool:  # each POST's 2xx committed (`running`) before the disk fills
+            return await states(gw) == ["running"] * 3
+
+        await until(all_running, timeout=15, what="three turns running")
         filler = fill(small_disk)
         caplog.clear()
         await until(lambda: gw.scheduler.storage.trips >= 3, timeout=20, what="the scheduler pausing")

@@ -522,8 +522,13 @@ async def pending_reply(store: Store) -> str:
     [
         (
             OutboxState.SENT,
-            {"error": "250 2.0.0 Ok: queued as Q1", "refused": {}, "sent_at": 1234.5},
-            {"last_error": "250 2.0.0 Ok: queued as Q1", "refused": None, "sent_at": 1234.5},
+            {"error": None, "reply": "250 2.0.0 Ok: queued as Q1", "refused": {}, "sent_at": 1234.5},
+            {
+                "last_error": None,
+                "relay_reply": "250 2.0.0 Ok: queued as Q1",
+                "refused": None,
+                "sent_at": 1234.5,
+            },
         ),
         (
             OutboxState.RETRY,
@@ -538,7 +543,8 @@ async def pending_reply(store: Store) -> str:
 async def test_record_delivery_writes_the_attempts_outcome(
     store: Store, state: str, kwargs: dict[str, Any], expect: dict[str, Any]
 ) -> None:
-    """Each delivery outcome is recorded with its attempts, error (capped), refusals and send time."""
+    """Each delivery outcome is recorded with its attempts, error (capped), the relay's reply, refusals and
+    send time."""
     outbox_id = await pending_reply(store)
     await store.record_delivery(outbox_id, state, attempts=3, **kwargs)
     row = await store.outbox_row(outbox_id)

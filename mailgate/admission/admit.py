@@ -72,13 +72,17 @@ class Admission:
         """RCPT TO: a worker address (with a budget word or a valid reply token), or a refusal."""
         split = threads.split_recipient(address, self.settings.domain)
         if split is None:
-            return SmtpReply(550, "5.7.1 Relaying denied: this server only accepts mail for its own workers")
+            return SmtpReply(
+                550,
+                "5.7.1 Relaying denied: this server only accepts mail for its own workers",
+                why="relay_denied",
+            )
         alias, tag = split
         if tag is not None and tag.startswith(bounces.BOUNCE_PREFIX):  # before the alias: it may be gone
             ok = await self._bounced_reply(address) is not None
             return SmtpReply(250, "2.1.5 Ok") if ok else SmtpReply(550, BAD_BOUNCE)
         if self.settings.worker_for(alias) is None:
-            return SmtpReply(550, "5.1.1 No such worker here")
+            return SmtpReply(550, "5.1.1 No such worker here", why="unknown_worker")
         if tag is not None and threads.looks_like_token(tag):
             task_id = threads.task_id_of_token(tag)
             ref = await self.store.task(task_id) if task_id else None
@@ -87,8 +91,8 @@ class Admission:
                 or ref.alias != alias
                 or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner)
             ):
-                return SmtpReply(550, BAD_TOKEN)
-        return SmtpReply(250, "2.1.5 Ok")
+                return SmtpReply(550, BAD_TOKEN, why="bad_token")
+        return SmtpReply(250, "2.1.5 Ok", why="accepted")
 
     async def accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         """Decide on `raw` for each recipient; commit what is accepted. One reply per recipient.
@@ -105,7 +109,9 @@ class Admission:
             try:
                 replies |= zip(group, await decide(mail_from, group, raw), strict=True)
             except MessageRejected as exc:
-                replies |= dict.fromkeys(group, SmtpReply(exc.code, f"{exc.status} {exc.reason}"))
+                replies |= dict.fromkeys(
+                    group, SmtpReply(exc.code, f"{exc.status} {exc.reason}", why=exc.why)
+                )
         return [replies[r] for r in rcpts]
 
     async def _bounced_reply(self, address: str) -> OutboxRow | None:
@@ -177,7 +183,7 @@ class Admission:
     async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         settings = self.settings
         if header_size(raw, settings.max_header_size) > settings.max_header_size:
-            raise MessageRejected(552, "5.3.4", "Message header too large")
+            raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
         headers = Headers.parse(raw)
         facts = read_facts(headers)
         now = self.clock()
@@ -190,12 +196,19 @@ class Admission:
             verdict = await self._authenticate(raw, headers)
             if verdict.sender is None and verdict.temporary:
                 raise MessageRejected(
-                    451, "4.7.0", f"Sender authentication could not complete: {verdict.reason}"
+                    451,
+                    "4.7.0",
+                    f"Sender authentication could not complete: {verdict.reason}",
+                    why="auth_temporary",
                 )
             if verdict.sender is None:
-                raise MessageRejected(550, "5.7.1", f"Sender not authenticated: {verdict.reason}")
+                raise MessageRejected(
+                    550, "5.7.1", f"Sender not authenticated: {verdict.reason}", why="not_authenticated"
+                )
             if not policy.sender_allowed(verdict.sender, settings.allowed_senders):
-                raise MessageRejected(550, "5.7.1", f"{verdict.sender} may not send to this gateway")
+                raise MessageRejected(
+                    550, "5.7.1", f"{verdict.sender} may not send to this gateway", why="sender_not_allowed"
+                )
             sender = verdict.sender
 
         # Every read the decisions below make, in one hop to the reader's thread.
@@ -223,17 +236,20 @@ class Admission:
         for rcpt, (alias, tag), key in zip(rcpts, splits, keys, strict=True):
             duplicate = known.duplicates.get(key)
             if duplicate is not None:
-                plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}")))
+                plans.append(
+                    _Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}", why="duplicate"))
+                )
                 continue
             message = _new_message(facts, raw_id, now, mail_from, rcpt, alias, sender, key)
             if sender is None:
                 message = replace(message, state=InboundState.IGNORED, reason=reason)
-                plans.append(_Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"), message))
+                reply = SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="ignored", note=reason or "")
+                plans.append(_Plan(rcpt, reply, message))
                 continue
             try:
                 plan = self._plan_task(known, rcpt, alias, tag, sender, facts, message, now, new_tasks_here)
             except MessageRejected as exc:
-                plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}"))
+                plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}", why=exc.why))
             else:
                 assert plan.message is not None and plan.message.task_id is not None
                 first = continued.setdefault(plan.message.task_id, plan.message.id)
@@ -243,7 +259,13 @@ class Admission:
                     ignored = replace(
                         message, state=InboundState.IGNORED, reason=f"same task as {first}", task_id=None
                     )
-                    plan = _Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {first}"), ignored)
+                    reply = SmtpReply(
+                        250,
+                        f"2.0.0 Ok: already queued as {first}",
+                        why="ignored",
+                        note=f"same task as {first}",
+                    )
+                    plan = _Plan(rcpt, reply, ignored)
             new_tasks_here += plan.task is not None
             plans.append(plan)
 
@@ -292,7 +314,7 @@ class Admission:
             found = threads.resolve(known, self.secret, alias=alias, tag=tag, sender=sender)
         except BadToken:
             raise MessageRejected(
-                550, "5.1.1", "This reply address is not valid (altered or unknown)"
+                550, "5.1.1", "This reply address is not valid (altered or unknown)", why="bad_token"
             ) from None
         task: NewTask | None = None
         if found.task is not None:
@@ -300,14 +322,22 @@ class Admission:
             turns = known.turns.get(task_id, 0)
             if turns >= settings.max_turns_per_thread_per_hour:
                 raise MessageRejected(
-                    450, "4.7.1", "Too many messages in this conversation in the last hour; try later"
+                    450,
+                    "4.7.1",
+                    "Too many messages in this conversation in the last hour; try later",
+                    why="rate_limited",
                 )
         else:
             worker = settings.worker_for(alias)
             assert worker is not None  # checked at RCPT
             recent = (known.new_tasks or 0) + new_tasks_here
             if recent >= settings.max_new_tasks_per_hour:
-                raise MessageRejected(450, "4.7.1", "Too many new tasks from you in the last hour; try later")
+                raise MessageRejected(
+                    450,
+                    "4.7.1",
+                    "Too many new tasks from you in the last hour; try later",
+                    why="rate_limited",
+                )
             task_id = threads.new_task_id()
             budget = policy.requested_budget(found.budget_tag, worker.budget, settings.max_budget)
             task = NewTask(
@@ -334,7 +364,7 @@ class Admission:
         }
         return _Plan(
             rcpt,
-            SmtpReply(250, f"2.0.0 Ok: queued as {message.id}"),
+            SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="accepted"),
             message,
             task,
             [(task_id, p) for p in sorted(people)],

@@ -25,13 +25,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from mailgate.delivery.transports import Delivery
 from mailgate.errors import DeliveryDeferred, DeliveryFailed, LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
+from mailgate.metrics import Metrics
 from mailgate.models import OutboxState
 from mailgate.store import OutboxRow, Store
 
@@ -48,6 +49,7 @@ class Outbox:
         parallel: int = 8,
         clock: Callable[[], float] = time.time,
         retry_base: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.delivery = delivery
@@ -60,6 +62,9 @@ class Outbox:
         self._draining = False  # set by `drain`: no send starts after it (the store closes next)
         self._unrecorded: dict[str, dict[str, Any]] = {}  # outbox id -> an attempt's outcome to write
         self.storage = Pause("outbox_storage", log, base=retry_base, clock=clock)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(self.metrics.jobs_in_hand.labels("outbox"), lambda: len(self._busy))
+        self.metrics.watch(self.metrics.storage_paused.labels("outbox"), lambda: int(self.storage.tripped))
 
     def wake(self) -> None:
         self._wake.set()
@@ -101,7 +106,7 @@ class Outbox:
         """Start nothing more; wait up to `timeout` for the sends in hand, cancel the rest, close kept
         relay connections."""
         self._draining = True
-        cancelled = await drain(self._busy.values(), timeout)
+        cancelled = await drain(self._busy, timeout, log, "outbox")
         await self.delivery.aclose()
         return cancelled
 
@@ -139,8 +144,8 @@ class Outbox:
             if exc.too_large and row.fallback is not None:
                 log.warning(
                     "outbox_too_large",
-                    extra={
-                        "outbox": row.id,
+                    extra=_fields(row, recipients)
+                    | {
                         "error": str(exc),
                         "size": len(row.data),
                         "now": len(row.fallback),
@@ -149,47 +154,56 @@ class Outbox:
                 await self.store.use_fallback(row.id)
                 await self._attempt(replace(row, data=row.fallback, fallback=None))
                 return
-            log.error("outbox_dead", extra={"outbox": row.id, "error": str(exc)})
-            await self._record(row.id, OutboxState.DEAD, attempts=attempts, error=str(exc))
+            log.error("outbox_dead", extra=_fields(row, recipients) | {"error": str(exc)})
+            await self._record(row, OutboxState.DEAD, attempts=attempts, error=str(exc))
             return
         now = self.clock()
+        if row.sent_at is None:
+            self.metrics.end_to_relay_seconds.observe(max(0.0, now - row.created_at))
         refused = {r: why for r, why in earlier.items() if r not in report.accepted} | report.refused
         deferred = [r for r, why in refused.items() if why.startswith("4")]
         log.info(
             "outbox_sent",
-            extra={"outbox": row.id, "message_id": row.message_id, "refused": len(report.refused)},
+            extra=_fields(row, report.accepted)
+            | {"reply": report.response, "refused": [f"{r} ({why})" for r, why in report.refused.items()]},
         )
-        state, error, at = OutboxState.SENT, report.response, 0.0
+        state, error, at = OutboxState.SENT, None, 0.0
         if deferred:  # delivered to some; the deferred recipients are tried again on their own
             error = f"deferred for {', '.join(deferred)}: {refused[deferred[0]]}"
             if now - row.created_at > self.horizon:
                 state = OutboxState.DEAD
             else:
                 state, at = OutboxState.RETRY, now + backoff(attempts, base=self.retry_base, cap=1800.0)
+                self.metrics.retries.labels("relay").inc()
         await self._record(
-            row.id,
+            row,
             state,
             attempts=attempts,
             error=error,
             next_attempt_at=at,
             refused=refused,
             sent_at=row.sent_at or now,
+            reply=report.response,
         )
 
     async def _defer(self, row: OutboxRow, error: str) -> None:
         attempts = row.attempts + 1
+        fields = _fields(row, row.recipient_list) | {"error": error}
         if self.clock() - row.created_at > self.horizon:
-            log.error("outbox_dead", extra={"outbox": row.id, "error": error, "why": "retry horizon"})
-            await self._record(row.id, OutboxState.DEAD, attempts=attempts, error=error)
+            log.error("outbox_dead", extra=fields | {"why": "retry horizon"})
+            await self._record(row, OutboxState.DEAD, attempts=attempts, error=error)
             return
         delay = backoff(attempts, base=self.retry_base, cap=1800.0)
-        log.warning("outbox_deferred", extra={"outbox": row.id, "error": error, "retry_in": round(delay, 1)})
+        log.warning("outbox_deferred", extra=fields | {"retry_in": round(delay, 1)})
+        self.metrics.retries.labels("relay").inc()
         await self._record(
-            row.id, OutboxState.RETRY, attempts=attempts, error=error, next_attempt_at=self.clock() + delay
+            row, OutboxState.RETRY, attempts=attempts, error=error, next_attempt_at=self.clock() + delay
         )
 
-    async def _record(self, outbox_id: str, state: str, **outcome: Any) -> None:
+    async def _record(self, row: OutboxRow, state: str, **outcome: Any) -> None:
         """Write an attempt's outcome; when the store cannot take it, keep it for later and pause."""
+        self.metrics.deliveries.labels(row.notice or row.kind, str(state)).inc()
+        outbox_id = row.id
         try:
             await self.store.record_delivery(outbox_id, state, **outcome)
         except Exception as exc:
@@ -197,3 +211,14 @@ class Outbox:
                 raise
             self._unrecorded[outbox_id] = {"state": state, **outcome}
             self.storage.trip(f"{type(exc).__name__}: {exc}")
+
+
+def _fields(row: OutboxRow, recipients: Sequence[str]) -> dict[str, Any]:
+    """What an outbox log line says of its row: which reply, of which message, to whom."""
+    return {
+        "outbox": row.id,
+        "kind": row.notice or row.kind,
+        "inbound": row.inbound_id,
+        "message_id": row.message_id,
+        "recipients": list(recipients),
+    }

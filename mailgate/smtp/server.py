@@ -8,21 +8,21 @@
 - Sessions over MAILGATE_MAX_CONNECTIONS get `421 4.7.0`; a session quiet for MAILGATE_SMTP_TIMEOUT
   (aiosmtpd restarts the clock at each command, so DATA as a whole must finish within it) gets `421 4.4.2`
   and is closed.
+- Each refusal made here (552, 500 at DATA; 421 at connect or idle) is logged and counted through the
+  handler's `reject()`, like the ones admission decides.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import MISSING, SMTP
 
+from mailgate.models import SmtpReply
 from mailgate.smtp.handler import Handler
-
-log = logging.getLogger("mailgate.smtp")
 
 
 class StreamingData(SMTP):
@@ -65,6 +65,11 @@ class StreamingData(SMTP):
             if problem is None:
                 data += memoryview(line)[1:] if line.startswith(b".") else line
         if problem is not None:
+            why = "too_large" if problem.startswith("552") else "line_too_long"
+            code, _, text = problem.partition(" ")
+            self.event_handler.reject(
+                self, "data", SmtpReply(int(code), text, why=why), rcpts=self.envelope.rcpt_tos
+            )
             await self.push(problem)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
@@ -100,10 +105,11 @@ class GatewaySMTP(StreamingData):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.limiter.open >= self.limiter.limit:
-            log.warning(
-                "connection_refused", extra={"why": "too many connections", "limit": self.limiter.limit}
-            )
-            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            reply = SmtpReply(421, "4.7.0 Too many connections, try again later", why="too_many_connections")
+            self.transport = transport  # for the log line's client address; aiosmtpd never sees it
+            self.event_handler.reject(self, "connect", reply)
+            self.transport = None
+            transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
             transport.close()
             return
         self.limiter.open += 1
@@ -113,7 +119,10 @@ class GatewaySMTP(StreamingData):
     def _timeout_cb(self) -> None:
         """Idle past MAILGATE_SMTP_TIMEOUT (between commands, or in all of DATA): say 421, then close."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")  # type: ignore[attr-defined]
+            reply = SmtpReply(421, "4.4.2 Timeout, closing connection", why="timeout")
+            rcpts = self.envelope.rcpt_tos if self.envelope is not None else []
+            self.event_handler.reject(self, "session", reply, rcpts=rcpts)
+            self.transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_lost(self, error: Exception | None) -> None:

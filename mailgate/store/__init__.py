@@ -21,7 +21,9 @@ from mailgate.store.schema import (
     NewReply,
     NewTask,
     OutboxRow,
+    Problem,
     SuppressionRow,
+    TaskListing,
     TaskRow,
 )
 from mailgate.store.sqlite import SqliteStore, probe
@@ -37,10 +39,12 @@ __all__ = [
     "NewReply",
     "NewTask",
     "OutboxRow",
+    "Problem",
     "Queue",
     "SqliteStore",
     "Store",
     "SuppressionRow",
+    "TaskListing",
     "TaskRow",
     "holder",
     "probe",

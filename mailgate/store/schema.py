@@ -81,6 +81,11 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS bounce_outbox ON bounce (outbox_id);"
     "CREATE TABLE IF NOT EXISTS suppression ("
     " addr TEXT PRIMARY KEY, suppressed_at REAL, reason TEXT, cleared_at REAL) WITHOUT ROWID;",
+    # 5: the relay's reply to a delivery in its own column (`last_error` holds only errors); how the
+    # message's turn ended at the API (so `replay` knows to post a new turn after an errored one)
+    "ALTER TABLE outbox ADD COLUMN relay_reply TEXT;"
+    "ALTER TABLE inbound ADD COLUMN turn_status TEXT;"
+    "UPDATE outbox SET relay_reply=last_error, last_error=NULL WHERE state='sent' AND last_error LIKE '2%';",
 )
 VERSION = len(MIGRATIONS)
 
@@ -119,6 +124,7 @@ class InboundRow:
     sender_name: str | None = None  # the From display name
     started_at: float | None = None  # when the API took the turn (it answered 2xx)
     acked_at: float | None = None  # when the sender was told the turn is being worked on
+    turn_status: str | None = None  # how the turn ended at the API (completed, error, ...); None: not yet
 
     @property
     def in_reply_to_ids(self) -> list[str]:
@@ -156,6 +162,7 @@ class OutboxRow:
     bounced_at: float | None = None  # a bounce (DSN) of this reply came back to its VERP address
     bounce_status: str | None = None  # "5.1.1"
     bounce_diagnostic: str | None = None  # "smtp; 550 5.1.1 no such user"
+    relay_reply: str | None = None  # the relay's reply to the last delivery that it took ("250 2.0.0 ...")
 
     @property
     def recipient_list(self) -> list[str]:
@@ -199,6 +206,27 @@ class SuppressionRow:
     suppressed_at: float | None
     reason: str | None
     cleared_at: float | None
+
+
+@dataclass
+class TaskListing(TaskRow):
+    """A task as the operator's `tasks` table shows it: its row, the state of its newest message (its
+    status: `running`, `answered`, `failed`, ...) and when that message came."""
+
+    status: str | None = None
+    last_message_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that went wrong lately, for `mailgate status`: a failed message, a dead or retrying
+    reply, a message waiting on a retry."""
+
+    at: float
+    table: str  # inbound or outbox
+    id: str
+    state: str
+    error: str
 
 
 def row_of(cls: type[Any], row: sqlite3.Row | None) -> Any:

@@ -40,8 +40,10 @@ from mailgate.store.schema import (
     NewBounce,
     NewReply,
     OutboxRow,
+    Problem,
     Statement,
     SuppressionRow,
+    TaskListing,
     TaskRow,
     insert,
     insert_row,
@@ -369,9 +371,85 @@ class SqliteStore:
         rows = await self._all(f"SELECT * FROM outbox {where} ORDER BY id DESC LIMIT ?", [*params, limit])  # noqa: S608
         return [row_of(OutboxRow, r) for r in rows]
 
-    async def list_tasks(self, limit: int = 50) -> list[TaskRow]:
-        rows = await self._all("SELECT * FROM task ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [row_of(TaskRow, r) for r in rows]
+    async def list_tasks(self, limit: int = 50) -> list[TaskListing]:
+        """The newest tasks, each with the state of its newest message (its status) and that one's time."""
+        rows = await self._all(
+            "SELECT t.*, m.state AS status, m.received_at AS last_message_at FROM "
+            "(SELECT * FROM task ORDER BY created_at DESC LIMIT ?) t "
+            "LEFT JOIN inbound m ON m.id = (SELECT max(id) FROM inbound WHERE task_id = t.id) "
+            "ORDER BY t.created_at DESC",
+            (limit,),
+        )
+        return [row_of(TaskListing, r) for r in rows]
+
+    async def find_message_id(self, message_id: str) -> tuple[list[InboundRow], list[OutboxRow]]:
+        """The inbound messages and the replies carrying Message-ID `message_id` (angle brackets or not)."""
+        wanted = message_id.strip()
+        wanted = wanted if wanted.startswith("<") else f"<{wanted}>"
+        inbound = await self._all("SELECT * FROM inbound WHERE message_id=? ORDER BY id", (wanted,))
+        outbox = await self._all("SELECT * FROM outbox WHERE message_id=? ORDER BY id", (wanted,))
+        return [row_of(InboundRow, r) for r in inbound], [row_of(OutboxRow, r) for r in outbox]
+
+    async def count_by_state(self) -> dict[str, dict[str, int]]:
+        """Rows per state: `{"inbound": {"queued": 3, ...}, "outbox": {"sent": 9, ...}}`."""
+        counts: dict[str, dict[str, int]] = {"inbound": {}, "outbox": {}}
+        for table in counts:
+            rows = await self._all(f"SELECT state, count(*) AS n FROM {table} GROUP BY state")  # noqa: S608
+            counts[table] = {str(r["state"]): int(r["n"]) for r in rows}
+        return counts
+
+    async def oldest_waiting(self) -> InboundRow | None:
+        """The oldest inbound message not yet at rest (received, queued, submitting or running)."""
+        row: InboundRow | None = row_of(
+            InboundRow,
+            await self._one(
+                f"SELECT * FROM inbound WHERE state IN ({ACTIVE_SQL}) ORDER BY received_at LIMIT 1"  # noqa: S608
+            ),
+        )
+        return row
+
+    async def recent_problems(self, limit: int = 5) -> list[Problem]:
+        """The newest troubles, newest first: failed messages, messages waiting on a retry with an error,
+        and replies dead or waiting on a retry."""
+        rows = await self._all(
+            "SELECT * FROM ("  # noqa: S608 (constants)
+            "SELECT updated_at AS at, 'inbound' AS tbl, id, state, coalesce(reason, last_error) AS error "
+            "FROM inbound WHERE state='failed' OR (last_error IS NOT NULL AND state IN "
+            f"({ACTIVE_SQL})) "
+            "UNION ALL SELECT updated_at, 'outbox', id, state, last_error FROM outbox "
+            "WHERE state IN ('dead','retry') AND last_error IS NOT NULL"
+            ") ORDER BY at DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            Problem(float(r["at"]), str(r["tbl"]), str(r["id"]), str(r["state"]), str(r["error"] or ""))
+            for r in rows
+        ]
+
+    async def api_hold(self) -> dict[str, Any] | None:
+        """The hold a running gateway recorded while the API refuses its key: `{"since", "reason"}`."""
+        row = await self._one("SELECT value FROM meta WHERE key='api_hold'")
+        if row is None:
+            return None
+        try:
+            value = json.loads(row["value"])
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def set_api_hold(self, since: float, reason: str) -> None:
+        """Record that the API refuses the key (for `mailgate status`; the gateway holds in memory)."""
+        value = json.dumps({"since": since, "reason": reason[:500]})
+        await self.write([("INSERT OR REPLACE INTO meta (key, value) VALUES ('api_hold', ?)", (value,))])
+
+    async def clear_api_hold(self) -> None:
+        await self.write([("DELETE FROM meta WHERE key='api_hold'", ())])
+
+    async def check_writable(self) -> None:
+        """Commit a small write (the time, under `ready_probe`), so a store that cannot take writes
+        (read-only, full, failing) says so with `StoreBusy`."""
+        value = str(time.time())
+        await self.write([("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (value,))])
 
     async def outbox_for(self, inbound_id: str) -> list[OutboxRow]:
         rows = await self._all("SELECT * FROM outbox WHERE inbound_id=? ORDER BY id", (inbound_id,))
@@ -528,13 +606,17 @@ class SqliteStore:
         task_id: str | None = None,
         task_url: str | None = None,
         task_turns: int | None = None,
+        turn_status: str | None = None,
     ) -> None:
-        """End a message (`answered`, `failed`, `ignored`) and queue its replies, in one transaction."""
+        """End a message (`answered`, `failed`, `ignored`) and queue its replies, in one transaction.
+        `turn_status`: how its turn ended at the API, when it ran one to its end."""
         now = time.time()
         statements = _reply_statements(replies)
         ending: dict[str, Any] = {"state": state, "reason": reason, "updated_at": now, "next_attempt_at": 0}
         if turn_seq is not None:
             ending["turn_seq"] = turn_seq
+        if turn_status is not None:
+            ending["turn_status"] = turn_status
         statements.append(update("inbound", inbound_id, **ending))
         if task_id is not None and task_turns is not None:
             statements.append(update("task", task_id, url=task_url, turns=task_turns))
@@ -550,14 +632,18 @@ class SqliteStore:
         next_attempt_at: float = 0.0,
         refused: dict[str, str] | None = None,
         sent_at: float | None = None,
+        reply: str | None = None,
     ) -> None:
-        """What one delivery attempt of an outbox row came to (`sent`, `retry`, `dead`)."""
+        """What one delivery attempt of an outbox row came to (`sent`, `retry`, `dead`): `error` what
+        went wrong (None clears it), `reply` the relay's answer when it took the message."""
         values: dict[str, Any] = {
             "state": state,
             "attempts": attempts,
             "last_error": (error or "")[:1000] or None,
             "next_attempt_at": next_attempt_at,
         }
+        if reply is not None:
+            values["relay_reply"] = reply[:1000]
         if refused is not None:
             values["refused"] = json.dumps(refused) if refused else None
         if sent_at is not None:
@@ -608,8 +694,14 @@ class SqliteStore:
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
+        again: dict[str, Any] = {}
+        if row.turn_status is not None and row.turn_seq is not None:
+            # its turn ran to its end (in error): a new turn is posted, after that one. With no attempt
+            # counted, nothing is "recovered"; the POST looks at the task first and numbers the new turn
+            # after every turn there, so the old one is never taken for it.
+            again = {"attempts": 0, "turn_seq": row.turn_seq + 1, "turn_status": None}
+        # otherwise attempts are kept: a turn that may have reached the API is looked for before any POST
         await self._set_inbound(
-            # attempts are kept: a turn that may have reached the API is looked for before any new POST
             inbound_id,
             state=state,
             reason=None,
@@ -617,6 +709,7 @@ class SqliteStore:
             next_attempt_at=0,
             last_error=None,
             received_at=time.time(),
+            **again,
         )
         return True
 

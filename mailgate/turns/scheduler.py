@@ -63,6 +63,7 @@ from typing import Any
 from mailgate.config import Settings
 from mailgate.errors import LeaseLost
 from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
+from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
@@ -100,6 +101,7 @@ class Scheduler:
         *,
         on_outbox: Callable[[], None] = lambda: None,
         hold_seconds: float = HOLD_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -114,10 +116,20 @@ class Scheduler:
         self._draining = False  # set by `drain`: no job starts after it (the store closes next)
         self._hold_until = 0.0
         self._held = False  # a 401 was seen and no API call has succeeded since
+        self._hold_reason = ""
         self._last_loud = 0.0
         self._unknown_workers: set[str] = set()  # aliases already reported (once per start)
         self._acked: set[str] = set()  # messages acknowledged by a job in hand (their rows are older)
         self.storage = Pause("storage", log, base=steps.timing.retry_base, clock=self.clock)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(self.metrics.jobs_in_hand.labels("scheduler"), lambda: len(self._busy))
+        self.metrics.watch(self.metrics.api_hold, lambda: int(self._held))
+        self.metrics.watch(self.metrics.storage_paused.labels("scheduler"), lambda: int(self.storage.tripped))
+
+    @property
+    def held(self) -> str | None:
+        """Why every turn is held (the API refuses the key), or None."""
+        return self._hold_reason if self._held else None
 
     def wake(self) -> None:
         self._wake.set()
@@ -160,7 +172,7 @@ class Scheduler:
         """Start nothing more; wait up to `timeout` for jobs in hand, cancel the rest. Returns how many
         were cancelled."""
         self._draining = True
-        return await drain(self._busy.values(), timeout)
+        return await drain(self._busy, timeout, log, "scheduler")
 
     async def _job(self, row: InboundRow) -> None:
         try:
@@ -188,10 +200,13 @@ class Scheduler:
         while True:
             outcome: Outcome = await self._advance(row, streamed)
             if outcome.api_ok:
-                self._resumed()
+                await self._resumed()
             if isinstance(outcome, Continue):
                 row, streamed = outcome.row, outcome.streamed
                 continue
+            ended = isinstance(outcome, Answer) or (isinstance(outcome, Notice) and outcome.turn_status)
+            if ended and row.state == InboundState.RUNNING:  # `updated_at`: when the API took the turn
+                self.metrics.turn_seconds.observe(max(0.0, self.clock() - row.updated_at))
             if isinstance(outcome, Later):
                 at = outcome.at
                 due = self._ack_due(row)
@@ -201,9 +216,12 @@ class Scheduler:
                     and outcome.state in (None, row.state)
                 ):
                     at = min(at, max(due, self.clock()))  # a polled turn: look again when the ack is due
+                if outcome.error is not None:
+                    self.metrics.retries.labels("api").inc()
                 await self.store.reschedule(row.id, at, state=outcome.state, error=outcome.error)
             elif isinstance(outcome, Hold):
-                self._hold(outcome.error)
+                self.metrics.turns.labels("held").inc()
+                await self._hold(outcome.error)
                 await self.store.reschedule(
                     row.id,
                     self.clock() + self.hold_seconds,
@@ -222,11 +240,14 @@ class Scheduler:
                     turn_seq=outcome.turn_seq,
                     task_turns=outcome.task_turns,
                     task_url=outcome.answer.task_url,
+                    turn_status="completed",
                 )
+                self.metrics.turns.labels("answered").inc()
                 log.info(
                     "turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq}
                 )
             else:
+                self.metrics.turns.labels(outcome.kind).inc()
                 await self._notify(row, outcome)
             self.storage.clear()  # the outcome is committed: the store takes writes
             return
@@ -279,6 +300,7 @@ class Scheduler:
 
     async def _worker_unknown(self, row: InboundRow, outcome: WorkerUnknown) -> None:
         """Hold the message (queued, with the reason) and tell its sender once; ERROR once per alias."""
+        self.metrics.turns.labels("worker_unknown").inc()
         if outcome.alias not in self._unknown_workers:
             self._unknown_workers.add(outcome.alias)
             log.error(
@@ -312,26 +334,49 @@ class Scheduler:
             turn_seq=notice.turn_seq,
             task_turns=notice.task_turns,
             task_url=notice.task_url,
+            turn_status=notice.turn_status,
+            notice=notice.kind,
         )
 
     async def _finish(
-        self, row: InboundRow, state: InboundState, reason: str | None, replies: list[NewReply], **task: Any
+        self,
+        row: InboundRow,
+        state: InboundState,
+        reason: str | None,
+        replies: list[NewReply],
+        *,
+        notice: str | None = None,
+        **task: Any,
     ) -> None:
         await self.store.finish(row.id, state, reason, replies, task_id=row.task_id, **task)
         self.spool.remove(row.id)
         if replies:
             self.on_outbox()
-        log.info("message_done", extra={"inbound": row.id, "state": str(state), "reason": reason})
+        self.metrics.messages.labels(str(state)).inc()
+        fields = {
+            "inbound": row.id,
+            "task": row.task_id,
+            "sender": row.sender,
+            "state": str(state),
+            "reason": reason,
+            "notice": notice if replies else None,
+        }
+        # a failed message is something an operator may have to look at; an answer is routine
+        log.log(
+            logging.WARNING if state == InboundState.FAILED else logging.INFO, "message_done", extra=fields
+        )
 
     async def _stalled(self, row: InboundRow, exc: Exception) -> None:
-        """Pause everything for a while; the message keeps its state and is tried again after the pause."""
-        self.storage.trip(f"{type(exc).__name__}: {exc}")
+        """Pause everything for a while; the message keeps its state and is tried again after the pause.
+        The row is put right before the pause begins, so whoever sees the pause sees the row at rest."""
         if row.state == InboundState.RECEIVED:  # the crash counted before reading the body was not one
             with contextlib.suppress(Exception):
                 await self.store.count_crash(row.id, row.crashes)
+        self.storage.trip(f"{type(exc).__name__}: {exc}")
 
     async def _crashed(self, row: InboundRow, exc: Exception) -> None:
         log.exception("message_crashed", extra={"inbound": row.id})
+        self.metrics.turns.labels("crashed").inc()
         fresh = await self.store.inbound(row.id) or row
         crashes = fresh.crashes + (0 if fresh.state == InboundState.RECEIVED else 1)
         if crashes >= self.settings.max_processing_attempts:
@@ -352,18 +397,27 @@ class Scheduler:
             log.exception("notice_failed", extra={"inbound": row.id, "kind": "gave_up"})
             replies = []
         await self._finish(
-            row, InboundState.FAILED, f"quarantined after {count} failed attempts: {why}", replies
+            row,
+            InboundState.FAILED,
+            f"quarantined after {count} failed attempts: {why}",
+            replies,
+            notice="gave_up",
         )
 
-    def _resumed(self) -> None:
+    async def _resumed(self) -> None:
         self._hold_until = 0.0
         if self._held:
             self._held = False
             log.warning("api_key_accepted: the API answers again; held messages resume")
+            await self.store.clear_api_hold()
 
-    def _hold(self, error: str) -> None:
+    async def _hold(self, error: str) -> None:
+        """Hold every turn; the first time, record the hold in the store for `mailgate status`."""
         now = self.clock()
+        if not self._held:
+            await self.store.set_api_hold(now, error)
         self._held = True
+        self._hold_reason = error
         self._hold_until = now + self.hold_seconds
         if now - self._last_loud >= LOUD_EVERY:
             self._last_loud = now

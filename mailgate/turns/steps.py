@@ -33,6 +33,7 @@ from mailgate.config import Settings
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, MailgateError
 from mailgate.loops import backoff
 from mailgate.mail.parse import parse_body
+from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult, SkippedFile, TaskSnapshot, Turn, TurnAnswer
 from mailgate.store import InboundRow, Store
 from mailgate.turns.spool import Spool
@@ -101,6 +102,7 @@ class Notice:
     once_per_thread_per_day: bool = False
     turn_seq: int | None = None
     task_turns: int | None = None
+    turn_status: str | None = None  # how the turn ended at the API, when it ran to its end
     api_ok: bool = False
 
 
@@ -140,13 +142,21 @@ class TurnSteps:
     """One state's work for one message. `advance(row)` does it and says what happened."""
 
     def __init__(
-        self, settings: Settings, store: Store, api: HandingerClient, spool: Spool, timing: Timing
+        self,
+        settings: Settings,
+        store: Store,
+        api: HandingerClient,
+        spool: Spool,
+        timing: Timing,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.api = api
         self.spool = spool
         self.timing = timing
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def advance(self, row: InboundRow, streamed: RunResult | None = None) -> Outcome:
         try:
@@ -236,7 +246,14 @@ class TurnSteps:
         task = await self.store.task_row(row.task_id)
         assert task is not None
         snapshot: TaskSnapshot | None = None
-        if row.attempts > 0 or row.state == InboundState.SUBMITTING or not row.new_task:
+        # the task may exist already: a later turn, an earlier POST that may have got through, or a replay
+        # after a turn that ended (its `turn_seq` is set, attempts are not): number the turn after its turns
+        if (
+            row.attempts > 0
+            or row.state == InboundState.SUBMITTING
+            or not row.new_task
+            or row.turn_seq is not None
+        ):
             snapshot = await self.api.get_task(row.task_id)
             if snapshot is not None and row.attempts > 0:
                 turn = find_turn(snapshot, row)
@@ -272,6 +289,7 @@ class TurnSteps:
 
         async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
             await self.store.mark_running(row.id)
+            self.metrics.accept_to_post_seconds.observe(max(0.0, time.time() - row.received_at))
 
         try:
             result = await self.api.create_turn(
@@ -327,6 +345,7 @@ class TurnSteps:
                 task_url=snapshot.url,
                 turn_seq=turn.seq,
                 task_turns=len(snapshot.turns),
+                turn_status=ended,
                 api_ok=True,
             )
         result = streamed or RunResult()
