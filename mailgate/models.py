@@ -18,6 +18,7 @@ class InboundState(enum.StrEnum):
     ANSWERED = "answered"
     IGNORED = "ignored"
     FAILED = "failed"
+    HELD = "held"  # from a sender not allowed (MAILGATE_UNKNOWN_SENDERS=hold): waits for `mailgate approve`
 
 
 class OutboxState(enum.StrEnum):
@@ -69,6 +70,7 @@ class TaskRef:
     task_id: str
     alias: str
     owner: str
+    archived: bool = False  # archived at the API: a reply in its thread starts a new task
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from mailgate.store.lock import InstanceLock, holder
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
+    AllowedSenderRow,
     BounceRow,
     InboundRow,
     NewBounce,
@@ -31,6 +32,7 @@ from mailgate.store.sqlite import SqliteStore, probe
 __all__ = [
     "AdmissionFacts",
     "Admitted",
+    "AllowedSenderRow",
     "BounceRow",
     "InboundRow",
     "InstanceLock",

@@ -3,10 +3,10 @@
 Both stores are first brought to the current schema (the SQLite file as `serve` would, the database
 under the migration lock); then every table is copied in one PostgreSQL transaction with `COPY`: the raw
 messages, tasks, participants, the Message-IDs of each thread, inbound messages with their states, the
-outbox, and `meta` (the reply-token secret, so tokens already mailed keep working). Leases start empty,
-so the first gateway on the database takes the work. A database that already holds messages, tasks or
-replies is refused: two gateways' states are never merged; so is a SQLite file a gateway still runs on
-(it holds the store's lock).
+outbox, the stored allow list, the loop breaker's record of replies, and `meta` (the reply-token secret,
+so tokens already mailed keep working). Leases start empty, so the first gateway on the database takes
+the work. A database that already holds messages, tasks or replies is refused: two gateways' states are
+never merged; so is a SQLite file a gateway still runs on (it holds the store's lock).
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from typing import Any
 from mailgate.errors import PermanentError, StoreBusy
 
 # In the order the foreign keys need; `meta` last so its upsert follows the check for an empty target.
-TABLES = ("raw_message", "task", "participant", "thread_message", "inbound", "outbox", "meta")
+TABLES = (
+    *("raw_message", "task", "participant", "thread_message", "inbound", "outbox"),
+    *("allowed_sender", "reply_log", "meta"),
+)
 CHUNK = 500
 
 

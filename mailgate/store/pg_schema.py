@@ -75,6 +75,18 @@ MIGRATIONS: tuple[str, ...] = (
     V1,
     # 2: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
     "ALTER TABLE outbox ADD COLUMN fallback bytea;",
+    # 3: the sender steers, the worker knows what it reads, loops and strangers are contained (issue 19):
+    # SQLite's version 6, plus a partial index over the held messages
+    """
+    ALTER TABLE inbound ADD COLUMN verified text;
+    ALTER TABLE inbound ADD COLUMN told_at double precision;
+    CREATE INDEX inbound_held ON inbound (id) WHERE state = 'held';
+    CREATE TABLE allowed_sender (addr text PRIMARY KEY, added_at double precision NOT NULL, note text);
+    CREATE TABLE reply_log (
+        addr text NOT NULL, at double precision NOT NULL, outbox_id text COLLATE "C" NOT NULL);
+    CREATE INDEX reply_log_addr ON reply_log (addr, at);
+    CREATE INDEX reply_log_at ON reply_log (at);
+    """,
 )
 VERSION = len(MIGRATIONS)
 
