@@ -80,6 +80,7 @@ class Attachment:
     filename: str
     content_type: str
     data: bytes
+    inline_signature: bool = False  # a small inline image shown only in the sender's signature (a logo)
 
     @property
     def size(self) -> int:

@@ -210,6 +210,8 @@ class TurnSteps:
             files=self.spool.describe(files),
             skipped=[{"filename": s.filename, "reason": s.reason} for s in turn.skipped],
         )
+        if row.task_id is not None and await self.store.task_busy_before(row.task_id, row.id):
+            return Later(0.0)  # read while an earlier turn of its task runs: its own turn waits for it
         fresh = await self.store.inbound(row.id)
         assert fresh is not None
         return Continue(fresh)
@@ -228,6 +230,8 @@ class TurnSteps:
             sender_name=row.sender_name,
             new_task=bool(row.new_task),
             already_sent=already,
+            verified=row.verified,
+            participants=await self.store.participants(row.task_id),
         )
 
     async def _respool(self, row: InboundRow) -> str:
