@@ -10,9 +10,10 @@ which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SEL
 MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
 version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
 
-Notices (a failure, a hold, the acknowledgement of a long turn) obey the limits: none to an address
-whose replies keep bouncing (the suppression list), at most MAILGATE_MAX_NOTICES_PER_DAY per sender,
-and some kinds at most once per thread per day. Answers are always composed.
+Notices (a failure, a hold, the acknowledgement of a long turn, the answer to a command) obey the
+limits of `replies.limits`: the suppression list, the gateway-wide reply storm, the replies per address
+per hour, the notices per sender per day, once per thread per day for some kinds. Answers are always
+composed; one to an address that had its hour's replies waits in the outbox until it fits.
 
 An answer's reply is built in a worker thread (`asyncio.to_thread`: Markdown, sanitising, MIME and its
 bytes), so however big the answer, the event loop keeps serving SMTP meanwhile. Its size is bounded:
@@ -53,13 +54,13 @@ from mailgate.models import (
     human_size,
 )
 from mailgate.replies import wire
+from mailgate.replies.limits import ReplyLimits
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import InlineAnswer, Renderer, inline_answer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
 log = logging.getLogger("mailgate.replies")
-DAY = 86400.0
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
 WHOLE_ANSWER = "answer.md"
 WORKING = "working"  # the notice that a long turn is being worked on
@@ -87,6 +88,7 @@ class Replies:
         self.secret = secret
         self.eight_bit = eight_bit  # whether the relay path takes 8-bit data (asked at each reply)
         self.signer = signer
+        self.limits = ReplyLimits(settings, store)
 
     async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
         """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked).
@@ -116,7 +118,8 @@ class Replies:
                 "render_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        return [await self._reply(row, data, headers, recipients, "answer", None, fallback)]
+        at = await self.limits.answer_at(row, recipients)
+        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
@@ -246,24 +249,8 @@ class Replies:
         return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", WORKING)]
 
     async def _may_notify(self, row: InboundRow, kind: str, *, once_per_thread_per_day: bool = False) -> bool:
-        """May the sender of `row` get a notice of `kind` now? (the limits of the module docstring)"""
-        if row.sender is None:
-            return False
-        since = time.time() - DAY
-        if await self.store.is_suppressed(row.sender):
-            why, level = "the address bounces our replies (mailgate suppressed)", logging.WARNING
-        elif await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
-            why, level = "daily notice limit", logging.WARNING
-        elif (
-            once_per_thread_per_day
-            and row.task_id
-            and await self.store.count_notices_for_task(row.task_id, kind, since)
-        ):
-            why, level = "already told today", logging.INFO
-        else:
-            return True
-        log.log(level, "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": why})
-        return False
+        """May the sender of `row` get a notice of `kind` now? (`replies.limits`)"""
+        return await self.limits.may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day)
 
     async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str], TaskRow | None]:
         """How the reply to `row` threads, its recipients (the sender first), and its task."""
@@ -317,6 +304,8 @@ class Replies:
         kind: str,
         notice: str | None,
         fallback: bytes | None = None,
+        *,
+        at: float = 0.0,
     ) -> NewReply:
         outbox_id = str(ULID())
         if self.signer is not None:  # reads the whole body: off the loop
@@ -335,6 +324,7 @@ class Replies:
             data=data,
             created_at=time.time(),
             fallback=fallback,
+            next_attempt_at=at,
         )
 
 
