@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUDGETS = ("low", "standard", "high", "unlimited")
+HELD_DAYS = 7  # a `held` message neither approved nor denied this long is dropped
 
 
 class InboundState(enum.StrEnum):

@@ -223,12 +223,16 @@ class Replies:
         task_url: str | None = None,
         skipped: Sequence[SkippedFile] = (),
         once_per_thread_per_day: bool = False,
+        details: Sequence[tuple[str, str]] = (),
     ) -> list[NewReply]:
-        """The notice's outbox row, or none when the notice limits say so (see the module docstring)."""
+        """The notice's outbox row, or none when the notice limits say so (see the module docstring).
+        `details`: (label, value) lines (the answer to `/status`)."""
         if not await self._may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day):
             return []
         headers, recipients, _ = await self._headers(row)
-        msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
+        msg = self.renderer.notice(
+            headers, kind, reason=detail, task_url=task_url, skipped=skipped, details=details
+        )
         return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", kind)]
 
     async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:

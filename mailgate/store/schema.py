@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from mailgate.models import InboundState
+from mailgate.models import HELD_DAYS, InboundState
 
 Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
@@ -18,7 +18,6 @@ ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
 # a task run in order); only one not yet read, for a message still to be read (`received`: reading it
 # changes nothing at the API, and a command such as `/status` is answered while a turn runs)
 BLOCKS = "(i.state <> 'received' OR j.state = 'received')"
-HELD_DAYS = 7  # a held message not approved or denied this long is dropped
 DENIED = "denied by the operator (mailgate deny)"
 DROPPED = f"held for {HELD_DAYS} days without approval: dropped"
 
