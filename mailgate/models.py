@@ -179,6 +179,8 @@ class TaskSnapshot:
     status: str  # pending|running|completed|error|aborted
     url: str | None
     turns: tuple[Turn, ...]
+    credits: float | None = None  # the task's totals, when the API says
+    duration_ms: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -38,6 +38,11 @@ Two conditions pause the whole scheduler instead of failing anyone's message: th
 minute, lives only in memory (the store may be what fails), logs once a minute at most, counts no
 crash, and ends by itself when a job's work is committed again.
 
+A message that starts with a command (`/status`, `/archive`, `/help`: `turns.commands`) is answered by
+the gateway with a notice and ends `answered`, with no turn. Read early (a message still to be read may
+be claimed while its task's turn runs), a command is answered at once; a message that is not one waits
+`queued` behind its task's earlier turns.
+
 A turn that runs long is acknowledged: MAILGATE_ACK_AFTER seconds after the API took it (0: never), if
 no answer has come, the sender gets one short notice in the thread (`working`: the task's link, the
 files the worker received and those skipped) and the row remembers it (`acked_at`), so a turn is
@@ -67,6 +72,7 @@ from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
+from mailgate.turns.commands import Command
 from mailgate.turns.spool import Spool
 from mailgate.turns.steps import (
     Acknowledge,
@@ -246,6 +252,9 @@ class Scheduler:
                 log.info(
                     "turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq}
                 )
+            elif isinstance(outcome, Command):
+                self.metrics.turns.labels("command").inc()
+                await self._command(row, outcome)
             else:
                 self.metrics.turns.labels(outcome.kind).inc()
                 await self._notify(row, outcome)
@@ -337,6 +346,16 @@ class Scheduler:
             turn_status=notice.turn_status,
             notice=notice.kind,
         )
+
+    async def _command(self, row: InboundRow, command: Command) -> None:
+        """Answer a command with its notice (if the notice limits let it go); the message is answered."""
+        replies = await self.replies.notice(
+            row, command.kind, detail=command.detail, task_url=command.task_url, details=command.details
+        )
+        reason = f"{command.command}: answered by the gateway" + (
+            f" ({command.detail})" if command.detail else ""
+        )
+        await self._finish(row, InboundState.ANSWERED, reason, replies, notice=command.kind)
 
     async def _finish(
         self,
