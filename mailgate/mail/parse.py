@@ -208,6 +208,8 @@ class _Walker:
         if ctype in ("text/plain", "text/html") and body_part:
             if want_text:
                 self._text(part, ctype)
+            elif ctype == "text/html":  # the alternative not shown still says where its images stand
+                self._html_refs(part)
             return
         if ctype == "message/rfc822":
             self._message(part, filename)
@@ -258,6 +260,11 @@ class _Walker:
             if own is not None:
                 self.html_split = (len(self.texts), html_to_text(own))
         self.texts.append(html_to_text(text) if ctype == "text/html" else text.strip("\n"))
+
+    def _html_refs(self, part: Message) -> None:
+        data = self._decoded(part)
+        if data is not None and b"cid:" in data.lower():
+            self.refs.update(signature_references(_decode_text(data, part.get_content_charset())))
 
     def _message(self, part: Message, filename: str) -> None:
         inner = part.get_payload()
