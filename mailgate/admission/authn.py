@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dkim
@@ -61,7 +61,8 @@ class AuthVerdict:
     sender: str | None
     reason: str
     temporary: bool = False
-    passed: str = ""  # what passed, in Authentication-Results words: "dmarc=pass header.from=example.org"
+    # what passed, in Authentication-Results words ("dmarc=pass header.from=example.org"), for the record
+    passed: str = field(default="", compare=False)
 
     @property
     def authenticated(self) -> bool:
