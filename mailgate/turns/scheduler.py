@@ -18,6 +18,8 @@ so after a crash the row says where to resume:
 | `ignored`    | never answered: bounce, auto-reply, loop, list mail, or a   | (end; `replay` runs it)     |
 |              | second address of the same task in one message              |                             |
 | `failed`     | failed for good, with the reason; the sender got a notice   | (end; `replay` runs it)     |
+| `held`       | a sender on neither allow list (MAILGATE_UNKNOWN_SENDERS=   | `received` (approve),       |
+|              | hold): waits for the operator (`turns.held`); never claimed | `ignored` (deny, 7 days)    |
 
 Their replies (the `outbox` table's `state`): `pending` -> `sent`, or `retry` until the horizon, then
 `dead` (`delivery.outbox`); a `sent` reply becomes `bounced` when a bounce comes back to its return path
