@@ -17,7 +17,15 @@ import pytest
 from mailgate.admission.authn import AuthVerdict, how_verified
 from mailgate.mail.parse import parse_message
 from mailgate.mail.signatures import signature_references
-from mailgate.turns.turn_input import ALREADY_SENT, SIGNATURE_IMAGE
+from mailgate.models import MailBody
+from mailgate.turns.commands import find_command
+from mailgate.turns.turn_input import (
+    ALREADY_SENT,
+    CUT,
+    MAX_INPUT_CHARS,
+    SIGNATURE_IMAGE,
+    build_turn_input,
+)
 from tests.mail import make_mail, smtp_send, until
 
 pytestmark = pytest.mark.anyio
@@ -334,3 +342,41 @@ async def test_a_reply_storm_pauses_notices_and_is_logged_once(
     paused = [r for r in caplog.records if r.getMessage() == "notice_suppressed"]
     assert len(paused) == 3 and all("reply storm" in r.__dict__["why"] for r in paused)
     assert relay.messages[-1][1] == ["dave@example.org"]
+
+
+def test_a_token_the_mail_contains_is_never_used() -> None:
+    """Were the sender to guess this turn's token, the envelope would take another one."""
+    guessed = "0123456789abcdef01234567"
+    body = MailBody(text=f"Hi {guessed}", reply_text=f"Hi {guessed}", attachments=())
+    made = build_turn_input(
+        body, subject="x", sender="a@example.org", sender_name=None, new_task=True, token=guessed
+    )
+    _, token, parts = envelope(made.input)
+    assert token != guessed and parts["SENDER TEXT"] == f"Hi {guessed}"
+
+
+def test_a_huge_message_is_cut_inside_its_part() -> None:
+    """Over 100,000 characters, the text is cut within its part: the closing delimiter stays."""
+    text = "word " * 40_000
+    body = MailBody(text=text, reply_text=text, attachments=())
+    made = build_turn_input(body, subject="x", sender="a@example.org", sender_name=None, new_task=False)
+    _, token, parts = envelope(made.input)
+    assert len(made.input) <= MAX_INPUT_CHARS + 200
+    assert parts["SENDER TEXT"].endswith(CUT)
+    assert made.input.endswith(f"<<<END SENDER TEXT {token}>>>")
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("/status", "/status"),
+        ("\n  /ARCHIVE  \nthanks", "/archive"),
+        ("/help me", None),
+        ("Hello\n/status", None),
+        ("> /archive", None),
+        ("", None),
+    ],
+)
+def test_a_command_is_the_first_line_of_the_new_text_alone(text: str, command: str | None) -> None:
+    """Only a line holding nothing but the command, first in the new text, counts (any case)."""
+    assert find_command(text) == command
