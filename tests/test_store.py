@@ -810,11 +810,9 @@ async def test_held_mail_older_than_the_limit_is_dropped(store: Store) -> None:
     dropped = await store.drop_held(now - 7 * 86400)
     assert [(r.id, r.state) for r in dropped] == [(old.id, InboundState.HELD)]
     assert await store.drop_held(now - 7 * 86400) == []
-    states = {m.id: (await store.inbound(m.id)) for m in (old, young, answered)}
-    assert states[old.id] is not None and states[old.id].state == InboundState.IGNORED  # type: ignore[union-attr]
-    assert "7 days" in (states[old.id].reason or "")  # type: ignore[union-attr]
-    assert states[young.id] is not None and states[young.id].state == InboundState.HELD  # type: ignore[union-attr]
-    assert states[answered.id] is not None and states[answered.id].state == InboundState.ANSWERED  # type: ignore[union-attr]
+    rows = [await store.inbound(m.id) for m in (old, young, answered)]
+    assert [(r.state if r else None) for r in rows] == ["ignored", "held", "answered"]
+    assert rows[0] is not None and "7 days" in (rows[0].reason or "")
 
 
 async def test_the_stored_allow_list_survives_reopening(open_store: Opener) -> None:
