@@ -18,6 +18,7 @@ import pytest
 
 from mailgate import cli
 from mailgate.sandbox import RunningSandbox
+from tests.conftest import both_stores
 from tests.mail import make_mail, smtp_send, until
 from tests.relay import RecordingRelay
 
@@ -49,9 +50,12 @@ def _keep_logging() -> Iterator[None]:
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
-async def operator(capsys: pytest.CaptureFixture[str], database: str, *argv: str) -> tuple[int, str, str]:
-    """Run an operator verb of the real CLI (in a thread: it runs its own event loop) on `database`."""
-    env = Path(database).with_name("operator.env")
+async def operator(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, database: str, *argv: str
+) -> tuple[int, str, str]:
+    """Run an operator verb of the real CLI (in a thread: it runs its own event loop) on `database` (an
+    SQLite path or a PostgreSQL URL)."""
+    env = tmp_path / "operator.env"
     env.write_text(f"MAILGATE_DATABASE={database}\nMAILGATE_LOG_LEVEL=ERROR\n")
     capsys.readouterr()
     code = await anyio.to_thread.run_sync(cli.main, [*argv, "--env-file", str(env)])
@@ -86,12 +90,14 @@ async def test_refuse_is_the_default(make_gateway: Any, sandbox: Any) -> None:
     assert seen.data is not None and seen.data[0] == 550 and seen.data[1].startswith("5.7.1")
 
 
+@both_stores
 async def test_hold_approve_always_deny_and_the_allow_list_survives_a_restart(
     make_gateway: Any,
     sandbox: RunningSandbox,
     relay: RecordingRelay,
     database: str,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     """A stranger's mail gets 250 and waits `held`; the sender is told once; `approve --always` runs it
     and allows the sender (listed by `senders`, still there after a restart, when new mail runs at
@@ -109,26 +115,26 @@ async def test_hold_approve_always_deny_and_the_allow_list_survives_a_restart(
 
         await until(both_told, what="both held messages looked at")
         assert len(relay.messages) == 1  # told once, not once per message
-        code, out, _ = await operator(capsys, database, "messages", "--state", "held", "--json")
+        code, out, _ = await operator(capsys, tmp_path, database, "messages", "--state", "held", "--json")
         assert code == 0 and sorted(json.loads(line)["id"] for line in out.splitlines()) == sorted(held)
 
-        code, out, _ = await operator(capsys, database, "approve", held[0], "--always")
+        code, out, _ = await operator(capsys, tmp_path, database, "approve", held[0], "--always")
         assert code == 0 and f"{STRANGER}: allowed from now on" in out
         gw.scheduler.wake()
         await reaches(gw, held[0], "answered")
         await relay.wait_for(2, timeout=15)
-        assert (await operator(capsys, database, "approve", held[0]))[0] == 1
+        assert (await operator(capsys, tmp_path, database, "approve", held[0]))[0] == 1
 
-        code, out, _ = await operator(capsys, database, "deny", held[1])
+        code, out, _ = await operator(capsys, tmp_path, database, "deny", held[1])
         assert code == 0 and "denied" in out
         assert await state_of(gw, held[1]) == "ignored"
-        assert (await operator(capsys, database, "deny", held[1]))[0] == 1
+        assert (await operator(capsys, tmp_path, database, "deny", held[1]))[0] == 1
 
     assert rcpts == [STRANGER]
     assert "waiting for approval" in body_text(parse(told))
     assert len(sandbox.state.requests) == 1 and "Can you help me?" in sandbox.state.requests[0].input
 
-    code, out, _ = await operator(capsys, database, "senders", "--json")
+    code, out, _ = await operator(capsys, tmp_path, database, "senders", "--json")
     [allowed] = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and allowed["addr"] == STRANGER and held[0] in allowed["note"]
     async with make_gateway(**HOLD) as gw:  # a restart: the allow list is in the store
@@ -137,6 +143,7 @@ async def test_hold_approve_always_deny_and_the_allow_list_survives_a_restart(
     assert len(sandbox.state.requests) == 2
 
 
+@both_stores
 async def test_held_mail_is_dropped_after_seven_days_with_a_log_line(
     make_gateway: Any, sandbox: Any, relay: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -172,6 +179,7 @@ def reply_in(answer: Any, body: str, **mail: Any) -> Any:
     )
 
 
+@both_stores
 async def test_status_answers_from_the_api_while_the_turn_runs_without_a_turn(
     make_gateway: Any, sandbox: Any, relay: Any
 ) -> None:
@@ -191,6 +199,7 @@ async def test_status_answers_from_the_api_while_the_turn_runs_without_a_turn(
     assert str(sandbox.state.tasks[request.task_id].url) in text
 
 
+@both_stores
 async def test_archive_then_a_reply_starts_a_new_task(make_gateway: Any, sandbox: Any, relay: Any) -> None:
     """`/archive` archives the task at the API and confirms in the thread; the next reply in the same
     thread starts a new task, and its answer says why."""
@@ -210,6 +219,7 @@ async def test_archive_then_a_reply_starts_a_new_task(make_gateway: Any, sandbox
     assert "was archived, so this message started a new task" in body_text(parse(third))
 
 
+@both_stores
 async def test_help_lists_the_commands_and_counts_against_the_notice_limit(
     make_gateway: Any, sandbox: Any, relay: Any
 ) -> None:
@@ -227,6 +237,7 @@ async def test_help_lists_the_commands_and_counts_against_the_notice_limit(
     assert sandbox.state.requests == []
 
 
+@both_stores
 @pytest.mark.parametrize(
     "body",
     [

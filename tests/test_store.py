@@ -836,22 +836,30 @@ async def test_the_stored_allow_list_survives_reopening(open_store: Opener) -> N
 
 
 async def test_replies_are_counted_per_address_and_for_the_gateway(store: Store) -> None:
-    """Every queued reply records each recipient at its send time (an answer held back counts when it
-    goes): per address newest first up to the limit, for the gateway once per reply, in a window."""
-    task, message = await one_task_message(store)
+    """A reply's place under the hourly limit: now while the address has room; then, when asked to wait,
+    an hour after the place that filled it (the latest of its addresses), else none and nothing recorded.
+    The gateway's count takes each reply once, in its window."""
     now = time.time()
-    first, second = reply(message.id, task.id), reply(message.id, task.id, kind="notice")
-    later = NewReply(**{**reply(message.id, task.id).__dict__, "next_attempt_at": now + 600})
-    await store.finish(message.id, InboundState.ANSWERED, None, [first, second, later], task_id=task.id)
-    times = await store.reply_times(OWNER, now - 3600, 10)
-    assert len(times) == 3 and times[0] == pytest.approx(now + 600) and times[1] >= times[2]
-    assert len(await store.reply_times("BOB@example.org", now - 3600, 2)) == 2  # the limit
-    assert await store.reply_times("carol@example.org", now - 3600, 10) == []
-    assert await store.count_replies(now - 60, now + 1, 100) == 2  # the later one is not due yet
-    assert await store.count_replies(now - 60, now + 601, 100) == 3
-    assert await store.count_replies(now - 60, now + 601, 1) == 1
+    assert await store.reserve_reply("o1", [OWNER, "bob@example.org"], now - 10, 2, wait=False) == now - 10
+    assert await store.reserve_reply("o2", [OWNER.upper()], now, 2, wait=False) == now
+    assert await store.reserve_reply("o3", [OWNER], now, 2, wait=False) is None
+    later = await store.reserve_reply("o4", ["bob@example.org", OWNER], now, 2, wait=True)
+    assert later == pytest.approx(now - 10 + 3600)
+    assert await store.reserve_reply("o5", ["bob@example.org"], now, 2, wait=False) is None  # o1, o4
+    assert await store.reserve_reply("o6", ["carol@example.org"], now, 2, wait=False) == now
+    assert await store.reply_times(OWNER, now - 3600, 10) == [pytest.approx(later), now, now - 10]
+    assert await store.count_replies(now - 60, now + 1, 100) == 3  # o1, o2, o6; o4 is not due yet
+    assert await store.count_replies(now - 60, later, 100) == 4
+    assert await store.count_replies(now - 60, later, 2) == 2
     await store.forget_replies(now + 1)
-    assert await store.reply_times(OWNER, 0, 10) == [pytest.approx(now + 600)]
+    assert await store.reply_times(OWNER, 0, 10) == [pytest.approx(later)]
+
+
+async def test_places_taken_at_once_count_each_other(store: Store) -> None:
+    """Eight replies to one address composed at the same moment, two allowed: exactly two get a place."""
+    now = time.time()
+    got = await asyncio.gather(*(store.reserve_reply(f"o{n}", [OWNER], now, 2, wait=False) for n in range(8)))
+    assert sorted(got, key=lambda t: t is None) == [now, now, *[None] * 6]
 
 
 async def test_an_archived_task_is_named_as_archived(store: Store) -> None:

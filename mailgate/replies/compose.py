@@ -118,8 +118,13 @@ class Replies:
                 "render_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        at = await self.limits.answer_at(row, recipients)
-        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
+        outbox_id = str(ULID())
+        at = await self.limits.answer_at(row, recipients, outbox_id=outbox_id)
+        return [
+            await self._reply(
+                row, data, headers, recipients, "answer", None, fallback, at=at, outbox_id=outbox_id
+            )
+        ]
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
@@ -227,18 +232,23 @@ class Replies:
     ) -> list[NewReply]:
         """The notice's outbox row, or none when the notice limits say so (see the module docstring).
         `details`: (label, value) lines (the answer to `/status`)."""
-        if not await self._may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day):
+        outbox_id = str(ULID())
+        if not await self.limits.may_notify(
+            row, kind, outbox_id=outbox_id, once_per_thread_per_day=once_per_thread_per_day
+        ):
             return []
         headers, recipients, _ = await self._headers(row)
         msg = self.renderer.notice(
             headers, kind, reason=detail, task_url=task_url, skipped=skipped, details=details
         )
-        return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", kind)]
+        data = msg.as_bytes(policy=SMTP)
+        return [await self._reply(row, data, headers, recipients[:1], "notice", kind, outbox_id=outbox_id)]
 
     async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:
         """The notice that a long turn is being worked on: the task's link, what the worker received
         (files sent, files skipped and why) and the budget; none when the notice limits say so."""
-        if not await self._may_notify(row, WORKING):
+        outbox_id = str(ULID())
+        if not await self.limits.may_notify(row, WORKING, outbox_id=outbox_id):
             return []
         headers, recipients, task = await self._headers(row)
         msg = self.renderer.notice(
@@ -250,11 +260,8 @@ class Replies:
             budget=task.budget if task else None,
             budget_asked=_capped(task) if row.new_task else None,
         )
-        return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", WORKING)]
-
-    async def _may_notify(self, row: InboundRow, kind: str, *, once_per_thread_per_day: bool = False) -> bool:
-        """May the sender of `row` get a notice of `kind` now? (`replies.limits`)"""
-        return await self.limits.may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day)
+        data = msg.as_bytes(policy=SMTP)
+        return [await self._reply(row, data, headers, recipients[:1], "notice", WORKING, outbox_id=outbox_id)]
 
     async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str], TaskRow | None]:
         """How the reply to `row` threads, its recipients (the sender first), and its task."""
@@ -310,8 +317,8 @@ class Replies:
         fallback: bytes | None = None,
         *,
         at: float = 0.0,
+        outbox_id: str,
     ) -> NewReply:
-        outbox_id = str(ULID())
         if self.signer is not None:  # reads the whole body: off the loop
             data = await asyncio.to_thread(self.signer.sign, data)
             if fallback is not None:

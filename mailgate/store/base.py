@@ -266,7 +266,16 @@ class Store(Protocol):
 
     async def reply_times(self, addr: str, since: float, limit: int) -> list[float]:
         """When the newest replies (answers and notices) to `addr` due from `since` on go or went, newest
-        first, at most `limit` (every reply queued records its recipients and its send time)."""
+        first, at most `limit` (as `reserve_reply` recorded them)."""
+
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """Take a place for the reply `outbox_id` to `addrs` under `limit` replies per address per hour,
+        atomically (replies composed at once, on any gateway, count each other): the time it may go
+        (`now`, or with `wait` the earliest time every address has room again), recorded for the counts;
+        None when it would have to wait and `wait` is False (nothing recorded). A place taken for a
+        reply that is then not queued still counts: the counts err on the side of fewer replies."""
 
     async def count_replies(self, since: float, until: float, limit: int) -> int:
         """Replies of the whole gateway (every gateway on the store) due between `since` and `until`,

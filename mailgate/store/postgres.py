@@ -715,10 +715,6 @@ class PostgresStore:
                 "updated_at": reply.created_at,
             }
             statements.append(insert("outbox", values))
-            statements += [
-                insert("reply_log", {"addr": addr.lower(), "at": reply.send_at, "outbox_id": reply.id})
-                for addr in dict.fromkeys(reply.recipients)
-            ]
             if reply.task_id:
                 thread = {"message_id": reply.message_id, "task_id": reply.task_id, "direction": "out"}
                 statements.append(insert("thread_message", thread, or_ignore=True))
@@ -850,6 +846,39 @@ class PostgresStore:
             [addr.lower(), since, limit],
         )
         return [float(r["at"]) for r in rows]
+
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """As SQLite's, under a transaction-scoped advisory lock per address (taken in a fixed order), so
+        replies composed at once, on any gateway, count each other."""
+        wanted = sorted({a.lower() for a in addrs})
+        try:
+            async with self._transaction() as (conn, _):
+                for addr in wanted:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"mailgate-reply:{addr}"]
+                    )
+                at = now
+                for addr in wanted:
+                    cur = await conn.execute(
+                        "SELECT at FROM reply_log WHERE addr = %s AND at >= %s ORDER BY at DESC "
+                        "LIMIT 1 OFFSET %s",
+                        [addr, now - 3600.0, limit - 1],
+                    )
+                    row = await cur.fetchone()
+                    if row is not None:
+                        at = max(at, float(row["at"]) + 3600.0)
+                if at > now and not wait:
+                    raise _NotChanged
+                for addr in wanted:
+                    await conn.execute(
+                        "INSERT INTO reply_log (addr, at, outbox_id) VALUES (%s, %s, %s)",
+                        clean([addr, at, outbox_id]),
+                    )
+        except _NotChanged:
+            return None
+        return at
 
     async def count_replies(self, since: float, until: float, limit: int) -> int:
         row = await self._one(

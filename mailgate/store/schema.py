@@ -350,11 +350,6 @@ class NewReply:
     fallback: bytes | None = None  # a smaller version with the same Message-ID, for a relay's 552
     next_attempt_at: float = 0.0  # not before (an answer held back by the per-address reply limit)
 
-    @property
-    def send_at(self) -> float:
-        """When the reply is due to go: what the loop breaker counts (`reply_log`)."""
-        return max(self.created_at, self.next_attempt_at)
-
 
 # --- statement builders (column names come from our own code, never from input) ----------------------
 

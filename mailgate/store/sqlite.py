@@ -57,6 +57,7 @@ from mailgate.store.schema import (
 
 MAX_BATCH = 256
 BOUNCE_WINDOW = 30 * 86400.0  # hard bounces counted towards MAILGATE_BOUNCE_LIMIT over this long
+HOUR = 3600.0  # the window of MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR
 T = TypeVar("T")
 
 
@@ -738,6 +739,23 @@ class SqliteStore:
         )
         return [float(r["at"]) for r in rows]
 
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """A place for one reply to `addrs` under `limit` replies per address per hour, taken in one
+        write transaction (so concurrent replies count each other): the time it may go (`now`, or with
+        `wait` the earliest time every address has room), recorded; None when it would have to wait and
+        `wait` is False (nothing recorded)."""
+        wanted = sorted({a.lower() for a in addrs})
+        try:
+            at: float | None = await self._writer._execute(  # type: ignore[no-untyped-call]
+                _reserve, self._writer._conn, outbox_id, wanted, now, limit, wait
+            )
+        except sqlite3.Error as exc:
+            raise StoreBusy(f"commit failed: {exc}") from exc
+        self.batches += 1
+        return at
+
     async def count_replies(self, since: float, until: float, limit: int) -> int:
         """Replies of the whole gateway due between `since` and `until`, counted up to `limit`: what
         MAILGATE_MAX_REPLIES_PER_MINUTE counts."""
@@ -848,6 +866,35 @@ class SqliteStore:
         return True
 
 
+def _reserve(
+    db: sqlite3.Connection, outbox_id: str, addrs: list[str], now: float, limit: int, wait: bool
+) -> float | None:
+    """On the writer's thread: `SqliteStore.reserve_reply` in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        at = now
+        for addr in addrs:
+            row = db.execute(
+                "SELECT at FROM reply_log WHERE addr=? AND at>=? ORDER BY at DESC LIMIT 1 OFFSET ?",
+                (addr, now - HOUR, limit - 1),
+            ).fetchone()
+            if row is not None:
+                at = max(at, float(row[0]) + HOUR)
+        if at > now and not wait:
+            db.execute("ROLLBACK")
+            return None
+        db.executemany(
+            "INSERT INTO reply_log (addr, at, outbox_id) VALUES (?, ?, ?)",
+            [(addr, at, outbox_id) for addr in addrs],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return at
+
+
 def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:
     """Queue `replies` in the outbox, each Message-ID recorded as part of its task's thread."""
     statements: list[Statement] = []
@@ -859,10 +906,6 @@ def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:
             "updated_at": reply.created_at,
         }
         statements.append(insert("outbox", values))
-        statements += [
-            insert("reply_log", {"addr": addr.lower(), "at": reply.send_at, "outbox_id": reply.id})
-            for addr in dict.fromkeys(reply.recipients)
-        ]
         if reply.task_id:
             statements.append(
                 insert(
