@@ -79,6 +79,8 @@ class HeldMail:
                     extra={"inbound": row.id, "sender": row.sender, "days": HELD_DAYS},
                 )
             await self.store.forget_replies(now - DAY)
+        if self.settings.unknown_senders != "hold":
+            return  # nothing new is held; what an earlier configuration held waits for the operator
         for row in await self.store.held_untold():
             assert row.sender is not None
             told = await self.store.count_notices(row.sender, now - HELD_DAYS * DAY, HELD)
