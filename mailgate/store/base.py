@@ -158,7 +158,8 @@ class Store(Protocol):
     # --- claims --------------------------------------------------------------------------------------
 
     async def claim_inbound(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
-        """Up to `limit` due messages, each its task's oldest unfinished one, none in `busy`: claimed."""
+        """Up to `limit` due messages, none in `busy`, in their task's order (see the module docstring):
+        claimed."""
 
     async def release_inbound(self, inbound_id: str) -> None:
         """The job on a claimed message ended: hand the claim back (a no-op once a change released it).

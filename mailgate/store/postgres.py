@@ -7,7 +7,8 @@ Invariants:
   pid, a random part: new at every start) and `lease_until = now() + MAILGATE_LEASE_SECONDS` by the
   database's clock. Rows held are renewed every third of the lease while their job runs. A row is
   claimable when nobody holds it, its lease ran out, or this gateway holds it but has no job on it (after
-  a storage pause). Only each task's oldest unfinished message is claimable, so a task's turns stay in
+  a storage pause). A message past `received` is claimable only as its task's oldest unfinished one
+  (one still to be read, once the earlier ones are read: `schema.BLOCKS`), so a task's turns stay in
   order across hosts.
 - **Fencing.** Every change to a row is `... WHERE id = %s AND (lease_owner = <owner> OR lease_owner IS
   NULL)`; a change that finds the row claimed by another gateway raises `LeaseLost` and the transaction
