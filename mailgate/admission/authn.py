@@ -265,20 +265,16 @@ def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
     if trusted is None:
         return AuthVerdict(None, f"no Authentication-Results from {authserv_id}")
 
-    verdicts = {
-        r.result
+    dmarc = [
+        (r.result, "header.from" in r.properties and _domain_of(r.properties["header.from"]) == from_domain)
         for r in trusted
         if r.method == "dmarc"
-        and "header.from" in r.properties
-        and _domain_of(r.properties["header.from"]) == from_domain
-    }
-    if verdicts - {"pass", "none"}:
+        and ("header.from" not in r.properties or _domain_of(r.properties["header.from"]) == from_domain)
+    ]
+    if any(result not in ("pass", "none") for result, _ in dmarc):  # a failure, named or not, wins
         return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
-    if verdicts == {"pass"} or verdicts == {"pass", "none"}:
+    if ("pass", True) in dmarc:
         return AuthVerdict(sender, f"DMARC passed for {from_domain}")
-    unrelated = [r for r in trusted if r.method == "dmarc" and "header.from" not in r.properties]
-    if any(r.result not in ("pass", "none") for r in unrelated):
-        return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
 
     for r in trusted:
         if r.result != "pass":

@@ -58,8 +58,12 @@ class Store(Protocol):
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
-        """The reads of one message's DATA decision at once (see `AdmissionFacts`)."""
+        """The reads of one message's DATA decision at once (see `AdmissionFacts`). A duplicate is a row
+        under one of `keys`, or under the matching one of `legacy_keys` (rows recorded before senders
+        counted in the key) whose `coalesce(sender, 'env:' || mail_from)` is `who`."""
 
     async def task(self, task_id: str) -> TaskRef | None: ...
 

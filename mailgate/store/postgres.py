@@ -283,11 +283,15 @@ class PostgresStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         async with self._connection() as conn:
             return await pg_reads.admission_facts(
                 conn,
                 clean(list(keys)),
+                legacy_keys=clean(list(legacy_keys)),
+                who=clean(who),
                 token_task_ids=clean(list(token_task_ids)),
                 chain=clean(list(chain)),
                 aliases=list(aliases),
@@ -510,7 +514,7 @@ class PostgresStore:
                 {
                     "id": admitted.raw_id,
                     "sha256": admitted.sha256,
-                    "size": len(admitted.data),
+                    "size": admitted.full_size,
                     "data": admitted.data,
                 },
             )

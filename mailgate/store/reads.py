@@ -15,8 +15,17 @@ from mailgate.models import TaskRef
 # --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
 
 
-def duplicate_of(db: sqlite3.Connection, dedupe_key: str) -> str | None:
+def duplicate_of(
+    db: sqlite3.Connection, dedupe_key: str, legacy_key: str | None = None, who: str = ""
+) -> str | None:
+    """The row recorded under `dedupe_key`, or under `legacy_key` (the key of rows recorded before
+    senders counted) by the same sender: `who` is `coalesce(sender, 'env:' || mail_from)`."""
     rows = db.execute("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,)).fetchall()
+    if not rows and legacy_key is not None:
+        rows = db.execute(
+            "SELECT id FROM inbound WHERE dedupe_key=? AND coalesce(sender, 'env:' || mail_from)=?",
+            (legacy_key, who),
+        ).fetchall()
     return str(rows[0][0]) if rows else None
 
 
@@ -64,8 +73,9 @@ def count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int |
 class AdmissionFacts:
     """Everything admission reads at the end of DATA, read in one hop to the reader's thread.
 
-    Asked for: the dedupe keys; the task ids named by reply tokens; one Message-ID chain and the
-    aliases it is looked up for; a sender, the start of the rate window and the limits.
+    Asked for: the dedupe keys (with the legacy key of each and who sent the message, see
+    `duplicate_of`); the task ids named by reply tokens; one Message-ID chain and the aliases it is looked
+    up for; a sender, the start of the rate window and the limits.
     """
 
     duplicates: dict[str, str | None] = field(default_factory=dict)  # dedupe key -> queue id
@@ -88,8 +98,13 @@ def admission_facts(
     since: float,
     max_turns: int,
     max_new_tasks: int,
+    legacy_keys: Sequence[str] = (),
+    who: str = "",
 ) -> AdmissionFacts:
-    facts = AdmissionFacts(duplicates={key: duplicate_of(db, key) for key in keys})
+    legacy: list[str | None] = [*legacy_keys] or [None] * len(keys)
+    facts = AdmissionFacts(
+        duplicates={key: duplicate_of(db, key, old, who) for key, old in zip(keys, legacy, strict=True)}
+    )
     if sender is None:
         return facts
     facts.sender = sender

@@ -293,7 +293,7 @@ class Admitted:
 
     raw_id: str
     sha256: str
-    data: bytes
+    data: bytes  # what is stored: the whole message, or (ignored mail) its head
     messages: Sequence[NewMessage]
     tasks: Sequence[NewTask] = ()
     participants: Sequence[tuple[str, str]] = ()  # (task id, address)
@@ -301,6 +301,11 @@ class Admitted:
     bounces: Sequence[tuple[str, NewBounce]] = ()  # (queue id of the report, the bounce it tells of)
     received_at: float = 0.0  # when the bounces came (their time)
     bounce_limit: int = 3  # hard bounces in 30 days after which an address gets no more notices
+    size: int = 0  # the whole message's size, when `data` is only its head (0: `len(data)`)
+
+    @property
+    def full_size(self) -> int:
+        return self.size or len(self.data)
 
 
 @dataclass(frozen=True)

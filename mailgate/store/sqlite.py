@@ -215,6 +215,8 @@ class SqliteStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         """The reads of one message's DATA decision in one hop (see `AdmissionFacts`)."""
         return await self._read(
@@ -227,6 +229,8 @@ class SqliteStore:
             since,
             max_turns,
             max_new_tasks,
+            legacy_keys,
+            who,
         )
 
     async def task(self, task_id: str) -> TaskRef | None:
@@ -494,7 +498,7 @@ class SqliteStore:
                 {
                     "id": admitted.raw_id,
                     "sha256": admitted.sha256,
-                    "size": len(admitted.data),
+                    "size": admitted.full_size,
                     "data": admitted.data,
                 },
             )
