@@ -30,7 +30,7 @@ from typing import Any, Self
 
 import httpx
 
-from mailgate import checks, private
+from mailgate import checks, private, retention
 from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
 from mailgate.config import Listen, OperatorSettings, Settings
@@ -244,6 +244,13 @@ class Gateway:
                 "use only for demos and trusted networks"
             )
         self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+        if s.retention_days > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._supervise(lambda: retention.run(self.store, s.retention_days), "prune"),
+                    name="prune",
+                )
+            )
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""

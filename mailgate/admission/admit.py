@@ -299,12 +299,12 @@ class Admission:
         messages = [p.message for p in plans if p.message is not None]
         if not messages:
             return [p.reply for p in plans]
-        ignored = all(m.state == InboundState.IGNORED for m in messages)
+        all_ignored = all(m.state == InboundState.IGNORED for m in messages)
         await self.store.admit(
             Admitted(
                 raw_id=raw_id,
                 sha256=digest,
-                data=_ignored_head(raw) if ignored else raw,
+                data=_ignored_head(raw) if all_ignored else raw,
                 size=len(raw),
                 messages=messages,
                 tasks=[p.task for p in plans if p.task is not None],

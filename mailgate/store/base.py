@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from mailgate.models import TaskRef
 from mailgate.store.reads import AdmissionFacts
-from mailgate.store.schema import Admitted, InboundRow, NewReply, OutboxRow, TaskRow
+from mailgate.store.schema import Admitted, InboundRow, NewReply, OutboxRow, Pruned, TaskRow
 
 Queue = Literal["inbound", "outbox"]
 
@@ -74,7 +74,8 @@ class Store(Protocol):
     async def count_notices_for_task(self, task_id: str, notice: str, since: float) -> int: ...
 
     async def raw(self, raw_id: str) -> bytes:
-        """A message's raw bytes; `RawMissing` when they are gone."""
+        """A message's raw bytes; `RawMissing` when they are gone, or not all there (pruned, or an
+        ignored message's head)."""
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
         """The start of a raw message, at most `size` bytes."""
@@ -122,6 +123,11 @@ class Store(Protocol):
 
     async def admit(self, admitted: Admitted) -> None:
         """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
+
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """Retention: cut up to `limit` raw messages whose messages all finished (answered, ignored,
+        failed) and changed last before `before` to their header block, marking them pruned; what that
+        did. Call again while it returns `limit` messages."""
 
     async def count_crash(self, inbound_id: str, crashes: int) -> None: ...
 
@@ -194,6 +200,8 @@ class Store(Protocol):
     async def reset_for_restart(self) -> None:
         """On start-up: make work in flight due now (where no other gateway holds it)."""
 
-    async def replay_inbound(self, inbound_id: str) -> bool: ...
+    async def replay_inbound(self, inbound_id: str) -> bool:
+        """Queue a failed or ignored message again; False when it is not one, or when its raw bytes are
+        not all there (pruned, or an ignored message's head)."""
 
     async def replay_outbox(self, outbox_id: str) -> bool: ...

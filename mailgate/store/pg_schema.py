@@ -75,6 +75,14 @@ MIGRATIONS: tuple[str, ...] = (
     V1,
     # 2: a reply's links-only version, sent instead when the relay refuses the reply's size (552)
     "ALTER TABLE outbox ADD COLUMN fallback bytea;",
+    # 3: PLACEHOLDER for branch pgparity's step 3 (the columns of SQLite's versions 4 and 5): replaced by
+    # it when that branch is merged
+    "SELECT 1;",
+    # 4: retention (issue 11): when a finished message's raw bytes were pruned to its header block; the
+    # messages of a raw message found without a scan; the raw messages not yet pruned, the same
+    "ALTER TABLE raw_message ADD COLUMN pruned_at double precision;"
+    "CREATE INDEX inbound_raw ON inbound (raw_id);"
+    "CREATE INDEX raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
 )
 VERSION = len(MIGRATIONS)
 

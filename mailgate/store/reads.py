@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mailgate.models import TaskRef
+from mailgate.store.schema import ACTIVE_SQL
 
 # --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
 
@@ -67,6 +68,28 @@ def count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int |
         (task_id, since, -1 if limit is None else limit),
     ).fetchall()
     return int(rows[0][0])
+
+
+# A raw message may be pruned when every message of it is finished and none changed since `before`.
+PRUNABLE = f"""
+r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
+    AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= ?))"""  # noqa: S608 (constants); ? is `before`
+
+
+def prune_candidates(
+    db: sqlite3.Connection, before: float, limit: int, window: int
+) -> list[tuple[str, int, int]]:
+    """(raw id, bytes stored, length of its header block) of up to `limit` raw messages to prune. The
+    header block ends at the first blank line (CRLF or bare LF) in the first `window` bytes."""
+    rows = db.execute(
+        f"""WITH c AS (SELECT r.id, length(r.data) AS stored, substr(r.data, 1, ?) AS win
+            FROM raw_message r WHERE {PRUNABLE} ORDER BY r.id LIMIT ?)
+        SELECT id, stored, min(stored,
+            coalesce(nullif(instr(win, X'0D0A0D0A'), 0) + 3, length(win)),
+            coalesce(nullif(instr(win, X'0A0A'), 0) + 1, length(win))) AS head FROM c""",  # noqa: S608
+        (window, before, limit),
+    ).fetchall()
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
 @dataclass

@@ -86,6 +86,11 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE outbox ADD COLUMN relay_reply TEXT;"
     "ALTER TABLE inbound ADD COLUMN turn_status TEXT;"
     "UPDATE outbox SET relay_reply=last_error, last_error=NULL WHERE state='sent' AND last_error LIKE '2%';",
+    # 6: retention (issue 11): when a finished message's raw bytes were pruned to its header block; the
+    # messages of a raw message found without a scan; the raw messages not yet pruned, the same
+    "ALTER TABLE raw_message ADD COLUMN pruned_at REAL;"
+    "CREATE INDEX IF NOT EXISTS inbound_raw ON inbound (raw_id);"
+    "CREATE INDEX IF NOT EXISTS raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -306,6 +311,22 @@ class Admitted:
     @property
     def full_size(self) -> int:
         return self.size or len(self.data)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one `prune_raw` did: raw messages cut to their header block, and the bytes that freed."""
+
+    messages: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(self.messages + other.messages, self.bytes + other.bytes)
+
+
+# The window of a raw message searched for the end of its header block when it is pruned (a header block
+# is at most MAILGATE_MAX_HEADER_SIZE: 100 KiB by default); a raw message is never cut shorter than it.
+PRUNE_WINDOW = 1024 * 1024
 
 
 @dataclass(frozen=True)
