@@ -486,12 +486,16 @@ def _workers(value: str) -> dict[str, Worker]:
 
 
 def _senders(value: str) -> tuple[str, ...]:
+    """Allowed senders; an internationalised domain (`@mächine.example`) is kept in its IDNA form."""
+    from mailgate.mail.headers import ascii_domain
+
     senders = []
     for item in filter(None, (part.strip().lower() for part in value.split(","))):
         local, at, domain = item.rpartition("@")
+        domain = ascii_domain(domain)
         if item != "*" and not (at and _DOMAIN.match(domain) and "@" not in local):
             raise ValueError(f"{item!r}: expected user@domain, @domain or *")
-        senders.append(item)
+        senders.append(item if item == "*" else f"{local}@{domain}")
     if not senders:
         raise ValueError("no senders given")
     return tuple(senders)
