@@ -568,3 +568,25 @@ async def test_log_fields_escape_controls_and_bidi_from_the_peer(make_gateway: A
         for line in stream.getvalue().splitlines()
     )
     assert any("\\u2066" in line and "\\x1b" in line and "\\u202e" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("a\r\nb", '"a\\r\\nb"'),
+        ("nul\x00esc\x1b[31m", '"nul\\x00esc\\x1b[31m"'),
+        ("del\x7fc1\x85", '"del\\x7fc1\\x85"'),
+        ("invoice\u202efdp.exe", '"invoice\\u202efdp.exe"'),
+        (
+            "\u2066iso\u2069 \u200emark\u200f zw\u200b bom\ufeff",
+            '"\\u2066iso\\u2069 \\u200emark\\u200f zw\\u200b bom\\ufeff"',
+        ),
+        ("plain-ünïcode", "plain-ünïcode"),
+    ],
+)
+def test_every_control_and_invisible_character_is_escaped_in_a_log_field(value: str, written: str) -> None:
+    """CR, LF, C0 and C1 controls, bidi controls and zero-width characters are written escaped; other
+    text as it is."""
+    record = logging.LogRecord("mailgate.smtp", logging.INFO, __file__, 1, "smtp_reject", (), None)
+    record.rcpt = value
+    assert LogfmtFormatter().format(record).endswith(f" rcpt={written}")
