@@ -273,7 +273,8 @@ def hostile_from() -> str:
 
 
 def many_addresses() -> str:
-    return folded([f'"Person {i}" <p{i}@example.org>' for i in range(3000)], ",")
+    """3,000 mailboxes whose names are encoded words (each one for the email package to read)."""
+    return folded([f"=?UTF-8?Q?P=C3=A9rson_{i}?= <p{i}@example.org>" for i in range(3000)], ",")
 
 
 @pytest.mark.parametrize(
@@ -300,8 +301,8 @@ async def test_a_hostile_header_costs_a_bounded_amount_of_work_off_the_loop(
             assert len(row.subject) <= 500 and len(row.to_cc_addrs) <= 100
         else:
             assert seen.data[1] == "5.7.1 Sender not authenticated: no usable From address"
-    assert parser_log.lengths, "the header was read"
-    assert max(parser_log.lengths) <= MAX_TEXT
+    assert max(parser_log.lengths, default=0) <= MAX_TEXT
+    assert what == "from" or parser_log.lengths  # the email package had work: read it bounded
     assert len(parser_log.lengths) <= 3 * MAX_ADDRESSES + 10
     assert sum(parser_log.lengths) <= 3 * 16384 + 4 * MAX_TEXT
     assert parser_log.on_loop == 0

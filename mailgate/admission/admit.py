@@ -12,10 +12,13 @@ raw message and its rows are committed with an fsync and only then answered 250.
 
 The header block is read here once (`mail.headers`); what later stages need of it is stored on each
 message's row. Reading it, hashing the message and the decisions that need nothing but the message
-(automatic mail, sender authentication) run in one worker thread per message (`_read`), so a hostile
-header (each read of it is bounded, see `mail.headers`) never holds the event loop that serves every
-other SMTP session. `Admission` speaks to the store and to the pure policy modules; it knows nothing of
-SMTP sessions (see `smtp.handler`), only the reply each recipient gets.
+(automatic mail, sender authentication) run off the event loop (`_read`), so a hostile header (each read
+of it is bounded, see `mail.headers`) never holds the loop that serves every other SMTP session: on one
+thread of their own (`_header_thread`), one message after another, because that work is pure Python and
+several threads running it at once take the interpreter lock from the loop for long stretches; DKIM
+verification (DNS look-ups) runs on the default pool. `Admission` speaks to the store and to the pure
+policy modules; it knows nothing of SMTP sessions (see `smtp.handler`), only the reply each recipient
+gets.
 
 Duplicates: a message is the same as one already recorded when recipient, sender and Message-ID (or,
 without one, the message's SHA-256) are: the sender is the authenticated From address, or, for mail
@@ -30,6 +33,8 @@ first `IGNORED_BODY_KEPT` bytes of its body: enough to see what it was, never it
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import time
@@ -150,6 +155,17 @@ class Admission:
             return None
         return row
 
+    async def _read_off_loop(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
+        """`_read` on the header thread; then (MAILGATE_AUTH=dkim) DKIM on the default pool."""
+        loop = asyncio.get_running_loop()
+        read = await loop.run_in_executor(
+            _header_thread(), functools.partial(self._read, raw, mail_from, judge=judge)
+        )
+        if judge and read.automatic is None and self.settings.auth == "dkim":
+            verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.headers, dnsfunc=self.dkim_dns)
+            read = replace(read, verdict=verdict)
+        return read
+
     async def _accept_bounce(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         """Mail to the return paths of our replies: record each as a bounce of its reply, never answer.
 
@@ -158,7 +174,7 @@ class Admission:
         """
         if header_size(raw, self.settings.max_header_size) > self.settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large")
-        read = await asyncio.to_thread(self._read, raw, mail_from, judge=False)
+        read = await self._read_off_loop(raw, mail_from, judge=False)
         facts, digest = read.facts, read.digest
         now = self.clock()
         raw_id = str(ULID())
@@ -211,7 +227,7 @@ class Admission:
         settings = self.settings
         if header_size(raw, settings.max_header_size) > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
-        read = await asyncio.to_thread(self._read, raw, mail_from, judge=True)
+        read = await self._read_off_loop(raw, mail_from, judge=True)
         facts, digest, reason = read.facts, read.digest, read.automatic
         now = self.clock()
         raw_id = str(ULID())
@@ -319,8 +335,9 @@ class Admission:
         return [p.reply for p in plans]
 
     def _read(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
-        """In a worker thread: the header block read once, the digest, and (`judge`) what can be decided
-        from the message alone: is it automatic mail, and who sent it (DKIM key look-ups included)."""
+        """On the header thread: the header block read once, the digest, and (`judge`) what can be
+        decided from the message alone: is it automatic mail, and who sent it (but DKIM: see
+        `_read_off_loop`)."""
         headers = Headers.parse(raw)
         read = _Read(headers, read_facts(headers), hashlib.sha256(raw).hexdigest())
         if not judge:
@@ -332,7 +349,7 @@ class Admission:
         if mode == "none":
             verdict = authn.trust_from_header(headers)
         elif mode == "dkim":
-            verdict = authn.verify_dkim(raw, headers, dnsfunc=self.dkim_dns)
+            return read  # verified on the default pool: its key look-ups wait on the network
         else:
             verdict = authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
         return replace(read, verdict=verdict)
@@ -409,6 +426,12 @@ class Admission:
             task,
             [(task_id, p) for p in sorted(people)],
         )
+
+
+@functools.cache
+def _header_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread every gateway in this process reads headers on (made on first use)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-header")
 
 
 def _is_return_path(rcpt: str, domain: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, cut, header_text
+from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, cut
 from mailgate.models import BUDGETS
 
 __all__ = [
@@ -139,7 +139,7 @@ def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> st
     envelope = envelope_from.strip().strip("<>").strip()
     headers = _Headers(msg.index())  # one pass over the header block, not one per signal
     from_value = cut(" ".join(headers("From")), MAX_TEXT)
-    subject = _subject(headers)
+    subject = _subject(msg)
     return (
         _own_mail(headers, own_domain)
         or _report(headers)
@@ -171,15 +171,10 @@ def _first(headers: _Headers, name: str) -> str:
     return values[0] if values else ""
 
 
-def _subject(headers: _Headers) -> str:
-    """The decoded Subject (its first `MAX_TEXT` characters), whitespace folded, casefolded, leading
-    "**"/"[Postmaster]" dropped."""
-    raw = cut(_first(headers, "Subject"), MAX_TEXT)
-    try:
-        text = header_text("Subject", raw)
-    except Exception:  # undecodable encoded-words: match on the raw text instead
-        text = raw
-    return _SUBJECT_NOISE.sub("", " ".join(text.split()).casefold())
+def _subject(msg: Headers) -> str:
+    """The decoded Subject (`Headers.text`: its first `MAX_TEXT` characters, decoded once for every
+    stage that asks), casefolded, leading "**"/"[Postmaster]" dropped."""
+    return _SUBJECT_NOISE.sub("", msg.text("subject").casefold())
 
 
 def is_own_message_id(message_id: str, own_domain: str) -> bool:
