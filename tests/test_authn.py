@@ -321,6 +321,7 @@ def test_dkim_garbage_signature() -> None:
         ("Name <a@example.org> trailing words", "a@example.org"),
         ("(comment <x@evil.example>) a@example.org", "a@example.org"),
         ('"a@evil.example" <a@example.org>', "a@example.org"),
+        ("Pete(A wonderful \\) chap) <pete(his account)@silly.test(his host)>", "pete@silly.test"),
         ("a@evil.example <a@example.org>", None),
         ("x <<a@example.org>>", None),
         ("<a@example.org", None),

@@ -88,6 +88,7 @@ _ENCODED_MAILBOX = re.compile(rf"((?:=\?[^?\s\"]+\?[QqBb]\?[^?\s]*\?=[ \t]*)+)<(
 _TOKEN = re.compile(r'\\.|["()<>,;:@]|[^"\\()<>,;:@]+', re.S)
 _ATOM = r"[^\s\"(),.:;<>@\[\\\]\x00-\x1f\x7f]+"
 _LOCAL_PART = re.compile(rf'{_ATOM}(?:\.{_ATOM})*|"(?:[^"\\\s]|\\\S)+"')
+_AT_SPACE = re.compile(r"\s*@\s*")
 _LABEL = r"(?!-)[^\s@.()<>\[\]\\,;:\"\x00-\x1f\x7f]{1,63}(?<!-)"
 _MAIL_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
@@ -175,8 +176,10 @@ def _pieces(value: str) -> list[_Piece]:
 
 def _addr_spec(addr: str) -> tuple[str, str] | None:
     """(local part, domain) of an addr-spec when it has both and the domain is well-formed, else None.
-    UTF-8 (RFC 6532) is allowed in both; a domain literal (`[192.0.2.1]`) is not a usable domain."""
-    local, at, domain = addr.strip().rpartition("@")
+    UTF-8 (RFC 6532) is allowed in both; a domain literal (`[192.0.2.1]`) is not a usable domain.
+    Folding whitespace (or a comment, left as a space) beside the "@" is the obsolete syntax's, dropped:
+    `<pete(his account)@silly.test>`."""
+    local, at, domain = _AT_SPACE.sub("@", addr.strip()).rpartition("@")
     domain = domain.rstrip(".")
     if not at or not _LOCAL_PART.fullmatch(local) or not _MAIL_DOMAIN.fullmatch(domain):
         return None
