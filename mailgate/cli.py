@@ -293,7 +293,8 @@ async def _operator(args: argparse.Namespace, settings: OperatorSettings) -> int
     from mailgate.admin import run
     from mailgate.service import open_store
 
-    if settings.database_url is None and not settings.database.is_file():
+    # `migrate` makes a new store (version 0 to the current one); the other verbs read an existing one
+    if args.verb != "migrate" and settings.database_url is None and not settings.database.is_file():
         print(
             f"mailgate: no database at {settings.database} (set MAILGATE_DATABASE, in ./.env or with "
             "--env-file)",

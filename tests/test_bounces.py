@@ -18,7 +18,7 @@ from ulid import ULID
 from mailgate.admission import bounces, threads
 from mailgate.mail.dsn import read_report
 from mailgate.models import InboundState, OutboxState
-from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, Store
+from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, SqliteStore, Store
 from mailgate.store.sqlite import BOUNCE_WINDOW
 from tests.conftest import CORPUS, needs_corpus
 
@@ -179,9 +179,16 @@ def test_sisimai_delays_and_deliveries_are_no_failures(name: str) -> None:
 # --- the store: bounce records and the suppression list ----------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "store.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The test's store, on each backend (PostgreSQL: a fresh database on the session's server)."""
+    s: Store
+    if request.param == "sqlite":
+        s = await SqliteStore.open(tmp_path / "store.db")
+    else:
+        from mailgate.store.postgres import PostgresStore
+
+        s = await PostgresStore.open(str(request.getfixturevalue("postgres_db")))
     try:
         yield s
     finally:
@@ -195,7 +202,14 @@ async def sent_reply(store: Store, to: str = ALICE) -> str:
         message_id=f"<{ULID()}.mailgate@agents.example.com>", mail_from=f"research+bounce-{ULID()}@x".lower(),
         recipients=[to], data=b"Subject: x\r\n\r\nx\r\n", created_at=time.time(),
     )  # fmt: skip
-    await store.finish(str(ULID()), InboundState.ANSWERED, None, [reply])  # queued as the scheduler does
+    raw = f"question {ULID()}".encode()
+    asked = NewMessage(
+        id=str(ULID()), raw_id=str(ULID()), received_at=time.time(), mail_from=to, rcpt="research@x",
+        alias="research", sender=to, message_id=None, subject="x", dedupe_key=str(ULID()), state="received",
+    )  # fmt: skip
+    await store.admit(Admitted(asked.raw_id, hashlib.sha256(raw).hexdigest(), raw, [asked]))
+    reply = NewReply(**{**reply.__dict__, "inbound_id": asked.id})
+    await store.finish(asked.id, InboundState.ANSWERED, None, [reply])  # queued as the scheduler does
     await store.record_delivery(reply.id, OutboxState.SENT, attempts=1, error=None, sent_at=time.time())
     return reply.id
 

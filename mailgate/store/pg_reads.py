@@ -1,6 +1,7 @@
 """The reads of the PostgreSQL store that ask several questions at once: what one DATA decision asks (the
-same `AdmissionFacts` SQLite's `reads` answers, in one round trip for a new mail) and a task's Message-ID
-chain; one query per kind of question rather than one per item."""
+same `AdmissionFacts` SQLite's `reads` answers, in one round trip for a new mail), a task's Message-ID
+chain, and the operator's reads (`status`: rows per state, recent problems; `show`: both tables by
+Message-ID); one query per kind of question rather than one per item."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from mailgate.models import TaskRef
 from mailgate.store.reads import AdmissionFacts
+from mailgate.store.schema import ACTIVE_SQL, Problem
 
 
 async def _rows(conn: Any, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[dict[str, Any]]:
@@ -127,3 +129,44 @@ async def thread_chain(conn: Any, task_id: str, before: str, *, limit: int) -> l
             chain.append(str(row["message_id"]))
         chain += [str(s["message_id"]) for s in sent if s["inbound_id"] == row["id"]]
     return chain
+
+
+async def by_message_id(conn: Any, wanted: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The inbound rows and the outbox rows carrying Message-ID `wanted` (with its angle brackets)."""
+    inbound = await _rows(conn, "SELECT * FROM inbound WHERE message_id = %s ORDER BY id", [wanted])
+    outbox = await _rows(conn, "SELECT * FROM outbox WHERE message_id = %s ORDER BY id", [wanted])
+    return inbound, outbox
+
+
+async def count_by_state(conn: Any) -> dict[str, dict[str, int]]:
+    """As `SqliteStore.count_by_state`, in one query: `{"inbound": {state: n}, "outbox": {state: n}}`."""
+    rows = await _rows(
+        conn,
+        "SELECT 'inbound' AS tbl, state, count(*) AS n FROM inbound GROUP BY state "
+        "UNION ALL SELECT 'outbox', state, count(*) FROM outbox GROUP BY state",
+        [],
+    )
+    counts: dict[str, dict[str, int]] = {"inbound": {}, "outbox": {}}
+    for r in rows:
+        counts[str(r["tbl"])][str(r["state"])] = int(r["n"])
+    return counts
+
+
+RECENT_PROBLEMS = f"""
+SELECT * FROM (
+  SELECT updated_at AS at, 'inbound' AS tbl, id, state, coalesce(reason, last_error) AS error FROM inbound
+  WHERE state = 'failed' OR (last_error IS NOT NULL AND state IN ({ACTIVE_SQL}))
+  UNION ALL
+  SELECT updated_at, 'outbox', id, state, last_error FROM outbox
+  WHERE state IN ('dead', 'retry') AND last_error IS NOT NULL
+) problems ORDER BY at DESC, id DESC LIMIT %s
+"""  # noqa: S608 (constants only)
+
+
+async def recent_problems(conn: Any, limit: int) -> list[Problem]:
+    """As `SqliteStore.recent_problems`: the newest troubles of both tables, newest first."""
+    rows = await _rows(conn, RECENT_PROBLEMS, [limit])
+    return [
+        Problem(float(r["at"]), str(r["tbl"]), str(r["id"]), str(r["state"]), str(r["error"] or ""))
+        for r in rows
+    ]
