@@ -34,7 +34,7 @@ from mailgate.models import InboundState
 from mailgate.service import Gateway
 from mailgate.store import InboundRow
 from mailgate.store.schema import MIGRATIONS
-from tests.conftest import env_for, settings_for
+from tests.conftest import both_stores, env_for, settings_for
 from tests.daemon import write_env
 from tests.mail import Transcript, make_mail, smtp_send, until
 
@@ -324,6 +324,7 @@ async def test_the_default_header_limit_is_postfixs(make_gateway: Any) -> None:
 # --- 9. duplicates: recipient, sender and Message-ID --------------------------------------------------
 
 
+@both_stores
 async def test_a_different_sender_reusing_a_message_id_is_a_new_message(make_gateway: Any) -> None:
     """Bob's mail with Alice's Message-ID is queued as a new message; Alice's retry is a duplicate."""
     async with make_gateway() as gw:
@@ -479,12 +480,15 @@ async def gw_row_updated(tmp_path: Path, inbound_id: str) -> float:
     return float(updated)
 
 
+@both_stores
 async def test_serve_prunes_what_finished_longer_ago_than_the_retention(
-    tmp_path: Path, sandbox: Any, relay: Any
+    tmp_path: Path, sandbox: Any, relay: Any, database: str
 ) -> None:
     """A running gateway prunes by itself: an answered message's raw bytes go once it is older than
     MAILGATE_RETENTION_DAYS (two seconds here), its header block stays."""
-    settings = settings_for(tmp_path, sandbox.url, relay.port, MAILGATE_RETENTION_DAYS="0.00002")
+    settings = settings_for(
+        tmp_path, sandbox.url, relay.port, MAILGATE_RETENTION_DAYS="0.00002", MAILGATE_DATABASE=database
+    )
     gateway = Gateway(
         settings, poll_base=0.05, retry_base=0.05, shutdown_deadline=2, prune_after=0, prune_every=0.1
     )
