@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailgate import retention
-from mailgate.api import HandingerClient
 from mailgate.config import OperatorSettings
 from mailgate.errors import MailgateError
 from mailgate.mail.headers import header_block
@@ -422,7 +421,9 @@ def _short(text: str | None, limit: int = CELL_MAX) -> str:
 
 
 async def _archive(store: Store, settings: OperatorSettings, task_id: str) -> int:
-    api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=30)
+    from mailgate.service import make_api_client  # the gateway's wiring, loaded only for `archive`
+
+    api = make_api_client(settings)
     try:
         archived = await api.delete_task(task_id)
     except MailgateError as exc:

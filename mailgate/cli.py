@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
 from mailgate.config import OperatorSettings, Settings, load_operator_settings, load_settings
-from mailgate.errors import ConfigError, StartupError, StoreBusy
+from mailgate.errors import ConfigError, SourceInUse, StartupError, StoreBusy, TargetNotEmpty
 from mailgate.models import InboundState, OutboxState
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
@@ -255,7 +255,7 @@ async def _sandbox(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     from mailgate.config import POSTGRES_SCHEMES, redact_url
-    from mailgate.store.copy import SourceInUse, TargetNotEmpty, copy_sqlite_to_postgres
+    from mailgate.store.copy import copy_sqlite_to_postgres
 
     if not args.target.startswith(POSTGRES_SCHEMES):
         print("mailgate: --to must be a postgresql:// URL", file=sys.stderr)

@@ -70,14 +70,24 @@ async def open_store(settings: Settings | OperatorSettings) -> Store:
 
 
 def make_api_client(
-    settings: Settings,
+    settings: Settings | OperatorSettings,
     *,
     concurrency: int | None = None,
     timeout: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     metrics: Metrics | None = None,
 ) -> HandingerClient:
-    """The Handinger client as the settings describe it (one per process)."""
+    """The Handinger client as the settings describe it (one per process). The operator verbs' settings
+    name only the API's address and key (`archive` makes one request)."""
+    if isinstance(settings, OperatorSettings):
+        return HandingerClient(
+            settings.base_url,
+            settings.api_key,
+            concurrency=1 if concurrency is None else concurrency,
+            timeout=30.0 if timeout is None else timeout,
+            transport=transport,
+            metrics=metrics,
+        )
     return HandingerClient(
         settings.base_url,
         settings.api_key,
