@@ -15,8 +15,8 @@ message's row. Reading it, hashing the message and the decisions that need nothi
 (automatic mail, sender authentication) run off the event loop (`_read`), so a hostile header (each read
 of it is bounded, see `mail.headers`) never holds the loop that serves every other SMTP session: on one
 thread of their own (`_header_thread`), one message after another, because that work is pure Python and
-several threads running it at once take the interpreter lock from the loop for long stretches; DKIM
-verification (DNS look-ups) runs on the default pool. `Admission` speaks to the store and to the pure
+several threads running it at once take the interpreter lock from the loop for long stretches; hashing
+and DKIM verification (DNS look-ups) run on the default pool. `Admission` speaks to the store and to the pure
 policy modules; it knows nothing of SMTP sessions (see `smtp.handler`), only the reply each recipient
 gets.
 
@@ -156,11 +156,17 @@ class Admission:
         return row
 
     async def _read_off_loop(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
-        """`_read` on the header thread; then (MAILGATE_AUTH=dkim) DKIM on the default pool."""
+        """`_read` on the header thread, the digest meanwhile on the default pool (hashing lets go of the
+        interpreter lock: a 40 MB message does not hold up the next one's header); then
+        (MAILGATE_AUTH=dkim) DKIM on the default pool."""
         loop = asyncio.get_running_loop()
-        read = await loop.run_in_executor(
-            _header_thread(), functools.partial(self._read, raw, mail_from, judge=judge)
+        read, digest = await asyncio.gather(
+            loop.run_in_executor(
+                _header_thread(), functools.partial(self._read, raw, mail_from, judge=judge)
+            ),
+            asyncio.to_thread(_sha256, raw),
         )
+        read = replace(read, digest=digest)
         if judge and read.automatic is None and self.settings.auth == "dkim":
             verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.headers, dnsfunc=self.dkim_dns)
             read = replace(read, verdict=verdict)
@@ -335,11 +341,10 @@ class Admission:
         return [p.reply for p in plans]
 
     def _read(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
-        """On the header thread: the header block read once, the digest, and (`judge`) what can be
-        decided from the message alone: is it automatic mail, and who sent it (but DKIM: see
-        `_read_off_loop`)."""
+        """On the header thread: the header block read once, and (`judge`) what can be decided from the
+        message alone: is it automatic mail, and who sent it (but DKIM: see `_read_off_loop`)."""
         headers = Headers.parse(raw)
-        read = _Read(headers, read_facts(headers), hashlib.sha256(raw).hexdigest())
+        read = _Read(headers, read_facts(headers), digest="")
         if not judge:
             return read
         automatic = policy.automatic_reason(headers, mail_from, own_domain=self.settings.domain)
@@ -451,6 +456,10 @@ def _keys(
     keys = [_digest(f"{rcpt.lower()}\n{who}\n{what}") for rcpt in rcpts]
     legacy = [_digest(f"{rcpt.lower()}\n{what}") for rcpt in rcpts]
     return keys, legacy, who
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _digest(text: str) -> str:
