@@ -30,7 +30,7 @@ from typing import Any, Self
 
 import httpx
 
-from mailgate import checks, private
+from mailgate import checks, private, retention
 from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
 from mailgate.config import Listen, OperatorSettings, Settings
@@ -124,6 +124,8 @@ class Gateway:
         retry_base: float = 2.0,
         hold_seconds: float = 30.0,
         settle_seconds: float = 5.0,
+        prune_after: float = retention.FIRST,
+        prune_every: float = retention.EVERY,
     ) -> None:
         self.settings = settings
         self._api_transport = api_transport
@@ -132,6 +134,7 @@ class Gateway:
         self.shutdown_deadline = shutdown_deadline
         self._timing = Timing(poll_base=poll_base, retry_base=retry_base, settle_seconds=settle_seconds)
         self._hold_seconds = hold_seconds
+        self._prune_after, self._prune_every = prune_after, prune_every
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
@@ -254,6 +257,13 @@ class Gateway:
                 "use only for demos and trusted networks"
             )
         self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+        if s.retention_days > 0:  # MAILGATE_RETENTION_DAYS=0: raw bytes are kept
+            self._tasks.append(asyncio.create_task(self._supervise(self._pruning, "prune"), name="prune"))
+
+    async def _pruning(self) -> None:
+        """Retention, in the background: see `retention.run`."""
+        days = self.settings.retention_days
+        await retention.run(self.store, days, every=self._prune_every, first=self._prune_after)
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""
