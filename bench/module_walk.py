@@ -16,9 +16,10 @@ DATA, called by `smtp/server.py`, which read the message.
 
 The walk is the sequence of visited modules; a *re-entry* is a visit to a module the message had already
 left for another one. Two counts are printed: over every module, and over the stage modules only (leaving
-out the shared pieces every stage uses: the store, models, errors, config, logs, loops, metrics, the
-owner-only file helpers and the API client, whose calls are hand-offs rather than a return to an earlier
-stage). The sandbox API and the test relay are outside the walk.
+out the shared pieces every stage uses: the store (rows, and the spool's files), models, errors, config,
+logs, loops, metrics, the owner-only file helpers and the API client with its download policy (`egress`,
+which only the client calls), whose calls are hand-offs rather than a return to an earlier stage). The
+sandbox API and the test relay are outside the walk.
 
 It runs the real gateway in-process (SMTP on 127.0.0.1, the sandbox, a recording relay), lets serve's
 background API check finish, and traces one plain message with `sys.setprofile`/`threading.setprofile`
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Coroutine, Generator
-from contextvars import Context
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
@@ -55,6 +55,7 @@ SHARED = (
     "mailgate.metrics",
     "mailgate.private",
     "mailgate.api",
+    "mailgate.egress",  # the API client's download policy: only api.py calls it
 )
 OUTSIDE = "(outside)"
 
@@ -142,7 +143,10 @@ class Walk:
             self.edges.append(f"{caller} -> {callee}.{frame.f_code.co_qualname}")
 
     def task_factory(
-        self, loop: asyncio.AbstractEventLoop, coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any], **kw: Any
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Generator[Any, None, Any] | Coroutine[Any, Any, Any],
+        **kw: Any,
     ) -> asyncio.Task[Any]:
         task = asyncio.Task(coro, loop=loop, **kw)
         self.tasks[task] = self.caller(sys._getframe(1))
@@ -150,7 +154,7 @@ class Walk:
 
     def follow_threads(self) -> None:
         """Give each thread-pool work item the module that submitted it, for the time it runs."""
-        item = concurrent.futures.thread._WorkItem  # type: ignore[attr-defined]
+        item = concurrent.futures.thread._WorkItem
         init, run, walk = item.__init__, item.run, self
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -164,7 +168,7 @@ class Walk:
             finally:
                 walk.local.origin = None
 
-        item.__init__, item.run = __init__, run_
+        item.__init__, item.run = __init__, run_  # type: ignore[method-assign]
 
 
 def reentries(walk: list[str]) -> tuple[int, list[str]]:
@@ -192,7 +196,7 @@ async def run_one() -> Walk:
 
     walk = Walk(Handler.handle_DATA.__code__)
     walk.follow_threads()
-    asyncio.get_running_loop().set_task_factory(walk.task_factory)  # type: ignore[arg-type]
+    asyncio.get_running_loop().set_task_factory(walk.task_factory)
     relay = RecordingRelay()
     await relay.start()
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +226,7 @@ async def run_one() -> Walk:
                 await relay.wait_for(1, timeout=30)
                 walk.done = True
                 sys.setprofile(None)
-                threading.setprofile(None)  # type: ignore[arg-type]
+                threading.setprofile(None)
     await relay.close()
     return walk
 

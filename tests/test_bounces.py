@@ -49,7 +49,7 @@ def test_addresses_made_for_a_reply_verify_at_admission() -> None:
     assert threads.task_id_of_token(split[1]) == task_id
     assert threads.verify_token(SECRET, split[1], task_id, ALICE)
     assert not threads.verify_token(SECRET, split[1], task_id, BOB)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a mailgate task id"):
         addresses.reply_token(SECRET, "not-a-task", ALICE)
 
 
