@@ -25,6 +25,7 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,8 +48,8 @@ from mailgate.replies.signing import DkimSigner
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, SqliteStore, Store
+from mailgate.store.spool import Spool
 from mailgate.turns.scheduler import Scheduler
-from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
@@ -190,7 +191,7 @@ class Gateway:
             Renderer(s.templates_dir),
             OutputFiles(self.api, s),
             secret,
-            eight_bit=lambda: delivery.eight_bit,
+            eight_bit=partial(getattr, delivery, "eight_bit"),  # the transport's flag, read at each reply
             signer=make_signer(s),
         )
         self.scheduler = Scheduler(
