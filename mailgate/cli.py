@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
 from mailgate.config import OperatorSettings, Settings, load_operator_settings, load_settings
-from mailgate.errors import ConfigError, StartupError, StoreBusy
+from mailgate.errors import ConfigError, SourceInUse, StartupError, StoreBusy, TargetNotEmpty
 from mailgate.models import InboundState, OutboxState
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
 OPERATOR_VERBS = (
     *("messages", "outbox", "tasks", "show", "status", "replay", "archive"),
-    *("migrate", "suppressed", "unsuppress", "approve", "deny", "senders"),
+    *("migrate", "suppressed", "unsuppress", "prune", "approve", "deny", "senders"),
 )
 INBOUND_STATES = tuple(str(s) for s in InboundState)
 OUTBOX_STATES = tuple(str(s) for s in OutboxState)
@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = verb("archive", "archive a task at the API (DELETE /api/tasks/{id})")
     p.add_argument("task_id")
+    p = verb(
+        "prune",
+        "retention, now: cut the raw bytes of messages finished more than MAILGATE_RETENTION_DAYS ago to "
+        "their header block (serve does it every hour)",
+    )
+    p.add_argument("--days", type=_days, default=None, help="this many days instead (0 < DAYS)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p = verb("approve", "run a held message (MAILGATE_UNKNOWN_SENDERS=hold) as if its sender were allowed")
     p.add_argument("id", help="the queue id of a held message (mailgate messages --state held)")
     p.add_argument(
@@ -127,10 +134,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_sender_verbs(verb)
     parser.epilog = (
-        "The operator verbs (messages, outbox, tasks, show, status, replay, archive, approve, deny, "
+        "The operator verbs (messages, outbox, tasks, show, status, replay, archive, prune, approve, deny, "
         "senders) need only the database: without --env-file they read ./.env when there is one."
     )
     return parser
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {value!r}") from None
+    if not 0 < days < 100_000:
+        raise argparse.ArgumentTypeError(f"expected a positive number of days, got {value!r}")
+    return days
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,7 +266,7 @@ async def _sandbox(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     from mailgate.config import POSTGRES_SCHEMES, redact_url
-    from mailgate.store.copy import SourceInUse, TargetNotEmpty, copy_sqlite_to_postgres
+    from mailgate.store.copy import copy_sqlite_to_postgres
 
     if not args.target.startswith(POSTGRES_SCHEMES):
         print("mailgate: --to must be a postgresql:// URL", file=sys.stderr)

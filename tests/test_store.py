@@ -888,6 +888,110 @@ async def test_how_the_sender_was_verified_is_kept(store: Store) -> None:
     assert row is not None and row.verified == "dmarc=pass (mx.example.org)" and row.told_at is None
 
 
+# --- duplicates: recipient, sender and Message-ID (issue 11) -----------------------------------------
+
+
+def legacy_key(rcpt: str, message_id: str) -> str:
+    """The duplicate key rows had before senders counted (recipient and Message-ID)."""
+    return hashlib.sha256(f"{rcpt}\n{message_id}".encode()).hexdigest()
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["sender", "envelope"])
+async def test_a_row_recorded_before_senders_counted_matches_only_its_own_sender(
+    store: Store, authenticated: bool
+) -> None:
+    """A row under the old key is a duplicate for the same sender (authenticated, or the envelope of
+    an ignored one) and for no other; a row under the new key is found by it alone."""
+    rcpt, mid = "research@agents.example.com", "<old@example.org>"
+    old = new_message(None, state=InboundState.IGNORED, message_id=mid, dedupe_key=legacy_key(rcpt, mid))
+    if not authenticated:
+        old = NewMessage(**{**old.__dict__, "sender": None, "mail_from": "list-bounces@example.org"})
+    batch = admitted(old)
+    await store.admit(batch)
+    who = OWNER if authenticated else "env:list-bounces@example.org"
+    stranger = "mallory@example.net" if authenticated else "env:other@example.org"
+
+    async def found(key: str, who: str) -> str | None:
+        facts = await store.admission_facts(
+            [key], legacy_keys=[legacy_key(rcpt, mid)], who=who, max_turns=1, max_new_tasks=1
+        )
+        return facts.duplicates[key]
+
+    assert await found("new-key-1", who) == batch.messages[0].id
+    assert await found("new-key-2", stranger) is None
+    assert await duplicate_of(store, legacy_key(rcpt, mid)) == batch.messages[0].id  # without a sender
+    newer = admitted(new_message(None, state=InboundState.IGNORED, message_id=mid, dedupe_key="new-key-3"))
+    await store.admit(newer)
+    assert await found("new-key-3", stranger) == newer.messages[0].id
+
+
+# --- retention: prune_raw (issue 11) -----------------------------------------------------------------
+
+HEAD = b"From: alice@example.org\r\nSubject: Quarterly numbers\r\n\r\n"
+BODY = b"Please summarise.\r\n" + b"x" * 5000 + b"\r\n"
+DAY = 86400.0
+
+
+async def admit_at(store: Store, *states: str, at: float, data: bytes = HEAD + BODY) -> Admitted:
+    """One raw message with a row per state in `states`, recorded (and last changed) at `at`."""
+    batch = admitted(*(new_message(None, state=s, received_at=at) for s in states), data=data)
+    await store.admit(batch)
+    return batch
+
+
+async def test_prune_cuts_only_raw_messages_whose_messages_all_finished_long_ago(store: Store) -> None:
+    """Answered, ignored and failed rows older than the cut lose their body and keep their header
+    block; a raw message with one active row, or one changed since the cut, stays whole."""
+    now = time.time()
+    old = [await admit_at(store, state, at=now - 40 * DAY) for state in TERMINAL]
+    lf = await admit_at(
+        store, InboundState.ANSWERED, at=now - 40 * DAY, data=(HEAD + BODY).replace(b"\r\n", b"\n")
+    )
+    mixed = await admit_at(store, InboundState.ANSWERED, InboundState.QUEUED, at=now - 40 * DAY)
+    active = await admit_at(store, InboundState.RECEIVED, at=now - 40 * DAY)
+    recent = await admit_at(store, InboundState.ANSWERED, at=now - DAY)
+
+    done = await store.prune_raw(now - 30 * DAY)
+
+    assert done.messages == len(old) + 1
+    assert done.bytes == len(old) * len(BODY) + len(BODY.replace(b"\r\n", b"\n"))
+    for batch in old:
+        assert await store.raw_head(batch.raw_id) == HEAD
+        with pytest.raises(RawMissing, match="not kept whole"):
+            await store.raw(batch.raw_id)
+    assert await store.raw_head(lf.raw_id) == HEAD.replace(b"\r\n", b"\n")
+    for batch in (mixed, active, recent):
+        assert await store.raw(batch.raw_id) == HEAD + BODY
+    assert await store.prune_raw(now - 30 * DAY) == type(done)()  # nothing left to do
+
+
+async def test_prune_goes_a_batch_at_a_time(store: Store) -> None:
+    """`limit` bounds one call; the next call takes the rest."""
+    for _ in range(3):
+        await admit_at(store, InboundState.ANSWERED, at=time.time() - 40 * DAY)
+    first = await store.prune_raw(time.time() - 30 * DAY, limit=2)
+    second = await store.prune_raw(time.time() - 30 * DAY, limit=2)
+    assert (first.messages, second.messages) == (2, 1)
+
+
+async def test_replay_refuses_a_pruned_message_and_an_ignored_ones_head(store: Store) -> None:
+    """A message whose raw bytes were pruned, or stored only in part (ignored mail keeps its head),
+    cannot be replayed; its raw bytes are reported missing, never handed out cut short."""
+    pruned = await admit_at(store, InboundState.FAILED, at=time.time() - 40 * DAY)
+    await store.prune_raw(time.time() - 30 * DAY)
+    head = admitted(new_message(None, state=InboundState.IGNORED), data=HEAD + BODY[:100])
+    head = Admitted(**{**head.__dict__, "size": len(HEAD + BODY)})
+    await store.admit(head)
+    whole = await admit_at(store, InboundState.IGNORED, at=time.time())
+
+    assert await store.replay_inbound(pruned.messages[0].id) is False
+    assert await store.replay_inbound(head.messages[0].id) is False
+    with pytest.raises(RawMissing):
+        await store.raw(head.raw_id)
+    assert await store.raw_head(head.raw_id) == HEAD + BODY[:100]
+    assert await store.replay_inbound(whole.messages[0].id) is True
+
+
 # --- what the sender hears (issue 15) and what the operator sees (issue 14) ------------------------------
 
 VERP = "research+bounce-{}@agents.example.com"

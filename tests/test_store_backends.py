@@ -386,6 +386,35 @@ async def test_two_gateways_never_claim_the_same_message(pg_url: str) -> None:
         await two.close()
 
 
+async def test_rate_limit_and_notice_counts_are_shared_between_gateways(pg_url: str) -> None:
+    """What one gateway admitted and the notices it queued count towards the limits another one applies."""
+    one, two = await pg_store(pg_url), await pg_store(pg_url)
+    try:
+        first = admitted(new_task=True)
+        [m] = first.messages
+        assert m.task_id is not None
+        await one.admit(first)
+        await one.admit(admitted(new_task=True))
+        await one.admit(admitted(task=m.task_id))
+        facts = await two.admission_facts(
+            [],
+            token_task_ids=[m.task_id],
+            sender="alice@example.org",
+            since=0.0,
+            max_turns=5,
+            max_new_tasks=5,
+        )
+        assert (facts.new_tasks, facts.turns) == (2, {m.task_id: 2})
+        [row] = [r for r in await one.claim_inbound(time.time(), 5, set()) if r.id == m.id]
+        notice = reply(m, kind="notice", notice="gave_up")
+        await one.finish(row.id, InboundState.FAILED, "gave up", [notice], task_id=m.task_id)
+        assert await two.count_notices("alice@example.org", 0.0, "gave_up") == 1
+        assert await two.count_notices_for_task(m.task_id, "gave_up", 0.0) == 1
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_a_dead_gateways_lease_runs_out_and_its_late_changes_are_refused(pg_url: str) -> None:
     """After the lease, another gateway claims the row; the first one's `finish` is refused whole."""
     dead, alive = await pg_store(pg_url, lease_seconds=1), await pg_store(pg_url, lease_seconds=1)

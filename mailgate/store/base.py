@@ -34,6 +34,7 @@ from mailgate.store.schema import (
     NewReply,
     OutboxRow,
     Problem,
+    Pruned,
     SuppressionRow,
     TaskListing,
     TaskRow,
@@ -71,8 +72,12 @@ class Store(Protocol):
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
-        """The reads of one message's DATA decision at once (see `AdmissionFacts`)."""
+        """The reads of one message's DATA decision at once (see `AdmissionFacts`). A duplicate is a row
+        under one of `keys`, or under the matching one of `legacy_keys` (rows recorded before senders
+        counted in the key) whose `coalesce(sender, 'env:' || mail_from)` is `who`."""
 
     async def task(self, task_id: str) -> TaskRef | None: ...
 
@@ -83,7 +88,8 @@ class Store(Protocol):
     async def count_notices_for_task(self, task_id: str, notice: str, since: float) -> int: ...
 
     async def raw(self, raw_id: str) -> bytes:
-        """A message's raw bytes; `RawMissing` when they are gone."""
+        """A message's raw bytes; `RawMissing` when they are gone, or not all there (pruned, or an
+        ignored message's head)."""
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
         """The start of a raw message, at most `size` bytes."""
@@ -176,6 +182,11 @@ class Store(Protocol):
     async def admit(self, admitted: Admitted) -> None:
         """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
 
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """Retention: cut up to `limit` raw messages whose messages all finished (answered, ignored,
+        failed) and changed last before `before` to their header block, marking them pruned; what that
+        did. Call again while it returns `limit` messages."""
+
     async def count_crash(self, inbound_id: str, crashes: int) -> None: ...
 
     async def set_turn_input(
@@ -259,7 +270,8 @@ class Store(Protocol):
 
     async def replay_inbound(self, inbound_id: str) -> bool:
         """A `failed` or `ignored` message runs again (after a turn that ended in error: a new turn).
-        False for any other state or an unknown id."""
+        False for any other state or an unknown id, and when its raw bytes are not all there (pruned, or
+        an ignored message's head)."""
 
     async def replay_outbox(self, outbox_id: str) -> bool: ...
 

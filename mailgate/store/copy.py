@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mailgate.errors import PermanentError, StoreBusy
+from mailgate.errors import SourceInUse, StoreBusy, TargetNotEmpty
 
 # In the order the foreign keys need; `meta` last so its upsert follows the check for an empty target.
 TABLES = (
@@ -36,14 +36,6 @@ TABLES = (
     "meta",
 )
 CHUNK = 500
-
-
-class TargetNotEmpty(PermanentError):
-    """The PostgreSQL database already holds a gateway's state."""
-
-
-class SourceInUse(PermanentError):
-    """A gateway still runs on the SQLite file (it holds the store's lock)."""
 
 
 async def copy_sqlite_to_postgres(source: Path, url: str) -> dict[str, int]:

@@ -21,7 +21,9 @@ async def _rows(conn: Any, sql: str, params: Sequence[Any] | dict[str, Any]) -> 
 FACTS = """
 SELECT
   (SELECT coalesce(json_agg(json_build_array(dedupe_key, id)), '[]') FROM inbound
-    WHERE dedupe_key = ANY(%(keys)s::text[])) AS duplicates,
+    WHERE dedupe_key = ANY(%(keys)s::text[])
+       OR (dedupe_key = ANY(%(legacy)s::text[]) AND coalesce(sender, 'env:' || mail_from) = %(who)s))
+    AS duplicates,
   (SELECT coalesce(json_agg(json_build_array(id, alias, owner, archived)), '[]') FROM task
     WHERE id = ANY(%(tokens)s::text[])) AS tokens,
   (SELECT coalesce(
@@ -54,6 +56,8 @@ async def admission_facts(
     since: float,
     max_turns: int,
     max_new_tasks: int,
+    legacy_keys: Sequence[str] = (),
+    who: str = "",
 ) -> AdmissionFacts:
     """As `reads.admission_facts`, in one round trip (two when the mail names a task): duplicates,
     tasks by token, the task of a Message-ID chain per alias (the first id of the chain that names one;
@@ -64,6 +68,8 @@ async def admission_facts(
         FACTS,
         {
             "keys": list(keys),
+            "legacy": list(legacy_keys),
+            "who": who,
             "tokens": list(token_task_ids) if sender is not None else [],
             "chain": ids,
             "aliases": list(aliases),
@@ -73,7 +79,10 @@ async def admission_facts(
         },
     )
     found = dict(row["duplicates"])
-    facts = AdmissionFacts(duplicates={key: found.get(key) for key in keys})
+    legacy = [*legacy_keys] or [key for key in keys]
+    facts = AdmissionFacts(
+        duplicates={key: found.get(key) or found.get(old) for key, old in zip(keys, legacy, strict=True)}
+    )
     if sender is None:
         return facts
     facts.sender = sender

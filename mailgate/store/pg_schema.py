@@ -101,8 +101,13 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE outbox SET relay_reply = last_error, last_error = NULL
         WHERE state = 'sent' AND last_error LIKE '2%';
     """,
-    # 4: the sender steers, the worker knows what it reads, loops and strangers are contained (issue 19):
-    # SQLite's version 6, plus a partial index over the held messages
+    # 4: retention (issue 11): when a finished message's raw bytes were pruned to its header block; the
+    # messages of a raw message found without a scan; the raw messages not yet pruned, the same
+    "ALTER TABLE raw_message ADD COLUMN pruned_at double precision;"
+    "CREATE INDEX inbound_raw ON inbound (raw_id);"
+    "CREATE INDEX raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
+    # 5: the sender steers, the worker knows what it reads, loops and strangers are contained (issue 19):
+    # SQLite's version 7, plus a partial index over the held messages
     """
     ALTER TABLE inbound ADD COLUMN verified text;
     ALTER TABLE inbound ADD COLUMN told_at double precision;

@@ -57,6 +57,7 @@ from mailgate.store.schema import (
     BLOCKS,
     DENIED,
     DROPPED,
+    PRUNE_WINDOW,
     Admitted,
     AllowedSenderRow,
     BounceRow,
@@ -65,6 +66,7 @@ from mailgate.store.schema import (
     NewReply,
     OutboxRow,
     Problem,
+    Pruned,
     SuppressionRow,
     TaskListing,
     TaskRow,
@@ -113,6 +115,27 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING *
 """  # noqa: S608
+
+
+# `SqliteStore.prune_raw`'s two steps in one: each raw message whose messages all finished before
+# `before` is cut to its header block (the first blank line in its first `window` bytes).
+PRUNE = f"""
+WITH c AS (
+    SELECT r.id, octet_length(r.data) AS stored, substring(r.data FROM 1 FOR %(window)s) AS win
+    FROM raw_message r
+    WHERE r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
+        AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= %(before)s))
+    ORDER BY r.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), h AS (
+    SELECT id, stored, LEAST(stored,
+        coalesce(nullif(position('\\x0d0a0d0a'::bytea IN win), 0) + 3, octet_length(win)),
+        coalesce(nullif(position('\\x0a0a'::bytea IN win), 0) + 1, octet_length(win))) AS head
+    FROM c
+)
+UPDATE raw_message r SET data = substring(r.data FROM 1 FOR h.head), pruned_at = extract(epoch FROM now())
+FROM h WHERE r.id = h.id
+RETURNING h.stored, h.head
+"""  # noqa: S608 (constants)
 
 
 def clean(value: Any) -> Any:
@@ -301,11 +324,15 @@ class PostgresStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         async with self._connection() as conn:
             return await pg_reads.admission_facts(
                 conn,
                 clean(list(keys)),
+                legacy_keys=clean(list(legacy_keys)),
+                who=clean(who),
                 token_task_ids=clean(list(token_task_ids)),
                 chain=clean(list(chain)),
                 aliases=list(aliases),
@@ -343,10 +370,13 @@ class PostgresStore:
         return int(row["n"]) if row else 0
 
     async def raw(self, raw_id: str) -> bytes:
-        row = await self._one("SELECT data FROM raw_message WHERE id = %s", [raw_id])
+        row = await self._one("SELECT data, size, pruned_at FROM raw_message WHERE id = %s", [raw_id])
         if row is None:
             raise RawMissing(f"raw message {raw_id} is missing")
-        return bytes(row["data"])
+        data = bytes(row["data"])
+        if row["pruned_at"] is not None or len(data) < row["size"]:
+            raise RawMissing(f"raw message {raw_id} was not kept whole (ignored mail, or pruned)")
+        return data
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
         row = await self._one(
@@ -604,7 +634,7 @@ class PostgresStore:
                 {
                     "id": admitted.raw_id,
                     "sha256": admitted.sha256,
-                    "size": len(admitted.data),
+                    "size": admitted.full_size,
                     "data": admitted.data,
                 },
             )
@@ -811,10 +841,25 @@ class PostgresStore:
             ]
         )
 
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """As `SqliteStore.prune_raw`, in one statement; rows another gateway prunes meanwhile are
+        skipped (`SKIP LOCKED`)."""
+        async with self._connection("commit") as conn:
+            cur = await conn.execute(PRUNE, {"before": before, "limit": limit, "window": PRUNE_WINDOW})
+            rows = await cur.fetchall()
+        if rows:
+            self.batches += 1
+        return Pruned(len(rows), sum(int(r["stored"]) - int(r["head"]) for r in rows))
+
     async def replay_inbound(self, inbound_id: str) -> bool:
         row = await self.inbound(inbound_id)
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
+        raw = await self._one(
+            "SELECT size, octet_length(data) AS kept, pruned_at FROM raw_message WHERE id = %s", [row.raw_id]
+        )
+        if raw is None or raw["pruned_at"] is not None or raw["kept"] < raw["size"]:
+            return False  # its raw bytes are gone (pruned), or were never kept whole (ignored mail)
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
         values: dict[str, Any] = {
             "state": state.value,

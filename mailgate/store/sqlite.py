@@ -36,6 +36,7 @@ from mailgate.store.schema import (
     DENIED,
     DROPPED,
     MIGRATIONS,
+    PRUNE_WINDOW,
     VERSION,
     Admitted,
     AllowedSenderRow,
@@ -45,6 +46,7 @@ from mailgate.store.schema import (
     NewReply,
     OutboxRow,
     Problem,
+    Pruned,
     Statement,
     SuppressionRow,
     TaskListing,
@@ -220,6 +222,8 @@ class SqliteStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         """The reads of one message's DATA decision in one hop (see `AdmissionFacts`)."""
         return await self._read(
@@ -232,6 +236,8 @@ class SqliteStore:
             since,
             max_turns,
             max_new_tasks,
+            legacy_keys,
+            who,
         )
 
     async def task(self, task_id: str) -> TaskRef | None:
@@ -287,10 +293,13 @@ class SqliteStore:
         return [row_of(SuppressionRow, r) for r in await self._all(sql)]
 
     async def raw(self, raw_id: str) -> bytes:
-        row = await self._one("SELECT data FROM raw_message WHERE id=?", (raw_id,))
+        row = await self._one("SELECT data, size, pruned_at FROM raw_message WHERE id=?", (raw_id,))
         if row is None:
             raise RawMissing(f"raw message {raw_id} is missing")
-        return bytes(row["data"])
+        data = bytes(row["data"])
+        if row["pruned_at"] is not None or len(data) < row["size"]:
+            raise RawMissing(f"raw message {raw_id} was not kept whole (ignored mail, or pruned)")
+        return data
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
         row: InboundRow | None = row_of(
@@ -499,7 +508,7 @@ class SqliteStore:
                 {
                     "id": admitted.raw_id,
                     "sha256": admitted.sha256,
-                    "size": len(admitted.data),
+                    "size": admitted.full_size,
                     "data": admitted.data,
                 },
             )
@@ -524,6 +533,20 @@ class SqliteStore:
         for inbound_id, bounce in admitted.bounces:
             statements += _bounce_statements(inbound_id, bounce, admitted.received_at, admitted.bounce_limit)
         await self.write(statements)
+
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """Cut up to `limit` raw messages to their header block: those whose messages all finished
+        (answered, ignored, failed) and changed last before `before`. Each is marked `pruned_at`."""
+        found = await self._read(reads.prune_candidates, before, limit, PRUNE_WINDOW)
+        if not found:
+            return Pruned()
+        now = time.time()
+        sql = (
+            "UPDATE raw_message AS r SET data=substr(data, 1, ?), pruned_at=? "  # noqa: S608
+            f"WHERE r.id=? AND {reads.PRUNABLE}"
+        )
+        await self.write([(sql, (head, now, raw_id, before)) for raw_id, _, head in found])
+        return Pruned(len(found), sum(stored - head for _, stored, head in found))
 
     async def count_crash(self, inbound_id: str, crashes: int) -> None:
         """Count an attempt before the work it guards, so a message that kills the process is caught."""
@@ -698,6 +721,11 @@ class SqliteStore:
         row = await self.inbound(inbound_id)
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
+        raw = await self._one(
+            "SELECT size, length(data) AS kept, pruned_at FROM raw_message WHERE id=?", (row.raw_id,)
+        )
+        if raw is None or raw["pruned_at"] is not None or raw["kept"] < raw["size"]:
+            return False  # its raw bytes are gone (pruned), or were never kept whole (ignored mail)
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
         again: dict[str, Any] = {}
         if row.turn_status is not None and row.turn_seq is not None:

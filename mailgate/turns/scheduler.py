@@ -74,8 +74,8 @@ from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
+from mailgate.store.spool import Spool
 from mailgate.turns.commands import Command
-from mailgate.turns.spool import Spool
 from mailgate.turns.steps import (
     Acknowledge,
     Answer,

@@ -46,8 +46,8 @@ from mailgate.models import (
     TurnAnswer,
 )
 from mailgate.store import InboundRow, Store
+from mailgate.store.spool import Spool
 from mailgate.turns.commands import Command, answer_command, find_command
-from mailgate.turns.spool import Spool
 from mailgate.turns.turn_input import TurnInput, build_turn_input
 
 log = logging.getLogger("mailgate.turns")
