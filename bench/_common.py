@@ -101,6 +101,8 @@ def gateway_env(tmp: Path, api_url: str, relay_port: int | None, **extra: str) -
         "MAILGATE_SPOOL_DIR": str(tmp / "spool"),
         "MAILGATE_SECRET": "bench-secret-0123456789abcdef",
         "MAILGATE_MAX_NEW_TASKS_PER_HOUR": "1000000",
+        "MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR": "1000000",  # the loop breakers: one sender, many mails
+        "MAILGATE_MAX_REPLIES_PER_MINUTE": "1000000",
         "MAILGATE_MAX_CONNECTIONS": "2000",
         "MAILGATE_LOG_LEVEL": "INFO",
     }

@@ -1,4 +1,5 @@
-"""The operator verbs: `messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`, `prune`.
+"""The operator verbs: `messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`, `prune`,
+and for held mail (MAILGATE_UNKNOWN_SENDERS=hold) `approve`, `deny` and `senders`.
 
 They need only the database (`config.load_operator_settings`; `archive` also the API). Output is for a
 terminal (tables with a header line, one screen for `status`) or, with `--json`, for a program: nested
@@ -6,8 +7,8 @@ values are JSON (lists, objects), times are ISO-8601 UTC with `Z` (null when uns
 true/false, and nothing is cut short. In tables only the free text (subjects, reasons, the relay's
 answer) is shortened; ids and URLs are whole.
 
-Exit codes: 0 done, 1 not found or refused (no such message, not a failed one, not archived), 3 the
-store cannot be opened.
+Exit codes: 0 done, 1 not found or refused (no such message, not a failed one, not a held one, not
+archived), 3 the store cannot be opened.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ async def run(verb: str, args: Any, settings: OperatorSettings, store: Store) ->
         return await _prune(store, settings, args.days, as_json=args.json)
     elif verb == "archive":
         return await _archive(store, settings, args.task_id)
+    elif verb in ("approve", "deny", "senders"):
+        return await held_verb(verb, args, store)
     return EXIT_OK
 
 
@@ -438,4 +441,31 @@ async def _archive(store: Store, settings: OperatorSettings, task_id: str) -> in
         return EXIT_NOT_FOUND
     await store.archive_task(task_id)
     print(f"{task_id}: archived")
+    return EXIT_OK
+
+
+# --- held mail: approve, deny, senders ------------------------------------------------------------------
+
+
+async def held_verb(verb: str, args: Any, store: Store) -> int:
+    """`approve ID [--always]`: held -> received (and the sender on the stored allow list); `deny ID`:
+    held -> ignored; `senders`: the stored allow list. Exit 1 when ID is not a held message."""
+    if verb == "senders":
+        rows = [public(r) for r in await store.allowed_senders()]
+        print_rows(rows, ("addr", "added_at", "note"), rows, args.json)
+        return EXIT_OK
+    if verb == "deny":
+        if not await store.deny_held(args.id):
+            print(f"mailgate: {args.id} is not a held message", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        print(f"denied: {args.id} (never run)")
+        return EXIT_OK
+    row = await store.approve_held(args.id)
+    if row is None:
+        print(f"mailgate: {args.id} is not a held message", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"approved: {args.id} (a running gateway runs it within seconds)")
+    if args.always and row.sender:
+        added = await store.allow_sender(row.sender, f"approve --always {args.id}")
+        print(f"{row.sender}: allowed from now on" if added else f"{row.sender}: allowed already")
     return EXIT_OK

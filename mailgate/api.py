@@ -193,12 +193,17 @@ class HandingerClient:
         if not isinstance(body.get("turns"), list):  # the newest era lists them separately
             body["turns"] = (await self._get_json(f"{path}/turns") or {}).get("items")
         turns = sorted((_turn(t) for t in _list(body["turns"]) if isinstance(t, dict)), key=lambda t: t.seq)
+        totals = task.get("totals")
+        totals = totals if isinstance(totals, dict) else {}
+        credits, duration = _number(totals.get("credits")), _number(totals.get("durationMs"))
         return TaskSnapshot(
             task_id=_str(task.get("id")) or task_id,
             worker_id=_str(task.get("workerId")),
             status=_str(task.get("status")) or "pending",
             url=_str(task.get("url")),
             turns=tuple(turns),
+            credits=credits,
+            duration_ms=None if duration is None else int(duration),
         )
 
     async def delete_task(self, task_id: str) -> bool:
@@ -421,6 +426,13 @@ def _output_file(raw: dict[str, Any]) -> OutputFile:
         media_type=_str(raw.get("mediaType")) or "application/octet-stream",
         size=size if isinstance(size, int) and size >= 0 else None,
     )
+
+
+def _number(value: object) -> float | None:
+    """A count or amount the API gave (not negative), or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def _str(value: object) -> str | None:

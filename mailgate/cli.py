@@ -25,7 +25,7 @@ from mailgate.models import InboundState, OutboxState
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
 OPERATOR_VERBS = (
     *("messages", "outbox", "tasks", "show", "status", "replay", "archive"),
-    *("migrate", "suppressed", "unsuppress", "prune"),
+    *("migrate", "suppressed", "unsuppress", "prune", "approve", "deny", "senders"),
 )
 INBOUND_STATES = tuple(str(s) for s in InboundState)
 OUTBOX_STATES = tuple(str(s) for s in OutboxState)
@@ -121,10 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--days", type=_days, default=None, help="this many days instead (0 < DAYS)")
     p.add_argument("--json", action="store_true", help="one JSON object")
+    p = verb("approve", "run a held message (MAILGATE_UNKNOWN_SENDERS=hold) as if its sender were allowed")
+    p.add_argument("id", help="the queue id of a held message (mailgate messages --state held)")
+    p.add_argument(
+        "--always", action="store_true", help="and allow its sender from now on (the list `senders` shows)"
+    )
+    p = verb("deny", "refuse a held message: it ends ignored, never run")
+    p.add_argument("id", help="the queue id of a held message (mailgate messages --state held)")
+    p = verb(
+        "senders", "list the senders approved with `approve --always` (besides MAILGATE_ALLOWED_SENDERS)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_sender_verbs(verb)
     parser.epilog = (
-        "The operator verbs (messages, outbox, tasks, show, status, replay, archive, prune) need only the "
-        "database: without --env-file they read ./.env when there is one."
+        "The operator verbs (messages, outbox, tasks, show, status, replay, archive, prune, approve, deny, "
+        "senders) need only the database: without --env-file they read ./.env when there is one."
     )
     return parser
 

@@ -134,6 +134,9 @@ class Settings:
     max_new_tasks_per_hour: int = 20
     max_turns_per_thread_per_hour: int = 12
     max_notices_per_day: int = 10
+    max_replies_per_address_per_hour: int = 30  # answers and notices to one address (the loop breaker)
+    max_replies_per_minute: int = 120  # the whole gateway; over it, notices pause
+    unknown_senders: str = "refuse"  # or "hold": an authenticated sender not allowed waits for approval
     max_recipients: int = 20
     max_connections: int = 200
     smtp_timeout: float = 300.0
@@ -271,6 +274,10 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         max_turns_per_thread_per_hour=p.get("MAILGATE_MAX_TURNS_PER_THREAD_PER_HOUR", _positive_int, 12)
         or 12,
         max_notices_per_day=p.get("MAILGATE_MAX_NOTICES_PER_DAY", _positive_int, 10) or 10,
+        max_replies_per_address_per_hour=p.get("MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR", _positive_int, 30)
+        or 30,
+        max_replies_per_minute=p.get("MAILGATE_MAX_REPLIES_PER_MINUTE", _positive_int, 120) or 120,
+        unknown_senders=p.get("MAILGATE_UNKNOWN_SENDERS", _choice("refuse", "hold"), "refuse") or "refuse",
         max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
         max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
         smtp_timeout=p.get("MAILGATE_SMTP_TIMEOUT", _positive_float, 300.0) or 300.0,

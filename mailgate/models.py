@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUDGETS = ("low", "standard", "high", "unlimited")
+HELD_DAYS = 7  # a `held` message neither approved nor denied this long is dropped
 
 
 class InboundState(enum.StrEnum):
@@ -18,6 +19,7 @@ class InboundState(enum.StrEnum):
     ANSWERED = "answered"
     IGNORED = "ignored"
     FAILED = "failed"
+    HELD = "held"  # from a sender not allowed (MAILGATE_UNKNOWN_SENDERS=hold): waits for `mailgate approve`
 
 
 class OutboxState(enum.StrEnum):
@@ -69,6 +71,7 @@ class TaskRef:
     task_id: str
     alias: str
     owner: str
+    archived: bool = False  # archived at the API: a reply in its thread starts a new task
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Attachment:
     filename: str
     content_type: str
     data: bytes
+    inline_signature: bool = False  # a small inline image shown only in the sender's signature (a logo)
 
     @property
     def size(self) -> int:
@@ -175,6 +179,8 @@ class TaskSnapshot:
     status: str  # pending|running|completed|error|aborted
     url: str | None
     turns: tuple[Turn, ...]
+    credits: float | None = None  # the task's totals, when the API says
+    duration_ms: int | None = None
 
     @property
     def finished(self) -> bool:

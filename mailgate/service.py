@@ -2,8 +2,9 @@
 
 `open_store` and `make_api_client` are the factories every entry point uses (`serve`, `check` and the
 operator verbs). Start-up: the store's instance lock (one gateway per store), the store (and the
-reply-token secret), the API client, the turn scheduler, the outbox, then the listeners; then, in the
-background, the API key and the worker ids are checked (an ERROR line per problem; the gateway runs on).
+reply-token secret), the API client, the turn scheduler, the outbox, the held-mail loop, then the
+listeners; then, in the background, the API key and the worker ids are checked (an ERROR line per
+problem; the gateway runs on).
 Files that hold mail and are open to group or others get a WARNING each. With MAILGATE_METRICS_LISTEN,
 `monitor.Monitor` serves `/metrics`, `/healthz` and `/readyz`; the `Gateway` is its probe (`refresh`,
 `not_ready`), and its one `Metrics` registry is handed to every component. Shutdown: stop the listeners,
@@ -49,6 +50,7 @@ from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, SqliteStore, Store
 from mailgate.store.spool import Spool
+from mailgate.turns.held import HeldMail
 from mailgate.turns.scheduler import Scheduler
 from mailgate.turns.steps import Timing, TurnSteps
 
@@ -146,6 +148,7 @@ class Gateway:
         self.store: Store
         self.scheduler: Scheduler
         self.outbox: Outbox
+        self.held: HeldMail
         self.api: HandingerClient
 
     @property
@@ -204,6 +207,7 @@ class Gateway:
             hold_seconds=self._hold_seconds,
             metrics=metrics,
         )
+        self.held = HeldMail(s, self.store, replies, on_outbox=self.outbox.wake)
         admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
         await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
@@ -211,6 +215,7 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
+            asyncio.create_task(self._supervise(self.held.run, "held"), name="held"),
         ]
         tls = self._tls_context()
         loop = asyncio.get_running_loop()
@@ -222,7 +227,7 @@ class Gateway:
                     admission,
                     max_recipients=s.max_recipients,
                     is_lmtp=lmtp,
-                    on_accepted=self.scheduler.wake,
+                    on_accepted=self._accepted,
                     metrics=metrics,
                 )
                 factory = protocol_factory(
@@ -265,6 +270,11 @@ class Gateway:
         """Retention, in the background: see `retention.run`."""
         days = self.settings.retention_days
         await retention.run(self.store, days, every=self._prune_every, first=self._prune_after)
+
+    def _accepted(self) -> None:
+        """New mail was committed: the scheduler and the held-mail loop look at once."""
+        self.scheduler.wake()
+        self.held.wake()
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""

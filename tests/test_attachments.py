@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import hashlib
+import json
 import re
 from email.message import EmailMessage, Message
 from email.policy import default
@@ -82,7 +83,8 @@ async def test_three_attachments_arrive_byte_for_byte(make_gateway: Any, sandbox
     assert [(f.filename, f.content_type, f.size, f.sha256) for f in request.files] == [
         (name, ctype, len(data), sha(data)) for name, ctype, data in files
     ]
-    assert "Attached files: report.pdf, numbers.csv, photo.jpg" in request.input
+    sent = '"report.pdf" (195 KB), "numbers.csv" (16 bytes), "photo.jpg" (68 KB)'
+    assert f"\nFiles sent: {sent}\n" in request.input
     assert "not passed on" not in body_text(reply)
 
 
@@ -370,7 +372,7 @@ async def test_corpus_attachments_arrive_byte_for_byte(make_gateway: Any, sandbo
     for path, raw in zip(paths, mails, strict=True):
         mail = parsing.parse_message(raw)
         expected, _ = turn_input.pick_files(mail.attachments)
-        subject = f"Subject: {mail.subject or '(no subject)'}"
+        subject = f"Subject: {json.dumps(mail.subject, ensure_ascii=False) if mail.subject else '(none)'}"
         [request] = [
             r for r in sandbox.state.requests
             if subject in r.input and [f.filename for f in r.files] == [f.filename for f in expected]

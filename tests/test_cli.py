@@ -355,7 +355,10 @@ async def test_status_shows_the_queue_the_hold_and_the_last_problems(
     lines = out.splitlines()
     assert len(lines) <= 24  # one screen
     assert lines[0].endswith("gateway not running")
-    assert "inbound   received 0  queued 0  submitting 0  running 0  answered 1  ignored 0  failed 1" in lines
+    assert (
+        "inbound   received 0  queued 0  submitting 0  running 0  answered 1  ignored 0  failed 1  held 0"
+        in lines
+    )
     assert "outbox    pending 0  retry 0  sent 2  dead 0  bounced 0" in lines
     assert "oldest    nothing waiting" in lines and "running   0 turn(s)" in lines
     assert any(x.startswith("api hold  since ") and "HTTP 401" in x for x in lines)

@@ -86,11 +86,34 @@ def test_every_bad_key_is_named_at_once() -> None:
         ("MAILGATE_OUTPUT_HOSTS", "files example.com"),
         ("MAILGATE_MAX_ANSWER_INLINE", "0"),
         ("MAILGATE_MAX_REPLY_SIZE", "ten"),
+        ("MAILGATE_UNKNOWN_SENDERS", "bounce"),
+        ("MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR", "0"),
+        ("MAILGATE_MAX_REPLIES_PER_MINUTE", "many"),
     ],
 )
 def test_bad_values_are_refused(key: str, value: str) -> None:
     """Each malformed value is reported under its own name."""
     assert any(p.startswith(key) for p in problems({**MINIMAL, key: value}))
+
+
+def test_the_loop_breakers_and_unknown_senders() -> None:
+    """Defaults 30 / 120 / refuse (as before); each can be set, `hold` in any case."""
+    default = load_settings(environ=MINIMAL)
+    assert (
+        default.max_replies_per_address_per_hour,
+        default.max_replies_per_minute,
+        default.unknown_senders,
+    ) == (30, 120, "refuse")
+    custom = load_settings(
+        environ={
+            **MINIMAL,
+            "MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR": "5",
+            "MAILGATE_MAX_REPLIES_PER_MINUTE": "60",
+            "MAILGATE_UNKNOWN_SENDERS": "HOLD",
+        }
+    )
+    assert (custom.max_replies_per_address_per_hour, custom.max_replies_per_minute) == (5, 60)
+    assert custom.unknown_senders == "hold"
 
 
 def test_the_api_key_is_optional_only_on_loopback() -> None:

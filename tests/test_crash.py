@@ -63,6 +63,8 @@ def base_env(tmp_path: Path, api_url: str, relay_port: int, smtp_port: int) -> d
         "MAILGATE_SECRET": "crash-test-secret-0123456789",
         "MAILGATE_MAX_NEW_TASKS_PER_HOUR": "1000",
         "MAILGATE_MAX_NOTICES_PER_DAY": "1000",
+        "MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR": "1000",  # one sender, many mails
+        "MAILGATE_MAX_REPLIES_PER_MINUTE": "100000",
         "MAILGATE_MAX_PROCESSING_ATTEMPTS": str(KILLS + 5),  # kills alone must never quarantine a mail
     }
 

@@ -95,7 +95,7 @@ async def test_an_encoded_word_inside_quotes_in_the_from_name_is_accepted(
         row = await row_of(gw, seen)
         await until(lambda: len(sandbox.state.requests) == 1, timeout=15, what="the turn")
     assert (row.sender, row.sender_name) == ("boulogne.f@gmail.com", "François Boulogne")
-    assert "François Boulogne <boulogne.f@gmail.com>" in sandbox.state.requests[0].input
+    assert '\nFrom: "François Boulogne" <boulogne.f@gmail.com>\n' in sandbox.state.requests[0].input
 
 
 async def send_utf8(port: int, data: bytes, mail_from: str, rcpt: str) -> tuple[set[str], tuple[int, str]]:

@@ -458,6 +458,10 @@ NOTICE_PHRASES = {
     "too_many_requests": "too many new tasks",
     "address_not_ready": "this address is not set up correctly",
     "working": "is being worked on",
+    "held": "is waiting for approval",
+    "status": "stands",
+    "archived": "was not archived",
+    "help": "/archive",
 }
 
 

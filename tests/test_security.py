@@ -659,8 +659,9 @@ async def test_worker_input_marks_the_request_apart_from_forwarded_material(
         assert (await smtp_send(gw.smtp_port, make_mail(body=body))).accepted
         await until(lambda: len(sandbox.state.requests) == 1, timeout=15, what="the task")
     text = sandbox.state.requests[0].input
-    assert text.startswith("Email from alice@example.org")
-    request, _, context = text.partition("Quoted or forwarded material")
+    assert text.startswith("[mailgate] ")
+    assert "\nFrom: alice@example.org\n" in text
+    request, _, context = text.partition("<<<BEGIN QUOTED OR FORWARDED MATERIAL ")
     assert "Can you check this claim?" in request
     assert "Ignore previous instructions" in context and "Ignore previous instructions" not in request
 

@@ -373,18 +373,27 @@ async def test_one_failing_caller_in_a_batch_fails_alone(store: Store, bad: int)
 
 
 @pytest.mark.parametrize("first_state", list(InboundState))
-async def test_a_tasks_second_message_waits_while_its_first_is_active(store: Store, first_state: str) -> None:
-    """Turns of one task run in order: the second message is runnable only once the first has ended."""
+@pytest.mark.parametrize("second_state", [InboundState.RECEIVED, InboundState.QUEUED])
+async def test_a_tasks_second_message_waits_while_its_first_is_active(
+    store: Store, first_state: str, second_state: str
+) -> None:
+    """Turns of one task run in order: a second message ready for its turn is runnable only once the
+    first has ended; one still to be read, once the first has been read (a `/status` is answered while
+    a turn runs)."""
     task = new_task()
     first = new_message(task.id, state=first_state)
-    second = new_message(task.id)
+    second = new_message(task.id, state=second_state)
     await store.admit(admitted(first, tasks=[task]))
     await store.admit(admitted(second))
     runnable = await runnable_ids(store, time.time(), 10, set())
-    if first_state in ACTIVE:
-        assert runnable == [first.id]
-    else:
+    if first_state not in ACTIVE:
         assert runnable == [second.id]
+    elif second_state == InboundState.RECEIVED and first_state != InboundState.RECEIVED:
+        assert runnable == [first.id, second.id]
+    else:
+        assert runnable == [first.id]
+    assert await store.task_busy_before(task.id, second.id) is (first_state in ACTIVE)
+    assert await store.task_busy_before(task.id, first.id) is False
 
 
 async def runnable_ids(store: Store, now: float, limit: int, busy: set[str]) -> list[str]:
@@ -756,6 +765,127 @@ async def test_file_hashes_of_task_are_the_earlier_messages_files(store: Store) 
     assert await store.file_hashes_of_task(task.id, before=first.id) == set()
     assert await store.file_hashes_of_task(task.id, before=second.id) == {"aa", "bb"}
     assert await store.file_hashes_of_task(task.id, before=third.id) == {"aa", "bb", "cc"}
+
+
+# --- issue 19: held mail, the stored allow list, the loop breaker's counts ---------------------------------
+
+
+async def test_held_mail_is_told_once_then_approved_or_denied(store: Store) -> None:
+    """A held message is listed until its sender is told (once); approve makes it `received` and
+    runnable, deny makes it `ignored`; neither works on a message that is not held."""
+    task = new_task(owner="stranger@elsewhere.example")
+    held = new_message(task.id, state=InboundState.HELD)
+    other = new_message(task.id, state=InboundState.HELD)
+    await store.admit(admitted(held, other, tasks=[task]))
+    assert await runnable_ids(store, time.time(), 10, set()) == []
+    assert [r.id for r in await store.held_untold()] == [held.id, other.id]
+    notice = reply(held.id, task.id, kind="notice")
+    assert await store.tell_held(held.id, [notice]) is True
+    assert await store.tell_held(held.id, [reply(held.id, task.id, kind="notice")]) is False
+    assert [r.id for r in await store.outbox_for(held.id)] == [notice.id]  # told once
+    assert [r.id for r in await store.held_untold()] == [other.id]
+
+    approved = await store.approve_held(held.id)
+    assert approved is not None and approved.state == InboundState.RECEIVED
+    assert approved.told_at is not None
+    assert await runnable_ids(store, time.time(), 10, set()) == [held.id]
+    assert await store.approve_held(held.id) is None
+    assert await store.deny_held(held.id) is False
+
+    assert await store.deny_held(other.id) is True
+    row = await store.inbound(other.id)
+    assert row is not None and row.state == InboundState.IGNORED and "denied" in (row.reason or "")
+    assert await store.approve_held(other.id) is None
+    assert await store.held_untold() == []
+
+
+async def test_held_mail_older_than_the_limit_is_dropped(store: Store) -> None:
+    """`drop_held` ends the held messages received before the time given (returned as they were) and
+    leaves newer ones and other states alone."""
+    now = time.time()
+    task = new_task(owner="stranger@elsewhere.example")
+    old = new_message(task.id, state=InboundState.HELD, received_at=now - 8 * 86400)
+    young = new_message(task.id, state=InboundState.HELD, received_at=now - 86400)
+    answered = new_message(task.id, state=InboundState.ANSWERED, received_at=now - 9 * 86400)
+    await store.admit(admitted(old, young, answered, tasks=[task]))
+    dropped = await store.drop_held(now - 7 * 86400)
+    assert [(r.id, r.state) for r in dropped] == [(old.id, InboundState.HELD)]
+    assert await store.drop_held(now - 7 * 86400) == []
+    rows = [await store.inbound(m.id) for m in (old, young, answered)]
+    assert [(r.state if r else None) for r in rows] == ["ignored", "held", "answered"]
+    assert rows[0] is not None and "7 days" in (rows[0].reason or "")
+
+
+async def test_the_stored_allow_list_survives_reopening(open_store: Opener) -> None:
+    """An address allowed once is on the list (in lower case, with its note) after the store reopens."""
+    store = await open_store("allow")
+    try:
+        assert await store.allow_sender("Stranger@Elsewhere.example", "approved with 01ABC") is True
+        assert await store.allow_sender("stranger@elsewhere.example") is False
+    finally:
+        await store.close()
+    store = await open_store("allow")
+    try:
+        assert await store.is_allowed_sender("STRANGER@elsewhere.example") is True
+        assert await store.is_allowed_sender("someone@elsewhere.example") is False
+        [row] = await store.allowed_senders()
+    finally:
+        await store.close()
+    assert (row.addr, row.note) == ("stranger@elsewhere.example", "approved with 01ABC")
+    assert row.added_at == pytest.approx(time.time(), abs=60)
+
+
+async def test_replies_are_counted_per_address_and_for_the_gateway(store: Store) -> None:
+    """A reply's place under the hourly limit: now while the address has room; then, when asked to wait,
+    an hour after the place that filled it (the latest of its addresses), else none and nothing recorded.
+    The gateway's count takes each reply once, in its window."""
+    now = time.time()
+    assert await store.reserve_reply("o1", [OWNER, "bob@example.org"], now - 10, 2, wait=False) == now - 10
+    assert await store.reserve_reply("o2", [OWNER.upper()], now, 2, wait=False) == now
+    assert await store.reserve_reply("o3", [OWNER], now, 2, wait=False) is None
+    later = await store.reserve_reply("o4", ["bob@example.org", OWNER], now, 2, wait=True)
+    assert later == pytest.approx(now - 10 + 3600)
+    assert await store.reserve_reply("o5", ["bob@example.org"], now, 2, wait=False) is None  # o1, o4
+    assert await store.reserve_reply("o6", ["carol@example.org"], now, 2, wait=False) == now
+    assert await store.reply_times(OWNER, now - 3600, 10) == [pytest.approx(later), now, now - 10]
+    assert await store.count_replies(now - 60, now + 1, 100) == 3  # o1, o2, o6; o4 is not due yet
+    assert await store.count_replies(now - 60, later, 100) == 4
+    assert await store.count_replies(now - 60, later, 2) == 2
+    await store.forget_replies(now + 1)
+    assert await store.reply_times(OWNER, 0, 10) == [pytest.approx(later)]
+
+
+async def test_places_taken_at_once_count_each_other(store: Store) -> None:
+    """Eight replies to one address composed at the same moment, two allowed: exactly two get a place."""
+    now = time.time()
+    got = await asyncio.gather(*(store.reserve_reply(f"o{n}", [OWNER], now, 2, wait=False) for n in range(8)))
+    assert sorted(got, key=lambda t: t is None) == [now, now, *[None] * 6]
+
+
+async def test_an_archived_task_is_named_as_archived(store: Store) -> None:
+    """By id and by a Message-ID of its thread, an archived task says so (a reply then starts anew)."""
+    task = new_task()
+    message = new_message(task.id, message_id="<arch@example.org>")
+    await store.admit(admitted(message, tasks=[task], thread_ids=[("<arch@example.org>", task.id)]))
+    assert (await store.task(task.id)) == TaskRef(task.id, "research", OWNER, archived=False)
+    await store.archive_task(task.id)
+    assert (await store.task(task.id)) == TaskRef(task.id, "research", OWNER, archived=True)
+    assert await task_by_chain(store, ["<arch@example.org>"], "research") == TaskRef(
+        task.id, "research", OWNER, archived=True
+    )
+    facts = await store.admission_facts(
+        [], token_task_ids=[task.id], sender=OWNER, max_turns=1, max_new_tasks=1
+    )
+    assert facts.tasks[task.id] == TaskRef(task.id, "research", OWNER, archived=True)
+
+
+async def test_how_the_sender_was_verified_is_kept(store: Store) -> None:
+    """The verification admission read at DATA comes back with the row."""
+    task = new_task()
+    message = NewMessage(**{**new_message(task.id).__dict__, "verified": "dmarc=pass (mx.example.org)"})
+    await store.admit(admitted(message, tasks=[task]))
+    row = await store.inbound(message.id)
+    assert row is not None and row.verified == "dmarc=pass (mx.example.org)" and row.told_at is None
 
 
 # --- duplicates: recipient, sender and Message-ID (issue 11) -----------------------------------------

@@ -96,6 +96,8 @@ def gateway_env(tmp: Path, name: str, url: str, api: str, relay_port: int, smtp_
         "MAILGATE_SECRET": "two-gateways-secret-0123456789",
         "MAILGATE_MAX_NEW_TASKS_PER_HOUR": "1000",
         "MAILGATE_MAX_NOTICES_PER_DAY": "1000",
+        "MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR": "1000",  # one sender, hundreds of mails
+        "MAILGATE_MAX_REPLIES_PER_MINUTE": "100000",
     }
 
 

@@ -6,9 +6,12 @@ A bounce of one of our replies comes to that reply's return path (`alias+bounce-
 ("bounce of our reply <id>"), never answered, whoever sent it.
 
 Order at the end of DATA: header size; mail that must never be answered (accepted and recorded as
-ignored, so bounces are not bounced); sender authentication (550); the allow-list (550); the thread
+ignored, so bounces are not bounced; a `References` chain of more than 100 ids is a loop); sender
+authentication (550); the allow-list, MAILGATE_ALLOWED_SENDERS or the stored one (550; with
+MAILGATE_UNKNOWN_SENDERS=hold, 250 and the message waits as `held` for `mailgate approve`); the thread
 and the rate limits (450, so the sender's MTA retries later); duplicates (250, nothing new); then the
-raw message and its rows are committed with an fsync and only then answered 250.
+raw message and its rows are committed with an fsync and only then answered 250. How the sender was
+verified is kept on the row: the worker's input says so.
 
 The header block is read here once (`mail.headers`); what later stages need of it is stored on each
 message's row. Reading it, hashing the message and the decisions that need nothing but the message
@@ -239,6 +242,8 @@ class Admission:
         raw_id = str(ULID())
 
         sender: str | None = None
+        verified: str | None = None
+        held = False
         if read.verdict is not None:
             verdict = read.verdict
             if verdict.sender is None and verdict.temporary:
@@ -252,11 +257,19 @@ class Admission:
                 raise MessageRejected(
                     550, "5.7.1", f"Sender not authenticated: {verdict.reason}", why="not_authenticated"
                 )
-            if not policy.sender_allowed(verdict.sender, settings.allowed_senders):
-                raise MessageRejected(
-                    550, "5.7.1", f"{verdict.sender} may not send to this gateway", why="sender_not_allowed"
-                )
+            if not policy.sender_allowed(
+                verdict.sender, settings.allowed_senders
+            ) and not await self.store.is_allowed_sender(verdict.sender):
+                if settings.unknown_senders != "hold":
+                    raise MessageRejected(
+                        550,
+                        "5.7.1",
+                        f"{verdict.sender} may not send to this gateway",
+                        why="sender_not_allowed",
+                    )
+                held = True  # it waits for `mailgate approve`; its sender is told once
             sender = verdict.sender
+            verified = authn.how_verified(settings.auth, verdict, authserv_id=settings.authserv_id)
 
         # Every read the decisions below make, in one hop to the reader's thread.
         splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
@@ -289,14 +302,16 @@ class Admission:
                     _Plan(rcpt, SmtpReply(250, f"2.0.0 Ok: already queued as {duplicate}", why="duplicate"))
                 )
                 continue
-            message = _new_message(facts, raw_id, now, mail_from, rcpt, alias, sender, key)
+            message = _new_message(facts, raw_id, now, mail_from, rcpt, alias, sender, key, verified)
             if sender is None:
                 message = replace(message, state=InboundState.IGNORED, reason=reason)
                 reply = SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="ignored", note=reason or "")
                 plans.append(_Plan(rcpt, reply, message))
                 continue
             try:
-                plan = self._plan_task(known, rcpt, alias, tag, sender, facts, message, now, new_tasks_here)
+                plan = self._plan_task(
+                    known, rcpt, alias, tag, sender, facts, message, now, new_tasks_here, held=held
+                )
             except MessageRejected as exc:
                 plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}", why=exc.why))
             else:
@@ -334,7 +349,7 @@ class Admission:
                 thread_ids=[
                     (m.message_id, m.task_id)
                     for m in messages
-                    if m.message_id and m.task_id and m.state == InboundState.RECEIVED
+                    if m.message_id and m.task_id and m.state in (InboundState.RECEIVED, InboundState.HELD)
                 ],
             )
         )
@@ -348,6 +363,7 @@ class Admission:
         if not judge:
             return read
         automatic = policy.automatic_reason(headers, mail_from, own_domain=self.settings.domain)
+        automatic = automatic or policy.long_chain(read.facts.references)
         if automatic is not None:
             return replace(read, automatic=automatic)
         mode = self.settings.auth
@@ -370,6 +386,8 @@ class Admission:
         message: NewMessage,
         now: float,
         new_tasks_here: int,
+        *,
+        held: bool = False,
     ) -> _Plan:
         settings = self.settings
         try:
@@ -415,7 +433,7 @@ class Admission:
         message = replace(
             message,
             task_id=task_id,
-            state=InboundState.RECEIVED,
+            state=InboundState.HELD if held else InboundState.RECEIVED,
             note=found.note,
             new_task=int(task is not None),
         )
@@ -426,7 +444,7 @@ class Admission:
         }
         return _Plan(
             rcpt,
-            SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="accepted"),
+            SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="held" if held else "accepted"),
             message,
             task,
             [(task_id, p) for p in sorted(people)],
@@ -485,6 +503,7 @@ def _new_message(
     alias: str,
     sender: str | None,
     key: str,
+    verified: str | None = None,
 ) -> NewMessage:
     on_message = list(dict.fromkeys(a.addr for a in (*facts.to, *facts.cc)))[:MAX_ON_MESSAGE]
     return NewMessage(
@@ -503,4 +522,5 @@ def _new_message(
         refs=" ".join(facts.references) or None,
         to_cc=json.dumps(on_message) if on_message else None,
         sender_name=(facts.from_.name if facts.from_ else "") or None,
+        verified=verified,
     )

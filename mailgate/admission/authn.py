@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dkim
 
@@ -33,6 +33,7 @@ __all__ = [
     "AuthVerdict",
     "aligned",
     "from_addresses",
+    "how_verified",
     "our_results",
     "parse_authentication_results",
     "trust_from_header",
@@ -64,6 +65,8 @@ class AuthVerdict:
     sender: str | None
     reason: str
     temporary: bool = False
+    # what passed, in Authentication-Results words ("dmarc=pass header.from=example.org"), for the record
+    passed: str = field(default="", compare=False)
 
     @property
     def authenticated(self) -> bool:
@@ -274,7 +277,9 @@ def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
     if any(result not in ("pass", "none") for result, _ in dmarc):  # a failure, named or not, wins
         return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
     if ("pass", True) in dmarc:
-        return AuthVerdict(sender, f"DMARC passed for {from_domain}")
+        return AuthVerdict(
+            sender, f"DMARC passed for {from_domain}", passed=f"dmarc=pass header.from={from_domain}"
+        )
 
     for r in trusted:
         if r.result != "pass":
@@ -282,11 +287,17 @@ def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
         if r.method == "dkim":
             for key in ("header.d", "header.i"):
                 if key in r.properties and aligned(_domain_of(r.properties[key]), from_domain):
-                    return AuthVerdict(sender, f"DKIM passed for {_domain_of(r.properties[key])}")
+                    signer = _domain_of(r.properties[key])
+                    return AuthVerdict(
+                        sender, f"DKIM passed for {signer}", passed=f"dkim=pass header.d={signer}"
+                    )
         elif r.method == "spf":
             mailfrom = r.properties.get("smtp.mailfrom")
             if mailfrom is not None and aligned(_domain_of(mailfrom), from_domain):
-                return AuthVerdict(sender, f"SPF passed for {_domain_of(mailfrom)}")
+                domain = _domain_of(mailfrom)
+                return AuthVerdict(
+                    sender, f"SPF passed for {domain}", passed=f"spf=pass smtp.mailfrom={domain}"
+                )
     return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
 
 
@@ -342,7 +353,7 @@ def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None)
             continue  # a malformed signature or key: try the next one
         signer = bytes(verifier.domain or b"").decode("ascii", "replace").lower()
         if ok and aligned(signer, from_domain):
-            return AuthVerdict(sender, f"DKIM passed for {signer}")
+            return AuthVerdict(sender, f"DKIM passed for {signer}", passed=f"dkim=pass header.d={signer}")
         seen_unaligned = seen_unaligned or bool(ok)
     if lookup.failed:
         return AuthVerdict(None, "DKIM key look-up failed, try again later", temporary=True)
@@ -356,4 +367,15 @@ def trust_from_header(headers: Headers) -> AuthVerdict:
     sender, problem = _single_sender(headers)
     if sender is None:
         return AuthVerdict(None, problem)
-    return AuthVerdict(sender, "From header trusted (no authentication configured)")
+    return AuthVerdict(sender, "From header trusted (no authentication configured)", passed="none")
+
+
+def how_verified(mode: str, verdict: AuthVerdict, *, authserv_id: str | None = None) -> str:
+    """How the sender of an authenticated message was verified, in one line for the worker's envelope:
+    `dmarc=pass header.from=example.org, in the Authentication-Results of authserv-id mx.example.org`,
+    `dkim=pass header.d=example.org, verified by mailgate`, or `unverified (MAILGATE_AUTH=none: ...)`."""
+    if mode == "none" or not verdict.passed or verdict.passed == "none":
+        return "unverified (MAILGATE_AUTH=none: the From header is taken at its word)"
+    if mode == "dkim":
+        return f"{verdict.passed}, verified by mailgate"
+    return f"{verdict.passed}, in the Authentication-Results of authserv-id {authserv_id}"

@@ -32,6 +32,7 @@ __all__ = [
     "asked_budget",
     "automatic_reason",
     "is_own_message_id",
+    "long_chain",
     "requested_budget",
     "sender_allowed",
 ]
@@ -275,6 +276,18 @@ def _bulk(headers: _Headers, envelope: str) -> str | None:
 
 def _display(name: str) -> str:
     return "-".join("X" if part == "x" else part.capitalize() for part in name.split("-"))
+
+
+#: More Message-IDs than this in `References` is a loop between automated systems, not a conversation.
+MAX_REFERENCES = 100
+
+
+def long_chain(references: Sequence[str]) -> str | None:
+    """ "loop: ..." when a References chain is longer than any conversation between people gets (two
+    systems answering each other), else None. `references` may be capped above MAX_REFERENCES."""
+    if len(references) > MAX_REFERENCES:
+        return f"loop: References holds more than {MAX_REFERENCES} Message-IDs ({len(references)} read)"
+    return None
 
 
 # --- allow-list and budget -----------------------------------------------------------------------

@@ -7,7 +7,8 @@ alias of up to 24 characters. A token that does not verify is never trusted.
 
 Resolution, strongest first: a token in the recipient address; `In-Reply-To`; `References` newest first
 (both matched against every Message-ID mailgate received or sent for a task of the same worker);
-otherwise a new task. Only participants continue a task: anyone else starts a new one, with a note.
+otherwise a new task. Only participants continue a task: anyone else starts a new one, with a note. So
+does a reply in the thread of a task that was archived (`/archive` in the thread, or `mailgate archive`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class Known(Protocol):
     def participant(self) -> Mapping[str, bool]: ...  # task id -> the sender takes part in it
 
 
+ARCHIVED_NOTE = "The earlier task of this conversation was archived, so this message started a new task."
+
+
 @dataclass(frozen=True)
 class Resolution:
     task: TaskRef | None  # None: start a new task
@@ -121,6 +125,8 @@ def resolve(known: Known, secret: bytes, *, alias: str, tag: str | None, sender:
     budget_tag = tag if tag in BUDGETS else None
     if found is None:
         return Resolution(None, budget_tag=budget_tag)
+    if found.archived:
+        return Resolution(None, note=ARCHIVED_NOTE, budget_tag=budget_tag)
     if sender == found.owner or known.participant.get(found.task_id, False):
         return Resolution(found)
     return Resolution(None, note=NOT_PARTICIPANT_NOTE, budget_tag=budget_tag)

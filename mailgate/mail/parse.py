@@ -15,6 +15,7 @@ import codecs
 import hashlib
 import re
 import unicodedata
+from dataclasses import replace
 from email import errors as email_errors
 from email import policy
 from email.feedparser import BytesFeedParser
@@ -28,6 +29,7 @@ from inscriptis.model.config import ParserConfig
 from mailgate.mail.bodies import LargeBodies
 from mailgate.mail.headers import BIDI, CONTROL, Headers, fix_surrogates, guess_decode, read_facts
 from mailgate.mail.html_quotes import split_html_reply
+from mailgate.mail.signatures import SignatureRefs, content_id, signature_references
 from mailgate.mail.trimming import trim_reply
 from mailgate.models import Attachment, InboundMail, MailBody
 
@@ -62,6 +64,8 @@ _EXTENSIONS = {
 }
 _SKIPPED_TYPES = {"application/pgp-signature", "application/pkcs7-signature", "application/x-pkcs7-signature"}
 _PARAM_HEADERS = ("content-type", "content-disposition")
+# an inline image at most this big, shown only in the sender's signature, is the signature's logo
+SIGNATURE_IMAGE_MAX = 64 * 1024
 _BROKEN_PAYLOAD = (email_errors.InvalidBase64LengthDefect,)
 
 
@@ -85,9 +89,23 @@ def parse_body(raw: bytes) -> MailBody:
     return MailBody(
         text=text,
         reply_text=_reply_text(walker, text),
-        attachments=tuple(walker.files),
+        attachments=tuple(_mark_signature_images(walker)),
         unreadable=tuple(walker.unreadable),
     )
+
+
+def _mark_signature_images(walker: _Walker) -> list[Attachment]:
+    """The files, with the small inline images the HTML shows only in a signature marked as such."""
+    files = walker.files
+    for index, cid in walker.cids.items():
+        att = files[index]
+        if (
+            walker.refs.only_in_signature(cid)
+            and att.content_type.startswith("image/")
+            and att.size <= SIGNATURE_IMAGE_MAX
+        ):
+            files[index] = replace(att, inline_signature=True)
+    return files
 
 
 def parse_message(raw: bytes) -> InboundMail:
@@ -173,6 +191,8 @@ class _Walker:
         self.unreadable: list[tuple[str, str]] = []
         # the first HTML body whose client markup shows a quote: (its index in `texts`, its own text)
         self.html_split: tuple[int, str] | None = None
+        self.cids: dict[int, str] = {}  # index in `files` -> the Content-ID of an inline image
+        self.refs = SignatureRefs()  # where the HTML bodies show their `cid:` images
         self._seen: set[str] = set()
 
     def walk(self, part: Message, *, want_text: bool = True, depth: int = 0) -> None:
@@ -188,6 +208,8 @@ class _Walker:
         if ctype in ("text/plain", "text/html") and body_part:
             if want_text:
                 self._text(part, ctype)
+            elif ctype == "text/html":  # the alternative not shown still says where its images stand
+                self._html_refs(part)
             return
         if ctype == "message/rfc822":
             self._message(part, filename)
@@ -231,11 +253,18 @@ class _Walker:
             return
         text = _decode_text(data, part.get_content_charset())
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if ctype == "text/html":
+            self.refs.update(signature_references(text))
         if ctype == "text/html" and self.html_split is None:
             own = split_html_reply(text)
             if own is not None:
                 self.html_split = (len(self.texts), html_to_text(own))
         self.texts.append(html_to_text(text) if ctype == "text/html" else text.strip("\n"))
+
+    def _html_refs(self, part: Message) -> None:
+        data = self._decoded(part)
+        if data is not None and b"cid:" in data.lower():
+            self.refs.update(signature_references(_decode_text(data, part.get_content_charset())))
 
     def _message(self, part: Message, filename: str) -> None:
         inner = part.get_payload()
@@ -264,7 +293,10 @@ class _Walker:
         is_tnef = ctype == "application/ms-tnef" or filename.lower() == "winmail.dat"
         if is_tnef and self._tnef(data):
             return
-        self._add(filename, ctype, data)
+        added = self._add(filename, ctype, data)
+        cid = content_id(str(part.get("content-id") or ""))
+        if added is not None and cid and disposition_of(part) != "attachment":
+            self.cids[added] = cid
 
     def _tnef(self, data: bytes) -> bool:
         """Unpack an Outlook winmail.dat; False (keep the file itself) when it cannot be decoded."""
@@ -284,15 +316,25 @@ class _Walker:
             self._add(name, "application/octet-stream", content)
         return True
 
-    def _add(self, filename: str, ctype: str, data: bytes) -> None:
+    def _add(self, filename: str, ctype: str, data: bytes) -> int | None:
+        """Add a file (not an empty one, nor one seen already); its index in `files`, or None."""
         if not data:
-            return
+            return None
         digest = hashlib.sha256(data).hexdigest()
         if digest in self._seen:
-            return
+            return None
         self._seen.add(digest)
         index = len(self.files) + 1
         self.files.append(Attachment(_safe_filename(filename, ctype, index), ctype.lower(), data))
+        return index - 1
+
+
+def disposition_of(part: Message) -> str:
+    """The part's Content-Disposition (lower case), or ""."""
+    try:
+        return (part.get_content_disposition() or "").lower()
+    except Exception:  # a garbled header
+        return ""
 
 
 def _best_alternative(children: list[Message]) -> Message | None:

@@ -10,9 +10,10 @@ which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SEL
 MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
 version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
 
-Notices (a failure, a hold, the acknowledgement of a long turn) obey the limits: none to an address
-whose replies keep bouncing (the suppression list), at most MAILGATE_MAX_NOTICES_PER_DAY per sender,
-and some kinds at most once per thread per day. Answers are always composed.
+Notices (a failure, a hold, the acknowledgement of a long turn, the answer to a command) obey the
+limits of `replies.limits`: the suppression list, the gateway-wide reply storm, the replies per address
+per hour, the notices per sender per day, once per thread per day for some kinds. Answers are always
+composed; one to an address that had its hour's replies waits in the outbox until it fits.
 
 An answer's reply is built in a worker thread (`asyncio.to_thread`: Markdown, sanitising, MIME and its
 bytes), so however big the answer, the event loop keeps serving SMTP meanwhile. Its size is bounded:
@@ -52,13 +53,13 @@ from mailgate.models import (
     TurnAnswer,
 )
 from mailgate.replies import addresses, wire
+from mailgate.replies.limits import ReplyLimits
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
 log = logging.getLogger("mailgate.replies")
-DAY = 86400.0
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
 WORKING = "working"  # the notice that a long turn is being worked on
 SIGNATURE_RESERVE = 1024  # bytes a DKIM-Signature field adds (about 700 with a 2048-bit key)
@@ -85,6 +86,7 @@ class Replies:
         self.secret = secret
         self.eight_bit = eight_bit  # whether the relay path takes 8-bit data (asked at each reply)
         self.signer = signer
+        self.limits = ReplyLimits(settings, store)
 
     async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
         """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked).
@@ -114,7 +116,8 @@ class Replies:
                 "render_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        return [await self._reply(row, data, headers, recipients, "answer", None, fallback)]
+        at = await self.limits.answer_at(row, recipients, outbox_id=headers.outbox_id)
+        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
@@ -148,20 +151,31 @@ class Replies:
         task_url: str | None = None,
         skipped: Sequence[SkippedFile] = (),
         once_per_thread_per_day: bool = False,
+        details: Sequence[tuple[str, str]] = (),
     ) -> list[NewReply]:
-        """The notice's outbox row, or none when the notice limits say so (see the module docstring)."""
-        if not await self._may_notify(row, kind, once_per_thread_per_day=once_per_thread_per_day):
+        """The notice's outbox row, or none when the notice limits say so (see the module docstring).
+        `details`: (label, value) lines (the answer to `/status`)."""
+        if row.sender is None:
             return []
         headers, recipients, _ = await self._headers(row)
-        msg = self.renderer.notice(headers, kind, reason=detail, task_url=task_url, skipped=skipped)
+        once = once_per_thread_per_day
+        if not await self.limits.may_notify(
+            row, kind, outbox_id=headers.outbox_id, once_per_thread_per_day=once
+        ):
+            return []
+        msg = self.renderer.notice(
+            headers, kind, reason=detail, task_url=task_url, skipped=skipped, details=details
+        )
         return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", kind)]
 
     async def acknowledgement(self, row: InboundRow, task_url: str | None) -> list[NewReply]:
         """The notice that a long turn is being worked on: the task's link, what the worker received
         (files sent, files skipped and why) and the budget; none when the notice limits say so."""
-        if not await self._may_notify(row, WORKING):
+        if row.sender is None:
             return []
         headers, recipients, task = await self._headers(row)
+        if not await self.limits.may_notify(row, WORKING, outbox_id=headers.outbox_id):
+            return []
         msg = self.renderer.notice(
             headers,
             WORKING,
@@ -172,26 +186,6 @@ class Replies:
             budget_asked=_capped(task) if row.new_task else None,
         )
         return [await self._reply(row, msg.as_bytes(policy=SMTP), headers, recipients[:1], "notice", WORKING)]
-
-    async def _may_notify(self, row: InboundRow, kind: str, *, once_per_thread_per_day: bool = False) -> bool:
-        """May the sender of `row` get a notice of `kind` now? (the limits of the module docstring)"""
-        if row.sender is None:
-            return False
-        since = time.time() - DAY
-        if await self.store.is_suppressed(row.sender):
-            why, level = "the address bounces our replies (mailgate suppressed)", logging.WARNING
-        elif await self.store.count_notices(row.sender, since) >= self.settings.max_notices_per_day:
-            why, level = "daily notice limit", logging.WARNING
-        elif (
-            once_per_thread_per_day
-            and row.task_id
-            and await self.store.count_notices_for_task(row.task_id, kind, since)
-        ):
-            why, level = "already told today", logging.INFO
-        else:
-            return True
-        log.log(level, "notice_suppressed", extra={"inbound": row.id, "kind": kind, "why": why})
-        return False
 
     async def _headers(self, row: InboundRow) -> tuple[ReplyHeaders, list[str], TaskRow | None]:
         """How the reply to `row` threads, its recipients (the sender first), and its task."""
@@ -247,6 +241,8 @@ class Replies:
         kind: str,
         notice: str | None,
         fallback: bytes | None = None,
+        *,
+        at: float = 0.0,
     ) -> NewReply:
         outbox_id = headers.outbox_id
         if self.signer is not None:  # reads the whole body: off the loop
@@ -265,6 +261,7 @@ class Replies:
             data=data,
             created_at=time.time(),
             fallback=fallback,
+            next_attempt_at=at,
         )
 
 

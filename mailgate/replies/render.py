@@ -44,6 +44,7 @@ from markupsafe import Markup
 from mailgate.errors import ConfigError
 from mailgate.models import (
     BUDGETS,
+    HELD_DAYS,
     AttachedFile,
     LinkedFile,
     ReplyHeaders,
@@ -59,6 +60,7 @@ from mailgate.replies.wire import EncodedPart, utf8_size
 NOTICE_KINDS = (
     "empty_reply", "api_rejected", "wrong_worker", "task_not_found",
     "out_of_credits", "task_failed", "gave_up", "too_many_requests", "address_not_ready", "working",
+    "held", "status", "archived", "help",
 )  # fmt: skip
 _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
@@ -502,13 +504,19 @@ class Renderer:
         sent: Sequence[SentFile] = (),
         budget: str | None = None,
         budget_asked: str | None = None,
+        details: Sequence[tuple[str, str]] = (),
     ) -> EmailMessage:
         """A short message in the thread instead of an answer (or, for `working`, before it). For
-        `task_failed`, `reason` is the status; `sent` are the files the worker received."""
+        `task_failed`, `reason` is the status; `sent` are the files the worker received; `details`
+        (label, value) the lines of `status`."""
         if kind not in NOTICE_KINDS:
             raise ValueError(f"unknown notice kind {kind!r}; expected one of {', '.join(NOTICE_KINDS)}")
         context = _context(headers, task_url, skipped, reason, budget=budget, budget_asked=budget_asked)
         context["sent"] = [{"filename": _filename(f.filename), "size": human_size(f.size)} for f in sent]
+        context["details"] = [
+            {"label": _header_text(label, 100), "value": _header_text(value, 500)} for label, value in details
+        ]
+        context["held_days"] = HELD_DAYS
         return self._message(headers, f"notice_{kind}", context)
 
     def _message(self, headers: ReplyHeaders, name: str, context: dict[str, Any]) -> EmailMessage:

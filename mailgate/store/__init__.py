@@ -15,6 +15,7 @@ from mailgate.store.lock import InstanceLock, holder
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
+    AllowedSenderRow,
     BounceRow,
     InboundRow,
     NewBounce,
@@ -33,6 +34,7 @@ from mailgate.store.sqlite import SqliteStore, probe
 __all__ = [
     "AdmissionFacts",
     "Admitted",
+    "AllowedSenderRow",
     "BounceRow",
     "InboundRow",
     "InstanceLock",

@@ -12,7 +12,9 @@ stage never knows which one it talks to. The guarantees both keep:
   busy set (`busy`), as it always was. PostgreSQL: a lease on the row (owner, expiry by the database's
   clock) taken with `FOR UPDATE SKIP LOCKED`, renewed while the job runs; every change to a claimed row
   is fenced on the owner; a dead gateway's leases run out and another gateway claims the rows.
-- Only the oldest unfinished message of a task is ever claimable: a task's turns run in order.
+- A task's turns run in order: a message past `received` is claimable only when it is its task's oldest
+  unfinished one; a message still to be read (`received`) only when no older one of its task is still to
+  be read (reading changes nothing at the API, and a command such as `/status` is answered meanwhile).
 - `watch` registers the wake-ups for work committed elsewhere (PostgreSQL: `LISTEN/NOTIFY` from other
   gateways; SQLite: nothing, the one process wakes itself).
 """
@@ -26,6 +28,7 @@ from mailgate.models import TaskRef
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     Admitted,
+    AllowedSenderRow,
     BounceRow,
     InboundRow,
     NewReply,
@@ -161,7 +164,8 @@ class Store(Protocol):
     # --- claims --------------------------------------------------------------------------------------
 
     async def claim_inbound(self, now: float, limit: int, busy: set[str]) -> list[InboundRow]:
-        """Up to `limit` due messages, each its task's oldest unfinished one, none in `busy`: claimed."""
+        """Up to `limit` due messages, none in `busy`, in their task's order (see the module docstring):
+        claimed."""
 
     async def release_inbound(self, inbound_id: str) -> None:
         """The job on a claimed message ended: hand the claim back (a no-op once a change released it).
@@ -270,6 +274,55 @@ class Store(Protocol):
         an ignored message's head)."""
 
     async def replay_outbox(self, outbox_id: str) -> bool: ...
+
+    # --- the loop breaker, held mail and the stored allow list (issue 19) ------------------------------
+
+    async def reply_times(self, addr: str, since: float, limit: int) -> list[float]:
+        """When the newest replies (answers and notices) to `addr` due from `since` on go or went, newest
+        first, at most `limit` (as `reserve_reply` recorded them)."""
+
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """Take a place for the reply `outbox_id` to `addrs` under `limit` replies per address per hour,
+        atomically (replies composed at once, on any gateway, count each other): the time it may go
+        (`now`, or with `wait` the earliest time every address has room again), recorded for the counts;
+        None when it would have to wait and `wait` is False (nothing recorded). A place taken for a
+        reply that is then not queued still counts: the counts err on the side of fewer replies."""
+
+    async def count_replies(self, since: float, until: float, limit: int) -> int:
+        """Replies of the whole gateway (every gateway on the store) due between `since` and `until`,
+        counted up to `limit`."""
+
+    async def forget_replies(self, before: float) -> None:
+        """Drop the record of replies due before `before`."""
+
+    async def task_busy_before(self, task_id: str, before: str) -> bool:
+        """Is a message of the task older than `before` still active (its turn comes first)?"""
+
+    async def held_untold(self, limit: int = 50) -> list[InboundRow]:
+        """`held` messages whose sender was not told yet that they wait for approval, oldest first."""
+
+    async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
+        """The sender of a held message was told (`replies`: the notice, queued in the same transaction);
+        False when it is no longer held or was told already (by another gateway)."""
+
+    async def approve_held(self, inbound_id: str) -> InboundRow | None:
+        """`held -> received` (the message runs); its row, or None when it is not held."""
+
+    async def deny_held(self, inbound_id: str) -> bool:
+        """`held -> ignored` (refused by the operator); False when it is not held."""
+
+    async def drop_held(self, before: float) -> list[InboundRow]:
+        """`held` messages received before `before` end `ignored`; returns them as they were."""
+
+    async def allow_sender(self, addr: str, note: str | None = None) -> bool:
+        """Put `addr` on the stored allow list; False when it was on it already."""
+
+    async def is_allowed_sender(self, addr: str) -> bool: ...
+
+    async def allowed_senders(self) -> list[AllowedSenderRow]:
+        """The stored allow list, oldest first."""
 
     async def unsuppress(self, addr: str) -> bool:
         """Send notices to `addr` again; its earlier hard bounces no longer count. False when it was not

@@ -3,12 +3,12 @@
 Both stores are first brought to the current schema (the SQLite file as `serve` would, the database
 under the migration lock); then every table is copied in one PostgreSQL transaction with `COPY`: the raw
 messages, tasks, participants, the Message-IDs of each thread, inbound messages with their states, the
-outbox, the bounces of our replies and the suppression list, and `meta` (the reply-token secret, so
-tokens already mailed keep working). Every column both sides have is copied, so what a later schema
-version added comes along. Leases start empty,
-so the first gateway on the database takes the work. A database that already holds messages, tasks or
-replies is refused: two gateways' states are never merged; so is a SQLite file a gateway still runs on
-(it holds the store's lock).
+outbox, the bounces of our replies and the suppression list, the stored allow list and the loop
+breaker's record of replies, and `meta` (the reply-token secret, so tokens already mailed keep working).
+Every column both sides have is copied, so what a later schema version added comes along. Leases start
+empty, so the first gateway on the database takes the work. A database that already holds messages,
+tasks or replies is refused: two gateways' states are never merged; so is a SQLite file a gateway still
+runs on (it holds the store's lock).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ TABLES = (
     "outbox",
     "bounce",
     "suppression",
+    "allowed_sender",
+    "reply_log",
     "meta",
 )
 CHUNK = 500

@@ -24,10 +24,11 @@ SELECT
     WHERE dedupe_key = ANY(%(keys)s::text[])
        OR (dedupe_key = ANY(%(legacy)s::text[]) AND coalesce(sender, 'env:' || mail_from) = %(who)s))
     AS duplicates,
-  (SELECT coalesce(json_agg(json_build_array(id, alias, owner)), '[]') FROM task
+  (SELECT coalesce(json_agg(json_build_array(id, alias, owner, archived)), '[]') FROM task
     WHERE id = ANY(%(tokens)s::text[])) AS tokens,
   (SELECT coalesce(
-      json_agg(json_build_array(m.message_id, t.id, t.alias, t.owner) ORDER BY t.created_at DESC), '[]')
+      json_agg(json_build_array(m.message_id, t.id, t.alias, t.owner, t.archived)
+        ORDER BY t.created_at DESC), '[]')
     FROM thread_message m JOIN task t ON t.id = m.task_id
     WHERE m.message_id = ANY(%(chain)s::text[]) AND t.alias = ANY(%(aliases)s::text[])) AS chain,
   (SELECT count(*) FROM (SELECT 1 FROM task WHERE owner = %(sender)s AND created_at >= %(since)s
@@ -85,7 +86,10 @@ async def admission_facts(
     if sender is None:
         return facts
     facts.sender = sender
-    known = {task_id: TaskRef(task_id, alias, owner) for task_id, alias, owner in row["tokens"]}
+    known = {
+        task_id: TaskRef(task_id, alias, owner, bool(archived))
+        for task_id, alias, owner, archived in row["tokens"]
+    }
     facts.tasks = {task_id: known.get(task_id) for task_id in token_task_ids}
     facts.chain = list(chain)
     if chain:
@@ -94,7 +98,7 @@ async def admission_facts(
             for message_id in ids:
                 hit = next((r for r in row["chain"] if r[0] == message_id and r[2] == alias), None)
                 if hit is not None:
-                    facts.by_chain[alias] = TaskRef(hit[1], hit[2], hit[3])
+                    facts.by_chain[alias] = TaskRef(hit[1], hit[2], hit[3], bool(hit[4]))
                     break
     named = list(
         dict.fromkeys(ref.task_id for ref in (*facts.tasks.values(), *facts.by_chain.values()) if ref)

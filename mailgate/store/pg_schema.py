@@ -106,6 +106,18 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE raw_message ADD COLUMN pruned_at double precision;"
     "CREATE INDEX inbound_raw ON inbound (raw_id);"
     "CREATE INDEX raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
+    # 5: the sender steers, the worker knows what it reads, loops and strangers are contained (issue 19):
+    # SQLite's version 7, plus a partial index over the held messages
+    """
+    ALTER TABLE inbound ADD COLUMN verified text;
+    ALTER TABLE inbound ADD COLUMN told_at double precision;
+    CREATE INDEX inbound_held ON inbound (id) WHERE state = 'held';
+    CREATE TABLE allowed_sender (addr text PRIMARY KEY, added_at double precision NOT NULL, note text);
+    CREATE TABLE reply_log (
+        addr text NOT NULL, at double precision NOT NULL, outbox_id text COLLATE "C" NOT NULL);
+    CREATE INDEX reply_log_addr ON reply_log (addr, at);
+    CREATE INDEX reply_log_at ON reply_log (at);
+    """,
 )
 VERSION = len(MIGRATIONS)
 

@@ -7,7 +7,8 @@ Invariants:
   pid, a random part: new at every start) and `lease_until = now() + MAILGATE_LEASE_SECONDS` by the
   database's clock. Rows held are renewed every third of the lease while their job runs. A row is
   claimable when nobody holds it, its lease ran out, or this gateway holds it but has no job on it (after
-  a storage pause). Only each task's oldest unfinished message is claimable, so a task's turns stay in
+  a storage pause). A message past `received` is claimable only as its task's oldest unfinished one
+  (one still to be read, once the earlier ones are read: `schema.BLOCKS`), so a task's turns stay in
   order across hosts.
 - **Fencing.** Every change to a row is `... WHERE id = %s AND (lease_owner = <owner> OR lease_owner IS
   NULL)`; a change that finds the row claimed by another gateway raises `LeaseLost` and the transaction
@@ -53,8 +54,12 @@ from mailgate.store.base import Queue
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     ACTIVE_SQL,
+    BLOCKS,
+    DENIED,
+    DROPPED,
     PRUNE_WINDOW,
     Admitted,
+    AllowedSenderRow,
     BounceRow,
     InboundRow,
     NewBounce,
@@ -94,7 +99,7 @@ WHERE id IN (
       AND NOT (i.id = ANY(%(busy)s::text[]))
       AND (i.task_id IS NULL OR NOT EXISTS (
           SELECT 1 FROM inbound j
-          WHERE j.task_id = i.task_id AND j.id < i.id AND j.state IN ({ACTIVE_SQL})))
+          WHERE j.task_id = i.task_id AND j.id < i.id AND j.state IN ({ACTIVE_SQL}) AND {BLOCKS}))
     ORDER BY i.id LIMIT %(n)s
     FOR UPDATE SKIP LOCKED)
 RETURNING *
@@ -338,8 +343,8 @@ class PostgresStore:
             )
 
     async def task(self, task_id: str) -> TaskRef | None:
-        row = await self._one("SELECT id, alias, owner FROM task WHERE id = %s", [task_id])
-        return TaskRef(row["id"], row["alias"], row["owner"]) if row else None
+        row = await self._one("SELECT id, alias, owner, archived FROM task WHERE id = %s", [task_id])
+        return TaskRef(row["id"], row["alias"], row["owner"], bool(row["archived"])) if row else None
 
     async def participants(self, task_id: str) -> list[str]:
         rows = await self._all("SELECT addr FROM participant WHERE task_id = %s ORDER BY addr", [task_id])
@@ -879,6 +884,134 @@ class PostgresStore:
         )
         return True
 
+    # --- the loop breaker, held mail and the stored allow list (issue 19) -------------------------------
+
+    async def reply_times(self, addr: str, since: float, limit: int) -> list[float]:
+        rows = await self._all(
+            "SELECT at FROM reply_log WHERE addr = %s AND at >= %s ORDER BY at DESC LIMIT %s",
+            [addr.lower(), since, limit],
+        )
+        return [float(r["at"]) for r in rows]
+
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """As SQLite's, under a transaction-scoped advisory lock per address (taken in a fixed order), so
+        replies composed at once, on any gateway, count each other."""
+        wanted = sorted({a.lower() for a in addrs})
+        try:
+            async with self._transaction() as (conn, _):
+                for addr in wanted:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"mailgate-reply:{addr}"]
+                    )
+                at = now
+                for addr in wanted:
+                    cur = await conn.execute(
+                        "SELECT at FROM reply_log WHERE addr = %s AND at >= %s ORDER BY at DESC "
+                        "LIMIT 1 OFFSET %s",
+                        [addr, now - 3600.0, limit - 1],
+                    )
+                    row = await cur.fetchone()
+                    if row is not None:
+                        at = max(at, float(row["at"]) + 3600.0)
+                if at > now and not wait:
+                    raise _NotChanged
+                for addr in wanted:
+                    await conn.execute(
+                        "INSERT INTO reply_log (addr, at, outbox_id) VALUES (%s, %s, %s)",
+                        clean([addr, at, outbox_id]),
+                    )
+        except _NotChanged:
+            return None
+        return at
+
+    async def count_replies(self, since: float, until: float, limit: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM (SELECT DISTINCT outbox_id FROM reply_log "
+            "WHERE at >= %s AND at <= %s LIMIT %s) recent",
+            [since, until, limit],
+        )
+        return int(row["n"]) if row else 0
+
+    async def forget_replies(self, before: float) -> None:
+        await self._write([("DELETE FROM reply_log WHERE at < %s", [before])])
+
+    async def task_busy_before(self, task_id: str, before: str) -> bool:
+        row = await self._one(
+            f"SELECT 1 AS x FROM inbound WHERE task_id = %s AND id < %s AND state IN ({ACTIVE_SQL}) LIMIT 1",  # noqa: S608
+            [task_id, before],
+        )
+        return row is not None
+
+    async def held_untold(self, limit: int = 50) -> list[InboundRow]:
+        rows = await self._all(
+            "SELECT * FROM inbound WHERE state = 'held' AND told_at IS NULL ORDER BY id LIMIT %s", [limit]
+        )
+        return rows_of(InboundRow, rows)
+
+    async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
+        """One gateway tells: the row is marked first (the one that marks it queues the notice)."""
+        try:
+            async with self._transaction() as (conn, pipeline):
+                cur = await conn.execute(
+                    "UPDATE inbound SET told_at = %s WHERE id = %s AND state = 'held' AND told_at IS NULL",
+                    [time.time(), inbound_id],
+                )
+                await pipeline.sync()
+                if cur.rowcount != 1:
+                    raise _NotChanged
+                for sql, params in self._reply_statements(replies):
+                    await conn.execute(sql, clean(params))
+        except _NotChanged:
+            return False
+        return True
+
+    async def approve_held(self, inbound_id: str) -> InboundRow | None:
+        async with self._transaction() as (conn, _):
+            cur = await conn.execute(
+                "UPDATE inbound SET state = 'received', next_attempt_at = 0, updated_at = %s, "
+                "last_error = NULL, lease_until = NULL WHERE id = %s AND state = 'held' RETURNING *",
+                [time.time(), inbound_id],
+            )
+            row = await cur.fetchone()
+            await conn.execute(*notify("inbound", self.owner))
+        return row_of(InboundRow, row)
+
+    async def deny_held(self, inbound_id: str) -> bool:
+        rows = await self._all(
+            "UPDATE inbound SET state = 'ignored', reason = %s, updated_at = %s "
+            "WHERE id = %s AND state = 'held' RETURNING id",
+            [DENIED, time.time(), inbound_id],
+        )
+        return bool(rows)
+
+    async def drop_held(self, before: float) -> list[InboundRow]:
+        """Each row is taken by one gateway only (the one whose UPDATE changes it)."""
+        rows = await self._all(
+            "UPDATE inbound SET state = 'ignored', reason = %s, updated_at = %s "
+            "WHERE state = 'held' AND received_at < %s RETURNING *",
+            [DROPPED, time.time(), before],
+        )
+        held = [{**r, "state": InboundState.HELD.value, "reason": None} for r in rows]
+        return sorted(rows_of(InboundRow, held), key=lambda r: r.id)
+
+    async def allow_sender(self, addr: str, note: str | None = None) -> bool:
+        rows = await self._all(
+            "INSERT INTO allowed_sender (addr, added_at, note) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING RETURNING addr",
+            [addr.strip().lower(), time.time(), note],
+        )
+        return bool(rows)
+
+    async def is_allowed_sender(self, addr: str) -> bool:
+        row = await self._one("SELECT 1 AS x FROM allowed_sender WHERE addr = %s", [addr.strip().lower()])
+        return row is not None
+
+    async def allowed_senders(self) -> list[AllowedSenderRow]:
+        rows = await self._all("SELECT * FROM allowed_sender ORDER BY added_at, addr")
+        return rows_of(AllowedSenderRow, rows)
+
     async def unsuppress(self, addr: str) -> bool:
         """Send notices to `addr` again; its earlier hard bounces no longer count (from `cleared_at`)."""
         rows = await self._all(
@@ -961,6 +1094,10 @@ def _bounce_statements(inbound_id: str, bounce: NewBounce, now: float, limit: in
 
 def _nothing() -> None:
     pass
+
+
+class _NotChanged(Exception):
+    """A conditional change found nothing to change: its transaction rolls back."""
 
 
 async def _configure(conn: Conn) -> None:

@@ -31,19 +31,19 @@ def duplicate_of(
 
 
 def task(db: sqlite3.Connection, task_id: str) -> TaskRef | None:
-    rows = db.execute("SELECT id, alias, owner FROM task WHERE id=?", (task_id,)).fetchall()
-    return TaskRef(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+    rows = db.execute("SELECT id, alias, owner, archived FROM task WHERE id=?", (task_id,)).fetchall()
+    return TaskRef(rows[0][0], rows[0][1], rows[0][2], bool(rows[0][3])) if rows else None
 
 
 def task_for_message_ids(db: sqlite3.Connection, message_ids: Sequence[str], alias: str) -> TaskRef | None:
     for message_id in message_ids[:50]:
         rows = db.execute(
-            "SELECT t.id, t.alias, t.owner FROM thread_message m JOIN task t ON t.id = m.task_id "
+            "SELECT t.id, t.alias, t.owner, t.archived FROM thread_message m JOIN task t ON t.id = m.task_id "
             "WHERE m.message_id=? AND t.alias=? ORDER BY t.created_at DESC LIMIT 1",
             (message_id, alias),
         ).fetchall()
         if rows:
-            return TaskRef(rows[0][0], rows[0][1], rows[0][2])
+            return TaskRef(rows[0][0], rows[0][1], rows[0][2], bool(rows[0][3]))
     return None
 
 

@@ -9,11 +9,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from mailgate.models import InboundState
+from mailgate.models import HELD_DAYS, InboundState
 
 Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
 ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
+# Which earlier active message `j` of a task holds back message `i`: every one, for a turn (the turns of
+# a task run in order); only one not yet read, for a message still to be read (`received`: reading it
+# changes nothing at the API, and a command such as `/status` is answered while a turn runs)
+BLOCKS = "(i.state <> 'received' OR j.state = 'received')"
+DENIED = "denied by the operator (mailgate deny)"
+DROPPED = f"held for {HELD_DAYS} days without approval: dropped"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,6 +97,17 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE raw_message ADD COLUMN pruned_at REAL;"
     "CREATE INDEX IF NOT EXISTS inbound_raw ON inbound (raw_id);"
     "CREATE INDEX IF NOT EXISTS raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
+    # 7: the sender steers, the worker knows what it reads, loops and strangers are contained (issue 19):
+    # how the sender was verified (the worker's envelope says so); when the sender of a held message was
+    # told it waits; the senders an operator approved for good; every reply's recipients and send time
+    # (the loop breaker's counts)
+    "ALTER TABLE inbound ADD COLUMN verified TEXT;"
+    "ALTER TABLE inbound ADD COLUMN told_at REAL;"
+    "CREATE TABLE IF NOT EXISTS allowed_sender ("
+    " addr TEXT PRIMARY KEY, added_at REAL NOT NULL, note TEXT) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS reply_log (addr TEXT NOT NULL, at REAL NOT NULL, outbox_id TEXT NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS reply_log_addr ON reply_log (addr, at);"
+    "CREATE INDEX IF NOT EXISTS reply_log_at ON reply_log (at);",
 )
 VERSION = len(MIGRATIONS)
 
@@ -130,6 +147,8 @@ class InboundRow:
     started_at: float | None = None  # when the API took the turn (it answered 2xx)
     acked_at: float | None = None  # when the sender was told the turn is being worked on
     turn_status: str | None = None  # how the turn ended at the API (completed, error, ...); None: not yet
+    verified: str | None = None  # how the sender was verified ("dmarc=pass ..."), for the worker's envelope
+    told_at: float | None = None  # `held`: when the sender was told the message waits for approval
 
     @property
     def in_reply_to_ids(self) -> list[str]:
@@ -214,6 +233,16 @@ class SuppressionRow:
 
 
 @dataclass
+class AllowedSenderRow:
+    """A sender the operator approved for good (`mailgate approve ID --always`; the `allowed_sender`
+    table), allowed besides MAILGATE_ALLOWED_SENDERS."""
+
+    addr: str
+    added_at: float
+    note: str | None
+
+
+@dataclass
 class TaskListing(TaskRow):
     """A task as the operator's `tasks` table shows it: its row, the state of its newest message (its
     status: `running`, `answered`, `failed`, ...) and when that message came."""
@@ -267,6 +296,7 @@ class NewMessage:
     refs: str | None = None
     to_cc: str | None = None
     sender_name: str | None = None
+    verified: str | None = None
 
 
 @dataclass(frozen=True)
@@ -344,6 +374,7 @@ class NewReply:
     data: bytes
     created_at: float
     fallback: bytes | None = None  # a smaller version with the same Message-ID, for a relay's 552
+    next_attempt_at: float = 0.0  # not before (an answer held back by the per-address reply limit)
 
 
 # --- statement builders (column names come from our own code, never from input) ----------------------

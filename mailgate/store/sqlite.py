@@ -32,10 +32,14 @@ from mailgate.store import reads
 from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     ACTIVE_SQL,
+    BLOCKS,
+    DENIED,
+    DROPPED,
     MIGRATIONS,
     PRUNE_WINDOW,
     VERSION,
     Admitted,
+    AllowedSenderRow,
     BounceRow,
     InboundRow,
     NewBounce,
@@ -55,6 +59,7 @@ from mailgate.store.schema import (
 
 MAX_BATCH = 256
 BOUNCE_WINDOW = 30 * 86400.0  # hard bounces counted towards MAILGATE_BOUNCE_LIMIT over this long
+HOUR = 3600.0  # the window of MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR
 T = TypeVar("T")
 
 
@@ -340,7 +345,7 @@ class SqliteStore:
         rows = await self._all(
             f"SELECT id FROM inbound i WHERE state IN ({ACTIVE_SQL}) AND next_attempt_at<=? "  # noqa: S608
             f"AND (task_id IS NULL OR NOT EXISTS (SELECT 1 FROM inbound j WHERE j.task_id=i.task_id "
-            f"AND j.id<i.id AND j.state IN ({ACTIVE_SQL}))) ORDER BY id LIMIT ?",
+            f"AND j.id<i.id AND j.state IN ({ACTIVE_SQL}) AND {BLOCKS})) ORDER BY id LIMIT ?",
             (now, limit + len(busy)),
         )
         return [str(r["id"]) for r in rows if r["id"] not in busy][:limit]
@@ -751,6 +756,129 @@ class SqliteStore:
         await self.write([(sql, (now, addr.lower()))])
         return True
 
+    # --- the loop breaker, held mail and the stored allow list (issue 19) -------------------------------
+
+    async def reply_times(self, addr: str, since: float, limit: int) -> list[float]:
+        """When the newest replies (answers and notices) to `addr` due from `since` on go or went, newest
+        first, at most `limit`: what MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR counts."""
+        rows = await self._all(
+            "SELECT at FROM reply_log WHERE addr=? AND at>=? ORDER BY at DESC LIMIT ?",
+            (addr.lower(), since, limit),
+        )
+        return [float(r["at"]) for r in rows]
+
+    async def reserve_reply(
+        self, outbox_id: str, addrs: Sequence[str], now: float, limit: int, *, wait: bool
+    ) -> float | None:
+        """A place for one reply to `addrs` under `limit` replies per address per hour, taken in one
+        write transaction (so concurrent replies count each other): the time it may go (`now`, or with
+        `wait` the earliest time every address has room), recorded; None when it would have to wait and
+        `wait` is False (nothing recorded)."""
+        wanted = sorted({a.lower() for a in addrs})
+        try:
+            at: float | None = await self._writer._execute(  # type: ignore[no-untyped-call]
+                _reserve, self._writer._conn, outbox_id, wanted, now, limit, wait
+            )
+        except sqlite3.Error as exc:
+            raise StoreBusy(f"commit failed: {exc}") from exc
+        self.batches += 1
+        return at
+
+    async def count_replies(self, since: float, until: float, limit: int) -> int:
+        """Replies of the whole gateway due between `since` and `until`, counted up to `limit`: what
+        MAILGATE_MAX_REPLIES_PER_MINUTE counts."""
+        row = await self._one(
+            "SELECT count(*) AS n FROM (SELECT DISTINCT outbox_id FROM reply_log WHERE at>=? AND at<=? "
+            "LIMIT ?)",
+            (since, until, limit),
+        )
+        return int(row["n"]) if row else 0
+
+    async def forget_replies(self, before: float) -> None:
+        """Drop the loop breaker's record of replies due before `before` (it counts the last hour)."""
+        await self.write([("DELETE FROM reply_log WHERE at<?", (before,))])
+
+    async def task_busy_before(self, task_id: str, before: str) -> bool:
+        """Is a message of the task older than `before` still active (its turn comes first)?"""
+        row = await self._one(
+            f"SELECT 1 AS x FROM inbound WHERE task_id=? AND id<? AND state IN ({ACTIVE_SQL}) LIMIT 1",  # noqa: S608
+            (task_id, before),
+        )
+        return row is not None
+
+    async def held_untold(self, limit: int = 50) -> list[InboundRow]:
+        """Held messages whose sender has not been told yet that they wait for approval, oldest first."""
+        rows = await self._all(
+            "SELECT * FROM inbound WHERE state='held' AND told_at IS NULL ORDER BY id LIMIT ?", (limit,)
+        )
+        return [row_of(InboundRow, r) for r in rows]
+
+    async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
+        """Remember that the sender of the held message was told (queueing `replies`, the notice, if any,
+        in the same transaction). False when it is no longer held or was told already."""
+        row = await self.inbound(inbound_id)
+        if row is None or row.state != InboundState.HELD or row.told_at is not None:
+            return False
+        sql = "UPDATE inbound SET told_at=? WHERE id=? AND state='held' AND told_at IS NULL"
+        await self.write([*_reply_statements(replies), (sql, (time.time(), inbound_id))])
+        return True
+
+    async def approve_held(self, inbound_id: str) -> InboundRow | None:
+        """`held -> received`: the message runs as if its sender were allowed. Its row, or None when it
+        is not held."""
+        row = await self.inbound(inbound_id)
+        if row is None or row.state != InboundState.HELD:
+            return None
+        now = time.time()
+        sql = (
+            "UPDATE inbound SET state='received', next_attempt_at=0, updated_at=?, last_error=NULL "
+            "WHERE id=? AND state='held'"
+        )
+        await self.write([(sql, (now, inbound_id))])
+        return await self.inbound(inbound_id)
+
+    async def deny_held(self, inbound_id: str) -> bool:
+        """`held -> ignored`, refused by the operator. False when it is not held."""
+        row = await self.inbound(inbound_id)
+        if row is None or row.state != InboundState.HELD:
+            return False
+        sql = "UPDATE inbound SET state='ignored', reason=?, updated_at=? WHERE id=? AND state='held'"
+        await self.write([(sql, (DENIED, time.time(), inbound_id))])
+        return True
+
+    async def drop_held(self, before: float) -> list[InboundRow]:
+        """Held messages received before `before` end `ignored` (dropped); returns them as they were."""
+        rows = [
+            row_of(InboundRow, r)
+            for r in await self._all(
+                "SELECT * FROM inbound WHERE state='held' AND received_at<? ORDER BY id", (before,)
+            )
+        ]
+        if rows:
+            now = time.time()
+            sql = "UPDATE inbound SET state='ignored', reason=?, updated_at=? WHERE id=? AND state='held'"
+            await self.write([(sql, (DROPPED, now, row.id)) for row in rows])
+        return rows
+
+    async def allow_sender(self, addr: str, note: str | None = None) -> bool:
+        """Allow `addr` to send from now on (the stored allow list); False when it was on it already."""
+        addr = addr.strip().lower()
+        if await self.is_allowed_sender(addr):
+            return False
+        values = {"addr": addr, "added_at": time.time(), "note": note}
+        await self.write([insert("allowed_sender", values, or_ignore=True)])
+        return True
+
+    async def is_allowed_sender(self, addr: str) -> bool:
+        """Is `addr` on the stored allow list?"""
+        sql = "SELECT 1 AS x FROM allowed_sender WHERE addr=?"
+        return await self._one(sql, (addr.strip().lower(),)) is not None
+
+    async def allowed_senders(self) -> list[AllowedSenderRow]:
+        """The stored allow list, oldest first."""
+        rows = await self._all("SELECT * FROM allowed_sender ORDER BY added_at, addr")
+        return [row_of(AllowedSenderRow, r) for r in rows]
+
     async def replay_outbox(self, outbox_id: str) -> bool:
         row = await self.outbox_row(outbox_id)
         if row is None or row.state != OutboxState.DEAD:
@@ -764,6 +892,35 @@ class SqliteStore:
             created_at=time.time(),
         )
         return True
+
+
+def _reserve(
+    db: sqlite3.Connection, outbox_id: str, addrs: list[str], now: float, limit: int, wait: bool
+) -> float | None:
+    """On the writer's thread: `SqliteStore.reserve_reply` in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        at = now
+        for addr in addrs:
+            row = db.execute(
+                "SELECT at FROM reply_log WHERE addr=? AND at>=? ORDER BY at DESC LIMIT 1 OFFSET ?",
+                (addr, now - HOUR, limit - 1),
+            ).fetchone()
+            if row is not None:
+                at = max(at, float(row[0]) + HOUR)
+        if at > now and not wait:
+            db.execute("ROLLBACK")
+            return None
+        db.executemany(
+            "INSERT INTO reply_log (addr, at, outbox_id) VALUES (?, ?, ?)",
+            [(addr, at, outbox_id) for addr in addrs],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return at
 
 
 def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:

@@ -18,6 +18,8 @@ so after a crash the row says where to resume:
 | `ignored`    | never answered: bounce, auto-reply, loop, list mail, or a   | (end; `replay` runs it)     |
 |              | second address of the same task in one message              |                             |
 | `failed`     | failed for good, with the reason; the sender got a notice   | (end; `replay` runs it)     |
+| `held`       | a sender on neither allow list (MAILGATE_UNKNOWN_SENDERS=   | `received` (approve),       |
+|              | hold): waits for the operator (`turns.held`); never claimed | `ignored` (deny, 7 days)    |
 
 Their replies (the `outbox` table's `state`): `pending` -> `sent`, or `retry` until the horizon, then
 `dead` (`delivery.outbox`); a `sent` reply becomes `bounced` when a bounce comes back to its return path
@@ -37,6 +39,11 @@ Two conditions pause the whole scheduler instead of failing anyone's message: th
 (full, read-only, failing, locked: `loops.storage_trouble`). The storage pause backs off from 1 s to a
 minute, lives only in memory (the store may be what fails), logs once a minute at most, counts no
 crash, and ends by itself when a job's work is committed again.
+
+A message that starts with a command (`/status`, `/archive`, `/help`: `turns.commands`) is answered by
+the gateway with a notice and ends `answered`, with no turn. Read early (a message still to be read may
+be claimed while its task's turn runs), a command is answered at once; a message that is not one waits
+`queued` behind its task's earlier turns.
 
 A turn that runs long is acknowledged: MAILGATE_ACK_AFTER seconds after the API took it (0: never), if
 no answer has come, the sender gets one short notice in the thread (`working`: the task's link, the
@@ -68,6 +75,7 @@ from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
 from mailgate.store.spool import Spool
+from mailgate.turns.commands import Command
 from mailgate.turns.steps import (
     Acknowledge,
     Answer,
@@ -246,6 +254,9 @@ class Scheduler:
                 log.info(
                     "turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq}
                 )
+            elif isinstance(outcome, Command):
+                self.metrics.turns.labels("command").inc()
+                await self._command(row, outcome)
             else:
                 self.metrics.turns.labels(outcome.kind).inc()
                 await self._notify(row, outcome)
@@ -337,6 +348,16 @@ class Scheduler:
             turn_status=notice.turn_status,
             notice=notice.kind,
         )
+
+    async def _command(self, row: InboundRow, command: Command) -> None:
+        """Answer a command with its notice (if the notice limits let it go); the message is answered."""
+        replies = await self.replies.notice(
+            row, command.kind, detail=command.detail, task_url=command.task_url, details=command.details
+        )
+        reason = f"{command.command}: answered by the gateway" + (
+            f" ({command.detail})" if command.detail else ""
+        )
+        await self._finish(row, InboundState.ANSWERED, reason, replies, notice=command.kind)
 
     async def _finish(
         self,

@@ -1,7 +1,9 @@
 """The steps of one message's turn. Each does one state's work and returns an `Outcome`; it never decides
 what the gateway does next (that is the scheduler's job) and never calls back into it.
 
-- `received`: read the body (once), build the turn input, spool the files -> `queued`.
+- `received`: read the body (once); a command (`/status`, `/archive`, `/help`: `turns.commands`) is
+  answered by the gateway (`Command`, no turn); otherwise build the turn input, spool the files ->
+  `queued` (and wait there while an earlier message of the task is still active).
 - `queued`/`submitting`: if an earlier POST may have reached the API, ask `GET /api/tasks/{id}` whether
   the turn is there before posting; record `submitting` with the expected turn number; POST; the row says
   `running` as soon as the API has answered 2xx.
@@ -34,9 +36,18 @@ from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, Mailga
 from mailgate.loops import backoff
 from mailgate.mail.parse import parse_body
 from mailgate.metrics import Metrics
-from mailgate.models import InboundState, RunResult, SkippedFile, TaskSnapshot, Turn, TurnAnswer
+from mailgate.models import (
+    InboundState,
+    MailBody,
+    RunResult,
+    SkippedFile,
+    TaskSnapshot,
+    Turn,
+    TurnAnswer,
+)
 from mailgate.store import InboundRow, Store
 from mailgate.store.spool import Spool
+from mailgate.turns.commands import Command, answer_command, find_command
 from mailgate.turns.turn_input import TurnInput, build_turn_input
 
 log = logging.getLogger("mailgate.turns")
@@ -118,7 +129,7 @@ class WorkerUnknown:
     api_ok: bool = True  # the API answered, so the key works
 
 
-Outcome = Continue | Later | Hold | Answer | Notice | WorkerUnknown
+Outcome = Continue | Later | Hold | Answer | Notice | Command | WorkerUnknown
 
 
 @dataclass(frozen=True)
@@ -200,7 +211,12 @@ class TurnSteps:
 
     async def _prepare(self, row: InboundRow) -> Outcome:
         await self.store.count_crash(row.id, row.crashes + 1)  # counts a crash while parsing, too
-        turn = await self._read_turn(row)
+        body = await self._read_body(row)
+        command = find_command(body.reply_text)
+        if command is not None:
+            return await answer_command(row, command, self.store, self.api)
+        turn = await self._turn_of(row, body)
+        del body
         if not turn.input:
             return Notice("empty_reply", "nothing new after removing quoted text", skipped=turn.skipped)
         files = await self.spool.write(row.id, turn.files)
@@ -210,16 +226,23 @@ class TurnSteps:
             files=self.spool.describe(files),
             skipped=[{"filename": s.filename, "reason": s.reason} for s in turn.skipped],
         )
+        if row.task_id is not None and await self.store.task_busy_before(row.task_id, row.id):
+            return Later(0.0)  # read while an earlier turn of its task runs: its own turn waits for it
         fresh = await self.store.inbound(row.id)
         assert fresh is not None
         return Continue(fresh)
 
-    async def _read_turn(self, row: InboundRow) -> TurnInput:
-        """What the worker receives, read from the raw message (the same every time it is read)."""
-        assert row.task_id is not None and row.sender is not None
+    async def _read_body(self, row: InboundRow) -> MailBody:
         raw = await self.store.raw(row.raw_id)
-        body = await asyncio.to_thread(parse_body, raw)
-        del raw
+        return await asyncio.to_thread(parse_body, raw)
+
+    async def _read_turn(self, row: InboundRow) -> TurnInput:
+        """What the worker receives, read from the raw message (the same every time it is read, but for
+        the token of its delimiters)."""
+        return await self._turn_of(row, await self._read_body(row))
+
+    async def _turn_of(self, row: InboundRow, body: MailBody) -> TurnInput:
+        assert row.task_id is not None and row.sender is not None
         already = set() if row.new_task else await self.store.file_hashes_of_task(row.task_id, before=row.id)
         return build_turn_input(
             body,
@@ -228,6 +251,8 @@ class TurnSteps:
             sender_name=row.sender_name,
             new_task=bool(row.new_task),
             already_sent=already,
+            verified=row.verified,
+            participants=await self.store.participants(row.task_id),
         )
 
     async def _respool(self, row: InboundRow) -> str:
