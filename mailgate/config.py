@@ -136,7 +136,10 @@ class Settings:
     max_notices_per_day: int = 10
     max_recipients: int = 20
     max_connections: int = 200
+    max_connections_per_client: int = 20
     smtp_timeout: float = 300.0
+    smtp_session_timeout: float = 3600.0
+    min_free_space: int = 60 * MiB  # refuse new mail below this much free disk; 0: off
     max_header_size: int = 256 * 1024
     # transport security of the listener
     tls_cert: Path | None = None
@@ -230,6 +233,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         if given in values and missing not in values:
             problems.append(f"{missing}: required with {given} (replies are DKIM-signed only with both)")
 
+    max_message_size = p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB
     settings = Settings(
         domain=domain or "",
         workers=workers or {},
@@ -250,7 +254,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         helo_name=p.get("MAILGATE_HELO_NAME", _helo_name, None) or default_helo_name(domain or ""),
         outbox_dir=Path(p.get("MAILGATE_OUTBOX_DIR", str, "./var/outbox") or "./var/outbox"),
         spool_dir=Path(p.get("MAILGATE_SPOOL_DIR", str, "./var/spool") or "./var/spool"),
-        max_message_size=p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB,
+        max_message_size=max_message_size,
         concurrency=p.get("MAILGATE_CONCURRENCY", _positive_int, 64) or 64,
         secret=p.get("MAILGATE_SECRET", _secret, None),
         max_budget=max_budget or "high",
@@ -272,7 +276,10 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         max_notices_per_day=p.get("MAILGATE_MAX_NOTICES_PER_DAY", _positive_int, 10) or 10,
         max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
         max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
+        max_connections_per_client=p.get("MAILGATE_MAX_CONNECTIONS_PER_CLIENT", _positive_int, 20) or 20,
         smtp_timeout=p.get("MAILGATE_SMTP_TIMEOUT", _positive_float, 300.0) or 300.0,
+        smtp_session_timeout=p.get("MAILGATE_SMTP_SESSION_TIMEOUT", _positive_float, 3600.0) or 3600.0,
+        min_free_space=_or(p.get("MAILGATE_MIN_FREE_SPACE", _bytes_or_off, None), max_message_size * 3 // 2),
         max_header_size=p.get("MAILGATE_MAX_HEADER_SIZE", _positive_int, 256 * 1024) or 256 * 1024,
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -408,6 +415,16 @@ def _positive_float(value: str) -> float:
         raise ValueError(f"expected a number of seconds, got {value!r}") from None
     if n <= 0:
         raise ValueError(f"must be positive, got {value}")
+    return n
+
+
+def _bytes_or_off(value: str) -> int:
+    try:
+        n = int(value.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number of bytes (0: off), got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"must be 0 (off) or a positive number of bytes, got {n}")
     return n
 
 

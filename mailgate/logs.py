@@ -9,6 +9,8 @@ or, with MAILGATE_LOG_FORMAT=json, `{"ts": "...", "level": "info", ..., "client"
 Invariants an administrator's `grep`, `awk` and log shipper rely on:
 - one event is one line: a traceback is folded into the event's `exc` field (escaped in logfmt, a string
   in JSON), and control characters in any value are escaped (`\\n`, `\\t`, `\\x1b`), never written raw;
+- aiosmtpd's own warnings (logger `mail.log`) go through the same formatter, so a peer's bytes in
+  them are escaped too;
 - a field that is None or empty is left out (`reason=None` never appears);
 - values are written as a person reads them, never as Python reprs: a peer address is `ip:port` (see
   `client`), a list is comma-separated in logfmt and a JSON array in JSON, booleans are true/false.
@@ -135,3 +137,9 @@ def setup(level: str = "INFO", fmt: str = "logfmt") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # aiosmtpd's own logger: its warnings (a peer's unknown command, written as the peer sent it, NUL
+    # bytes and all) come through the same formatter, escaped; its per-command INFO lines stay out.
+    library = logging.getLogger("mail.log")
+    library.handlers[:] = [handler]
+    library.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    library.propagate = False
