@@ -42,7 +42,7 @@ JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO", "LHLO"
 YIELD_EVERY = 32  # DATA blocks read in a row before letting other sessions run
 BARE_CR = SmtpReply(554, "5.6.0 Message header contains a bare CR (CR without LF)", why="bare_cr")
 TOO_DEEP = SmtpReply(554, "5.6.0 MIME nesting too deep", why="mime_too_deep")
-TOO_LARGE = SmtpReply(552, "Error: Too much mail data", why="too_large")
+TOO_LARGE = SmtpReply(552, "5.3.4 Message too big for system", why="too_large")
 NO_SPACE = SmtpReply(452, "4.3.1 Insufficient system storage", why="disk_full")
 
 
