@@ -2,7 +2,8 @@
 
 - DATA is read block by block (`smtp.data`): bare LF is a line end and becomes CRLF, only
   `<CR><LF>.<CR><LF>` ends DATA, and past `Limits.spool_threshold` the message goes to a spool file as it
-  arrives, so unfinished sessions cost little memory. While it arrives, `mail.scan` watches its shape: a
+  arrives, so unfinished sessions cost little memory; at most `BIG_AT_ONCE` spooled messages are read
+  back into memory for admission at a time. While it arrives, `mail.scan` watches its shape: a
   bare CR in the header block or MIME nested deeper than 100 levels is refused `554 5.6.0` once the
   rest is read. aiosmtpd's other replies are kept (503/501 before 354; 552 past `data_size_limit`,
   after the data is drained). `decode_data` is not supported: mailgate always takes bytes.
@@ -39,6 +40,7 @@ from mailgate.smtp.handler import Handler
 from mailgate.smtp.limits import Connections, FreeSpace, Limits, client_key
 
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO", "LHLO"})
+BIG_AT_ONCE = 2  # spooled messages read back and decided at once, per listener (each costs its size)
 YIELD_EVERY = 32  # DATA blocks read in a row before letting other sessions run
 BARE_CR = SmtpReply(554, "5.6.0 Message header contains a bare CR (CR without LF)", why="bare_cr")
 TOO_DEEP = SmtpReply(554, "5.6.0 MIME nesting too deep", why="mime_too_deep")
@@ -65,6 +67,7 @@ class GatewaySMTP(SMTP):
         connections: Connections,
         incoming: Path,
         free_space: FreeSpace,
+        big_messages: asyncio.Semaphore,
         **options: Any,
     ) -> None:
         super().__init__(
@@ -74,6 +77,7 @@ class GatewaySMTP(SMTP):
         self.connections = connections
         self.incoming = incoming
         self.free_space = free_space
+        self.big_messages = big_messages
         self._admitted = False
         self._client: str | None = None
         self._junk = 0
@@ -180,33 +184,45 @@ class GatewaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         incoming = Incoming(self.incoming, self.limits.spool_threshold)
-        content = b""
-        try:
-            problem = await self._receive(incoming)
-            if problem is None:
-                content = await incoming.content()
-        except asyncio.IncompleteReadError:  # the client went away inside DATA
-            if self.transport is not None:
-                self.transport.close()
-            return
-        except OSError:  # the spool file could not be made, written or read back
-            problem = NO_SPACE
+        try:  # however DATA ends (a reply, a lost connection, a timeout), the spool file goes
+            try:
+                problem = await self._receive(incoming)
+            except asyncio.IncompleteReadError:  # the client went away inside DATA
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._reset_timeout()  # the decision on the message gets a full timeout of its own
+            status = None
+            if problem is None and incoming.path is not None:  # spooled: BIG_AT_ONCE decided at a time
+                async with self.big_messages:
+                    status = await self._decide(incoming)
+            elif problem is None:
+                status = await self._decide(incoming)
         finally:
             incoming.discard()
-        self._reset_timeout()  # the decision on the message gets a full timeout of its own
-        if problem is not None:
+        if status is None:
+            problem = problem or NO_SPACE
             self.event_handler.reject(self, "data", problem, rcpts=self.envelope.rcpt_tos)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(problem))
             return
+        if status.startswith("2"):  # a message went through: the session has earned its counters back
+            self._junk = self._errors = 0
+        await self.push(status)
+
+    async def _decide(self, incoming: Incoming) -> str | None:
+        """The handler's reply to the message in `incoming` (read back whole for it); None if the
+        spool file could not be read back."""
+        assert self.envelope is not None
+        try:
+            content = await incoming.content()
+        except OSError:
+            return None
         self.envelope.content = self.envelope.original_content = content
         del content
         status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        status = "250 OK" if status is MISSING else status
-        if status.startswith("2"):  # a message went through: the session has earned its counters back
-            self._junk = self._errors = 0
-        await self.push(status)
+        return "250 OK" if status is MISSING else str(status)
 
     async def _receive(self, incoming: Incoming) -> SmtpReply | None:
         """Read one DATA to its end into `incoming`; the refusal to give once it is read, or None."""
@@ -222,7 +238,7 @@ class GatewaySMTP(SMTP):
             now = self.loop.time()
             deadline = min(now + limits.timeout, deadline + len(block) / limits.min_data_rate)
             if deadline - scheduled >= step:
-                self._reset_timeout(deadline - now)
+                self._reset_timeout(max(deadline - now, 0.001))
                 scheduled = deadline
             blocks += 1
             if blocks % YIELD_EVERY == 0:
@@ -266,6 +282,7 @@ def protocol_factory(
     """A factory for `loop.create_server`; its sessions share one count of connections."""
     connections = Connections(limits.max_connections, limits.max_per_client)
     space = free_space if free_space is not None else FreeSpace([], 0)
+    big_messages = asyncio.Semaphore(BIG_AT_ONCE)
     cls = GatewayLMTP if lmtp else GatewaySMTP
 
     def make() -> SMTP:
@@ -275,6 +292,7 @@ def protocol_factory(
             connections=connections,
             incoming=incoming_dir(spool_dir),
             free_space=space,
+            big_messages=big_messages,
             hostname=hostname,
             ident="mailgate ESMTP",
             tls_context=tls_context,
