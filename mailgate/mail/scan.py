@@ -10,15 +10,14 @@ only a few flags, a stack of the open multiparts and at most one header section 
   level, as Postfix's `mime_nesting_limit` counts them. Python's email parser recurses once per level
   (1,000 levels end in RecursionError), so deeper mail is refused before anything parses it.
 
-The work per block is a few C-level searches (`bytes.find`, one compiled pattern for the open
-boundaries) and Python code per MIME part, never per line: a 40 MB base64 attachment costs one search
-per block. Content-Type is read as Python's email package reads it (the first field; a part of a
+The work per block is a few C-level searches (`bytes.find`) and Python code per MIME part and per
+body line that starts with `--`, never per line: a 40 MB base64 attachment costs one search per
+block. Content-Type is read as Python's email package reads it (the first field; a part of a
 multipart/digest without one is message/rfc822; a multipart without a boundary is a leaf).
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from email.message import Message
 
@@ -29,13 +28,6 @@ _CONTENT_TYPE = re.compile(rb"(?im)^content-type[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r
 _BOUNDARY = re.compile(rb'(?i)(?:^|;)[ \t]*boundary[ \t]*=[ \t]*(?:"([^"]*)"|([^;\s]+))')
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _FOLD = re.compile(rb"\r\n[ \t]")
-
-
-@functools.lru_cache(maxsize=64)
-def _delimiters(boundaries: tuple[bytes, ...]) -> re.Pattern[bytes]:
-    """A delimiter line of any of `boundaries`, with the LF before it: `\\n--b[--][ \\t]*\\r\\n`."""
-    names = b"|".join(re.escape(b) for b in sorted(set(boundaries), key=len, reverse=True))
-    return re.compile(rb"\n--(" + names + rb")(--)?[ \t]*\r?\n")
 
 
 class MimeScan:
@@ -82,6 +74,12 @@ class MimeScan:
             self._overflow = False
             self._end_section(bytes(self._section))
             return pos + found + 4 - len(carried)
+        if not self._section:  # a section that starts here: copy only its own bytes
+            found = pos if data.startswith(b"\r\n", pos) else data.find(b"\r\n\r\n", pos)
+            if found >= 0:
+                end = found + (2 if found == pos else 4)
+                self._end_section(data[pos:end])
+                return end
         start = len(self._section)
         self._section += data[pos:]
         section = self._section
@@ -124,30 +122,55 @@ class MimeScan:
     # --- bodies --------------------------------------------------------------------------------------
 
     def _body(self, data: bytes, pos: int) -> int:
-        """Look for a delimiter line of an open multipart; return where the next section starts."""
-        boundaries = tuple(b for b, _ in self._stack if b is not None)
-        if not boundaries:
+        """Look for a delimiter line of an open multipart; return where the next section starts.
+
+        `_tail` says where `pos` is: b"\\n" at a line start; the LF and the start of a line begun in an
+        earlier block; b"" inside a line that cannot be a delimiter (too long, or not `--`)."""
+        open_ = {b for b, _ in self._stack if b is not None}
+        if not open_:
             return len(data)  # nothing can end this body but the end of the message
-        if not self._tail:  # mid-line after a long line: boundary lines start after the next LF
+        tail, start = self._tail, pos
+        if tail != b"\n" or data.startswith(b"-", pos):  # first, the line `pos` is in
             lf = data.find(b"\n", pos)
+            line = (tail or b"\n ") + data[pos : lf if lf >= 0 else len(data)]
             if lf < 0:
+                maybe = line.startswith(b"\n--") or line == b"\n-"
+                self._tail = line if maybe and len(line) <= MAX_PARTIAL else b""
                 return len(data)
-            pos, self._tail = lf + 1, b"\n"
-        text = self._tail + data[pos:]
-        found = _delimiters(boundaries).search(text)
-        if found is None:
-            last = text.rfind(b"\n")
-            self._tail = text[last:] if len(text) - last <= MAX_PARTIAL else b""
-            return len(data)
-        end = pos + found.end() - len(self._tail)
-        boundary, closing = found.group(1), found.group(2)
+            if line.startswith(b"\n--") and (found := _delimiter_of(line[3:], open_)) is not None:
+                return self._delimiter(*found, lf + 1)
+            start = lf
+        at = data.find(b"\n--", start)
+        while at >= 0:
+            eol = data.find(b"\n", at + 3)
+            if eol < 0:
+                break
+            if (found := _delimiter_of(data[at + 3 : eol], open_)) is not None:
+                return self._delimiter(*found, eol + 1)
+            at = data.find(b"\n--", eol)
+        last = data.rfind(b"\n", start)
+        self._tail = data[last:] if last >= 0 and len(data) - last <= MAX_PARTIAL else b""
+        return len(data)
+
+    def _delimiter(self, boundary: bytes, closing: bool, end: int) -> int:
+        """A delimiter line of `boundary` ended at `end`: close what it ends, start the next part."""
         level = max(i for i, (b, _) in enumerate(self._stack) if b == boundary)
-        del self._stack[level + (1 if not closing else 0) :]
+        del self._stack[level + (0 if closing else 1) :]
         if closing:
             self._tail = b"\n"
         else:
             self._in_header = True
         return end
+
+
+def _delimiter_of(line: bytes, open_: set[bytes]) -> tuple[bytes, bool] | None:
+    """(boundary, closing) when `line` (after its `--`, without the LF) delimits an open multipart."""
+    line = line.rstrip(b"\r").rstrip(b" \t")
+    if line in open_:
+        return line, False
+    if line.endswith(b"--") and line[:-2] in open_:
+        return line[:-2], True
+    return None
 
 
 def _content_type(section: bytes) -> tuple[bytes, bytes | None]:

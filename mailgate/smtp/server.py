@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from mailgate.smtp.limits import Connections, FreeSpace, Limits, client_key
 
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO", "LHLO"})
 BIG_AT_ONCE = 2  # spooled messages read back and decided at once, per listener (each costs its size)
-YIELD_EVERY = 32  # DATA blocks read in a row before letting other sessions run
+RUN_FOR = 0.005  # seconds of DATA work in a row before letting the other sessions run
+SCAN_SLICE = 16 * 1024  # bytes given to the MIME scan at a time (its cost grows with tiny parts)
 BARE_CR = SmtpReply(554, "5.6.0 Message header contains a bare CR (CR without LF)", why="bare_cr")
 TOO_DEEP = SmtpReply(554, "5.6.0 MIME nesting too deep", why="mime_too_deep")
 TOO_LARGE = SmtpReply(552, "5.3.4 Message too big for system", why="too_large")
@@ -229,10 +231,11 @@ class GatewaySMTP(SMTP):
         limits = self.limits
         reader, normalizer = DotReader(self._reader), Normalizer()
         scan = MimeScan(max_depth=limits.mime_depth, max_header=limits.max_header)
-        size, problem, blocks = 0, None, 0
+        size, problem = 0, None
         now = self.loop.time()
         deadline = scheduled = now + limits.timeout
         step = min(1.0, limits.timeout / 10)
+        ran_since = time.perf_counter()  # when this session last let the others run
         while (block := await reader.block()) is not None:
             size += len(block)
             now = self.loop.time()
@@ -240,24 +243,27 @@ class GatewaySMTP(SMTP):
             if deadline - scheduled >= step:
                 self._reset_timeout(max(deadline - now, 0.001))
                 scheduled = deadline
-            blocks += 1
-            if blocks % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            if problem is not None:
-                continue  # drain to the end, keeping nothing
-            if self.data_size_limit and size > self.data_size_limit:
+            if problem is None and self.data_size_limit and size > self.data_size_limit:
                 problem = TOO_LARGE
-            else:
-                normalized = normalizer.feed(block)
-                scan.feed(normalized)
-                problem = BARE_CR if scan.bare_cr else TOO_DEEP if scan.too_deep else None
-                if problem is None:
-                    try:
-                        await incoming.write(normalized)
-                    except OSError:
-                        problem = NO_SPACE
-            if problem is not None:
                 incoming.discard()
+            if problem is None:
+                normalized = normalizer.feed(block)
+                for start in range(0, len(normalized), SCAN_SLICE):  # the scan's cost grows with parts
+                    scan.feed(normalized[start : start + SCAN_SLICE])
+                    if time.perf_counter() - ran_since > RUN_FOR:
+                        await asyncio.sleep(0)
+                        ran_since = time.perf_counter()
+                problem = BARE_CR if scan.bare_cr else TOO_DEEP if scan.too_deep else None
+                try:
+                    if problem is None:
+                        await incoming.write(normalized)
+                except OSError:
+                    problem = NO_SPACE
+                if problem is not None:
+                    incoming.discard()  # and drain to the end, keeping nothing
+            if time.perf_counter() - ran_since > RUN_FOR:  # blocks already buffered come without a wait
+                await asyncio.sleep(0)
+                ran_since = time.perf_counter()
         if problem is None:
             scan.close()
             problem = BARE_CR if scan.bare_cr else None
