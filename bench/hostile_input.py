@@ -8,13 +8,14 @@ every 5 ms that records how late each wake-up came: the loop's stalls), the sand
 (`_common.peers_main`), and this one, which sends the mail as raw bytes (bare LF stays bare LF), probes
 the gateway with a NOOP every 10 ms on its own SMTP connection and samples its RSS every 5 ms.
 
-Each scenario sends `--parallel` messages at once, from the first command to the last reply:
-- baseline: ordinary 4 KB mail;
-- encoded-word header: a 100 KB header (Subject and To) of folded RFC 2047 encoded words;
+Each scenario sends `--parallel` messages at once, from the first command to the last reply (RSS
+growth is from the RSS just before, so a scenario after one that grew the heap may show less):
+- baseline: ordinary 4 KB mail (again at the end);
+- 8 big sessions: 8 sessions each send 39 MB into DATA and hang up without ending it (spooled);
 - 1,000-level nesting: multiparts nested 1,000 deep (refused 554 5.6.0);
 - bare-LF 1 MB: 1 MB with three attachments, every line ended by LF alone (smtplib's `sendmail` of
   `msg.as_bytes()`);
-- 8 big sessions: 8 sessions each send 39 MB into DATA and hang up without ending it (spooled).
+- encoded-word header: a 100 KB header (Subject and To) of folded RFC 2047 encoded words.
 """
 
 from __future__ import annotations
@@ -277,10 +278,10 @@ async def run(parallel: int, tmp: Path, gateway: Any) -> None:
     baseline = await scenario("baseline (4 KB)", gateway, port, batch(lambda n: ordinary(next(counter))))
     show(baseline, None)
     hostile = [
-        ("encoded-word header", batch(lambda n: encoded_words(next(counter), 100_000))),
+        ("8 big sessions (39 MB)", lambda: big_sessions(port, tmp / "spool")),
         ("1,000-level nesting", batch(lambda n: nested(next(counter)))),
         ("bare-LF 1 MB", batch(lambda n: bare_lf(next(counter)))),
-        ("8 big sessions (39 MB)", lambda: big_sessions(port, tmp / "spool")),
+        ("encoded-word header", batch(lambda n: encoded_words(next(counter), 100_000))),
     ]
     for name, work in hostile:
         show(await scenario(name, gateway, port, work), baseline)

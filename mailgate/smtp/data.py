@@ -117,6 +117,14 @@ def sweep(folder: Path) -> int:
     return removed
 
 
+def _remove(file: BinaryIO | None, path: Path | None) -> None:
+    if file is not None:
+        file.close()
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 class Incoming:
     """One message being received: in memory up to `threshold` bytes, then in a spool file."""
 
@@ -154,15 +162,19 @@ class Incoming:
             self.discard()
 
     def discard(self) -> None:
-        """Drop what was received: the memory, the spool file (closed and unlinked)."""
+        """Drop what was received: the memory, and the spool file (closed and unlinked in a worker
+        thread when a loop runs: unlinking 39 MB takes a few ms, eight at once a loop's 25 ms)."""
         self._blocks, self._pending = [], 0
         file, path = self._file, self.path
         self._file = self.path = None
-        if file is not None:
-            file.close()
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        if file is None and path is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _remove(file, path)
+            return
+        loop.run_in_executor(None, _remove, file, path)
 
     def _open(self) -> BinaryIO:
         private.make_dir(self.folder)
