@@ -86,11 +86,25 @@ def test_every_bad_key_is_named_at_once() -> None:
         ("MAILGATE_OUTPUT_HOSTS", "files example.com"),
         ("MAILGATE_MAX_ANSWER_INLINE", "0"),
         ("MAILGATE_MAX_REPLY_SIZE", "ten"),
+        ("MAILGATE_MIN_FREE_SPACE", "-1"),
+        ("MAILGATE_MIN_FREE_SPACE", "60M"),
+        ("MAILGATE_MAX_CONNECTIONS_PER_CLIENT", "0"),
+        ("MAILGATE_SMTP_SESSION_TIMEOUT", "forever"),
     ],
 )
 def test_bad_values_are_refused(key: str, value: str) -> None:
     """Each malformed value is reported under its own name."""
     assert any(p.startswith(key) for p in problems({**MINIMAL, key: value}))
+
+
+def test_the_free_space_floor_follows_the_message_size_limit() -> None:
+    """MAILGATE_MIN_FREE_SPACE defaults to 1.5 x MAILGATE_MAX_MESSAGE_SIZE (as Postfix's queue_minfree
+    advice); an explicit value wins, 0 turns it off; the SMTP session limits have Postfix-like defaults."""
+    settings = load_settings(environ=MINIMAL)
+    assert settings.min_free_space == 60 * 1024 * 1024
+    assert (settings.max_connections_per_client, settings.smtp_session_timeout) == (20, 3600.0)
+    assert load_settings(environ={**MINIMAL, "MAILGATE_MAX_MESSAGE_SIZE": "1000"}).min_free_space == 1500
+    assert load_settings(environ={**MINIMAL, "MAILGATE_MIN_FREE_SPACE": "0"}).min_free_space == 0
 
 
 def test_the_api_key_is_optional_only_on_loopback() -> None:
