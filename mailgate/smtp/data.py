@@ -108,7 +108,7 @@ def incoming_dir(spool: Path) -> Path:
 def sweep(folder: Path) -> int:
     """Remove the spool files a killed process left in `folder`; return how many went."""
     removed = 0
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # no folder (yet), or not one: nothing was left there
         for path in folder.iterdir():
             if path.is_file() and path.name.startswith("data-"):
                 with contextlib.suppress(FileNotFoundError):
