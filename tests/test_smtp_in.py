@@ -185,6 +185,44 @@ async def test_a_message_ending_at_once_and_pipelined_commands_after_the_end() -
     assert await reader.readline() == b"NOOP\r\n"
 
 
+def reference(stream: bytes) -> tuple[bytes, bytes]:
+    """What DATA holds and what follows it, read line by line as Postfix's normalize mode reads it."""
+    lines = stream.split(b"\n")
+    out, after_crlf = [], True
+    for n, line in enumerate(lines[:-1]):
+        crlf = line.endswith(b"\r")
+        text = line[:-1] if crlf else line
+        if text == b"." and crlf and after_crlf:
+            return b"".join(out), b"\n".join(lines[n + 1 :])
+        out.append((text[1:] if text.startswith(b".") else text) + b"\r\n")
+        after_crlf = crlf
+    raise AssertionError("no end of DATA")
+
+
+@pytest.mark.parametrize("limit", [4, 5, 8, 13, 64])
+async def test_the_block_reader_reads_as_a_line_reader_would(limit: int) -> None:
+    """DotReader + Normalizer, with blocks cut anywhere (a small StreamReader limit), give what a
+    line-by-line reader gives: bare LF to CRLF, dots unstuffed, only CRLF.CRLF ending DATA."""
+    streams = [
+        b".\r\nQUIT\r\n",
+        b"a\r\n.\r\n",
+        b"\r\n\r\n.\r\nNOOP\r\n",
+        b"x\n.\r\n.\r\n",
+        b"..a\n..\n.\n\r\n.b\r\r\n\r.\r\n.\r\nRSET\r\n",
+        b"line\n.\nMAIL FROM:<e@x>\r\n\r\n.\n" + b"y" * 40 + b"\r\n..\r\n.\r\n",
+        b"\n.\r\n\r\n.\r\n",
+        b"a\r" + b"\n." * 20 + b"\r\n.\r\n",
+    ]
+    for stream in streams:
+        reader = asyncio.StreamReader(limit=limit)
+        reader.feed_data(stream)
+        reader.feed_eof()
+        dots, normalizer, out = DotReader(reader), Normalizer(), b""
+        while (block := await dots.block()) is not None:
+            out += normalizer.feed(block)
+        assert (out, await reader.read()) == reference(stream), stream
+
+
 # --- 4 and 8. MIME nesting and bare CR, refused at DATA -----------------------------------------------
 
 
@@ -211,6 +249,29 @@ def test_the_nesting_scan_counts_levels_as_the_parser_sees_them() -> None:
             scan.feed(raw[start : start + 7])
         scan.close()
         assert (scan.depth, scan.too_deep) == (depth, too_deep)
+
+
+@needs_corpus
+def test_the_scan_gives_the_same_answer_whatever_the_blocks() -> None:
+    """MimeScan's depth and bare-CR verdict over each corpus message are the same fed whole or in
+    blocks of 3, 7, 64 or 1000 bytes (boundaries and header ends cut anywhere)."""
+
+    def scan(raw: bytes, size: int) -> tuple[int, bool]:
+        scanner = MimeScan()
+        for start in range(0, len(raw), size):
+            scanner.feed(raw[start : start + size])
+        scanner.close()
+        return scanner.depth, scanner.bare_cr
+
+    checked = 0
+    for path in _corpus_messages():
+        raw = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if len(raw) > 60_000:
+            continue
+        whole = scan(raw, len(raw) + 1)
+        assert [scan(raw, size) for size in (3, 7, 64, 1000)] == [whole] * 4, path.name
+        checked += 1
+    assert checked > 250
 
 
 async def test_a_bare_cr_in_the_header_block_is_refused(make_gateway: Any) -> None:
