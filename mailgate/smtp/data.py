@@ -119,7 +119,8 @@ def sweep(folder: Path) -> int:
 
 def _remove(file: BinaryIO | None, path: Path | None) -> None:
     if file is not None:
-        file.close()
+        with contextlib.suppress(OSError):  # closing flushes: a full disk refuses it again
+            file.close()
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
