@@ -1,4 +1,4 @@
-"""The operator verbs: `messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`.
+"""The operator verbs: `messages`, `outbox`, `tasks`, `show`, `status`, `replay`, `archive`, `prune`.
 
 They need only the database (`config.load_operator_settings`; `archive` also the API). Output is for a
 terminal (tables with a header line, one screen for `status`) or, with `--json`, for a program: nested
@@ -21,7 +21,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from mailgate.api import HandingerClient
+from mailgate import retention
 from mailgate.config import OperatorSettings
 from mailgate.errors import MailgateError
 from mailgate.mail.headers import header_block
@@ -61,11 +61,48 @@ async def run(verb: str, args: Any, settings: OperatorSettings, store: Store) ->
         if await store.replay_inbound(args.id) or await store.replay_outbox(args.id):
             print(f"queued again: {args.id} (a running gateway picks it up within seconds)")
             return EXIT_OK
-        print(f"mailgate: {args.id} is not a failed/ignored message or a dead outbox row", file=sys.stderr)
+        row = await store.inbound(args.id)
+        if row is not None and row.state in (InboundState.FAILED, InboundState.IGNORED):
+            why = "its raw message is not all there (pruned after MAILGATE_RETENTION_DAYS, or ignored mail)"
+        else:
+            why = "is not a failed/ignored message or a dead outbox row"
+        print(f"mailgate: {args.id} {why}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    elif verb == "prune":
+        return await _prune(store, settings, args.days, as_json=args.json)
     elif verb == "archive":
         return await _archive(store, settings, args.task_id)
     return EXIT_OK
+
+
+async def _prune(store: Store, settings: OperatorSettings, days: float | None, *, as_json: bool) -> int:
+    """`prune`: cut the raw bytes of messages finished more than `days` (MAILGATE_RETENTION_DAYS) ago to
+    their header block, now; say how many and how much. Retention off (0) and no `--days`: nothing."""
+    days = settings.retention_days if days is None else days
+    before = time.time() - days * retention.DAY
+    done = await retention.prune(store, before=before) if days > 0 else None
+    found = {
+        "messages": done.messages if done else 0,
+        "bytes": done.bytes if done else 0,
+        "retention_days": days,
+        "before": iso(before) if done else None,
+    }
+    if as_json:
+        print(json.dumps(found))
+    elif done is None:
+        print("retention is off (MAILGATE_RETENTION_DAYS=0): nothing pruned; --days N prunes once")
+    else:
+        print(
+            f"pruned {done.messages} raw message(s), {_size(done.bytes)} freed: messages finished before "
+            f"{found['before']} ({days:g} days) keep their header block"
+        )
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
 
 
 # --- rows as JSON -------------------------------------------------------------------------------------
@@ -384,7 +421,9 @@ def _short(text: str | None, limit: int = CELL_MAX) -> str:
 
 
 async def _archive(store: Store, settings: OperatorSettings, task_id: str) -> int:
-    api = HandingerClient(settings.base_url, settings.api_key, concurrency=1, timeout=30)
+    from mailgate.service import make_api_client  # the gateway's wiring, loaded only for `archive`
+
+    api = make_api_client(settings)
     try:
         archived = await api.delete_task(task_id)
     except MailgateError as exc:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate import __version__, logs
 from mailgate.config import OperatorSettings, Settings, load_operator_settings, load_settings
-from mailgate.errors import ConfigError, StartupError, StoreBusy
+from mailgate.errors import ConfigError, SourceInUse, StartupError, StoreBusy, TargetNotEmpty
 from mailgate.models import InboundState, OutboxState
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2, 3, 78
 OPERATOR_VERBS = (
     *("messages", "outbox", "tasks", "show", "status", "replay", "archive"),
-    *("migrate", "suppressed", "unsuppress"),
+    *("migrate", "suppressed", "unsuppress", "prune"),
 )
 INBOUND_STATES = tuple(str(s) for s in InboundState)
 OUTBOX_STATES = tuple(str(s) for s in OutboxState)
@@ -114,12 +114,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = verb("archive", "archive a task at the API (DELETE /api/tasks/{id})")
     p.add_argument("task_id")
+    p = verb(
+        "prune",
+        "retention, now: cut the raw bytes of messages finished more than MAILGATE_RETENTION_DAYS ago to "
+        "their header block (serve does it every hour)",
+    )
+    p.add_argument("--days", type=_days, default=None, help="this many days instead (0 < DAYS)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     _add_sender_verbs(verb)
     parser.epilog = (
-        "The operator verbs (messages, outbox, tasks, show, status, replay, archive) need only the "
+        "The operator verbs (messages, outbox, tasks, show, status, replay, archive, prune) need only the "
         "database: without --env-file they read ./.env when there is one."
     )
     return parser
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {value!r}") from None
+    if not 0 < days < 100_000:
+        raise argparse.ArgumentTypeError(f"expected a positive number of days, got {value!r}")
+    return days
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,7 +255,7 @@ async def _sandbox(args: argparse.Namespace) -> int:
 
 async def _copy(args: argparse.Namespace) -> int:
     from mailgate.config import POSTGRES_SCHEMES, redact_url
-    from mailgate.store.copy import SourceInUse, TargetNotEmpty, copy_sqlite_to_postgres
+    from mailgate.store.copy import copy_sqlite_to_postgres
 
     if not args.target.startswith(POSTGRES_SCHEMES):
         print("mailgate: --to must be a postgresql:// URL", file=sys.stderr)
@@ -276,7 +293,8 @@ async def _operator(args: argparse.Namespace, settings: OperatorSettings) -> int
     from mailgate.admin import run
     from mailgate.service import open_store
 
-    if settings.database_url is None and not settings.database.is_file():
+    # `migrate` makes a new store (version 0 to the current one); the other verbs read an existing one
+    if args.verb != "migrate" and settings.database_url is None and not settings.database.is_file():
         print(
             f"mailgate: no database at {settings.database} (set MAILGATE_DATABASE, in ./.env or with "
             "--env-file)",

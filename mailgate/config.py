@@ -140,7 +140,8 @@ class Settings:
     smtp_timeout: float = 300.0
     smtp_session_timeout: float = 3600.0
     min_free_space: int = 60 * MiB  # refuse new mail below this much free disk; 0: off
-    max_header_size: int = 256 * 1024
+    max_header_size: int = 100 * 1024  # Postfix's header_size_limit
+    retention_days: float = 30.0  # finished messages' raw bytes are pruned after this long; 0: kept
     # transport security of the listener
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -280,7 +281,8 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         smtp_timeout=p.get("MAILGATE_SMTP_TIMEOUT", _positive_float, 300.0) or 300.0,
         smtp_session_timeout=p.get("MAILGATE_SMTP_SESSION_TIMEOUT", _positive_float, 3600.0) or 3600.0,
         min_free_space=_or(p.get("MAILGATE_MIN_FREE_SPACE", _bytes_or_off, None), max_message_size * 3 // 2),
-        max_header_size=p.get("MAILGATE_MAX_HEADER_SIZE", _positive_int, 256 * 1024) or 256 * 1024,
+        max_header_size=p.get("MAILGATE_MAX_HEADER_SIZE", _positive_int, 100 * 1024) or 100 * 1024,
+        retention_days=_or(p.get("MAILGATE_RETENTION_DAYS", _days_or_off, 30.0), 30.0),
         tls_cert=tls_cert,
         tls_key=tls_key,
         require_starttls=bool(require_starttls),
@@ -310,6 +312,7 @@ class OperatorSettings:
     metrics_listen: Listen | None = None
     log_level: str = "WARNING"
     log_format: str = "logfmt"
+    retention_days: float = 30.0  # `prune`: finished messages' raw bytes older than this go; 0: kept
 
     @property
     def store_label(self) -> str:
@@ -363,6 +366,7 @@ def load_operator_settings(
         metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
         log_level=p.get("MAILGATE_LOG_LEVEL", _choice(*LOG_LEVELS), "WARNING") or "WARNING",
         log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
+        retention_days=_or(p.get("MAILGATE_RETENTION_DAYS", _days_or_off, 30.0), 30.0),
     )
     if problems:
         raise ConfigError(problems)
@@ -438,6 +442,16 @@ def _seconds_or_off(value: str) -> float:
     return n
 
 
+def _days_or_off(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of days (0: keep forever), got {value!r}") from None
+    if not 0 <= n < 100_000:
+        raise ValueError(f"must be 0 (keep forever) or a positive number of days, got {value}")
+    return n
+
+
 def _or(value: T | None, default: T) -> T:
     """`value` unless it is None (a 0 is a value, unlike `value or default`)."""
     return default if value is None else value
@@ -489,12 +503,16 @@ def _workers(value: str) -> dict[str, Worker]:
 
 
 def _senders(value: str) -> tuple[str, ...]:
+    """Allowed senders; an internationalised domain (`@mächine.example`) is kept in its IDNA form."""
+    from mailgate.mail.headers import ascii_domain
+
     senders = []
     for item in filter(None, (part.strip().lower() for part in value.split(","))):
         local, at, domain = item.rpartition("@")
+        domain = ascii_domain(domain)
         if item != "*" and not (at and _DOMAIN.match(domain) and "@" not in local):
             raise ValueError(f"{item!r}: expected user@domain, @domain or *")
-        senders.append(item)
+        senders.append(item if item == "*" else f"{local}@{domain}")
     if not senders:
         raise ValueError("no senders given")
     return tuple(senders)

@@ -19,6 +19,8 @@ MailgateError
     ├── TooLarge             (a download past its limit)
     ├── DownloadRefused      (an output file mailgate may not fetch) carries the reason for the reader
     ├── RawMissing           (a message's raw bytes are gone: pruned, or the store was edited)
+    ├── TargetNotEmpty       (`mailgate copy`: the PostgreSQL database already holds a gateway's state)
+    ├── SourceInUse          (`mailgate copy`: a gateway still runs on the SQLite file)
     └── DeliveryFailed       (relay 5xx) `too_large`: the relay refused the message's size
 ```
 
@@ -147,6 +149,14 @@ class DownloadRefused(PermanentError):
 
 class RawMissing(PermanentError):
     """A message's raw bytes are not in the store (pruned after the retention time, or edited away)."""
+
+
+class TargetNotEmpty(PermanentError):
+    """`mailgate copy`: the PostgreSQL database already holds a gateway's state."""
+
+
+class SourceInUse(PermanentError):
+    """`mailgate copy`: a gateway still runs on the SQLite file (it holds the store's lock)."""
 
 
 class DeliveryFailed(PermanentError):

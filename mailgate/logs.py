@@ -8,7 +8,10 @@ or, with MAILGATE_LOG_FORMAT=json, `{"ts": "...", "level": "info", ..., "client"
 
 Invariants an administrator's `grep`, `awk` and log shipper rely on:
 - one event is one line: a traceback is folded into the event's `exc` field (escaped in logfmt, a string
-  in JSON), and control characters in any value are escaped (`\\n`, `\\t`, `\\x1b`), never written raw;
+  in JSON), and control characters in any value are escaped (`\\n`, `\\r`, `\\t`, `\\x00`, `\\x1b`),
+  never written raw; so are the invisible characters that reorder or hide text on a terminal (bidi
+  controls such as U+202E, zero-width characters: `\\u202e`), so a peer cannot make a line read
+  differently from what it holds (JSON escapes everything outside ASCII anyway);
 - aiosmtpd's own warnings (logger `mail.log`) go through the same formatter, so a peer's bytes in
   them are escaped too;
 - a field that is None or empty is left out (`reason=None` never appears);
@@ -28,7 +31,9 @@ from typing import Any
 
 FORMATS = ("logfmt", "json")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]")
+_CONTROL = re.compile(
+    r"[\x00-\x1f\x7f\x80-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+)
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -203,7 +203,8 @@ class LinkedFile:
 
 @dataclass(frozen=True)
 class ReplyHeaders:
-    """Who a reply goes to and how it threads. `subject` is the original; `reply_subject` makes "Re: "."""
+    """Who a reply goes to and how it threads. `subject` is the original; `reply_subject` makes "Re: ".
+    `outbox_id` and `return_path` (the envelope sender, which names that row) are the outbox row's."""
 
     from_addr: str
     from_name: str
@@ -215,6 +216,8 @@ class ReplyHeaders:
     in_reply_to: str | None
     references: Sequence[str]
     loop_header_value: str
+    outbox_id: str = ""
+    return_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from mailgate import checks, private
+from mailgate import checks, private, retention
 from mailgate.admission.admit import Admission
 from mailgate.api import HandingerClient
 from mailgate.config import Listen, OperatorSettings, Settings
@@ -49,8 +50,8 @@ from mailgate.smtp.handler import Handler
 from mailgate.smtp.limits import FreeSpace, Limits
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, SqliteStore, Store
+from mailgate.store.spool import Spool
 from mailgate.turns.scheduler import Scheduler
-from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
@@ -72,14 +73,24 @@ async def open_store(settings: Settings | OperatorSettings) -> Store:
 
 
 def make_api_client(
-    settings: Settings,
+    settings: Settings | OperatorSettings,
     *,
     concurrency: int | None = None,
     timeout: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     metrics: Metrics | None = None,
 ) -> HandingerClient:
-    """The Handinger client as the settings describe it (one per process)."""
+    """The Handinger client as the settings describe it (one per process). The operator verbs' settings
+    name only the API's address and key (`archive` makes one request)."""
+    if isinstance(settings, OperatorSettings):
+        return HandingerClient(
+            settings.base_url,
+            settings.api_key,
+            concurrency=1 if concurrency is None else concurrency,
+            timeout=30.0 if timeout is None else timeout,
+            transport=transport,
+            metrics=metrics,
+        )
     return HandingerClient(
         settings.base_url,
         settings.api_key,
@@ -116,6 +127,8 @@ class Gateway:
         retry_base: float = 2.0,
         hold_seconds: float = 30.0,
         settle_seconds: float = 5.0,
+        prune_after: float = retention.FIRST,
+        prune_every: float = retention.EVERY,
     ) -> None:
         self.settings = settings
         self._api_transport = api_transport
@@ -124,6 +137,7 @@ class Gateway:
         self.shutdown_deadline = shutdown_deadline
         self._timing = Timing(poll_base=poll_base, retry_base=retry_base, settle_seconds=settle_seconds)
         self._hold_seconds = hold_seconds
+        self._prune_after, self._prune_every = prune_after, prune_every
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
@@ -179,7 +193,7 @@ class Gateway:
             Renderer(s.templates_dir),
             OutputFiles(self.api, s),
             secret,
-            eight_bit=lambda: delivery.eight_bit,
+            eight_bit=partial(getattr, delivery, "eight_bit"),  # the transport's flag, read at each reply
             signer=make_signer(s),
         )
         self.scheduler = Scheduler(
@@ -250,6 +264,13 @@ class Gateway:
                 "use only for demos and trusted networks"
             )
         self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+        if s.retention_days > 0:  # MAILGATE_RETENTION_DAYS=0: raw bytes are kept
+            self._tasks.append(asyncio.create_task(self._supervise(self._pruning, "prune"), name="prune"))
+
+    async def _pruning(self) -> None:
+        """Retention, in the background: see `retention.run`."""
+        days = self.settings.retention_days
+        await retention.run(self.store, days, every=self._prune_every, first=self._prune_after)
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""

@@ -29,8 +29,8 @@ from mailgate.replies.render import Renderer
 from mailgate.sandbox import RunningSandbox
 from mailgate.service import make_api_client, make_signer, open_store
 from mailgate.store import InboundRow, Store
+from mailgate.store.spool import Spool
 from mailgate.turns.scheduler import Scheduler
-from mailgate.turns.spool import Spool
 from mailgate.turns.steps import Timing, TurnSteps
 from tests.conftest import settings_for
 from tests.mail import until

@@ -43,7 +43,7 @@ def with_ar(*results: str, from_: str = "Ann <ann@example.com>") -> Headers:
     ("results", "sender"),
     [
         ([f"{OURS}; dmarc=pass header.from=example.com"], "ann@example.com"),
-        ([f"{OURS}; dmarc=pass"], "ann@example.com"),
+        ([f"{OURS}; dmarc=pass"], None),  # a pass about no named domain proves nothing about this From
         ([f"{OURS.upper()}; DMARC=Pass header.from=EXAMPLE.COM"], "ann@example.com"),
         ([f"{OURS} 1; dmarc=pass (p=none dis=none) header.from=example.com"], "ann@example.com"),
         ([f"{OURS}; dkim=pass header.d=example.com header.s=s1"], "ann@example.com"),
@@ -83,7 +83,7 @@ def test_dmarc_results(results: list[str], sender: str | None) -> None:
     ],
 )
 def test_forged_headers_ignored(results: list[str]) -> None:
-    """Only the topmost header with our authserv-id counts, whatever sits above or below it."""
+    """Headers with another authserv-id count for nothing; a failing DMARC verdict of ours wins."""
     verdict = verify_dmarc_results(with_ar(*results), authserv_id=OURS)
     assert verdict == AuthVerdict(None, "DMARC did not pass for example.com")
 
@@ -306,3 +306,77 @@ def test_dkim_garbage_signature() -> None:
     """A malformed DKIM-Signature header is a failure, not an exception."""
     raw = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; garbage\r\n" + MESSAGE
     assert verify_dkim(raw, parse(raw), dnsfunc=dns_for({})).sender is None
+
+
+# --- issue 11: From judged by its address; every result of our MTA -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("from_", "sender"),
+    [
+        ('"=?ISO-8859-1?Q?Fran=E7ois_Boulogne?=" <boulogne.f@gmail.com>', "boulogne.f@gmail.com"),
+        ("jdöe@mächine.example", "jdöe@mächine.example"),
+        ("Jöhn <JDöE@Mächine.Example>", "jdöe@mächine.example"),
+        ("Doe, John <j@example.org>", "j@example.org"),
+        ("Name <a@example.org> trailing words", "a@example.org"),
+        ("(comment <x@evil.example>) a@example.org", "a@example.org"),
+        ('"a@evil.example" <a@example.org>', "a@example.org"),
+        ("Pete(A wonderful \\) chap) <pete(his account)@silly.test(his host)>", "pete@silly.test"),
+        ("a@evil.example <a@example.org>", None),
+        ("x <<a@example.org>>", None),
+        ("<a@example.org", None),
+        ("Foo <foo@[192.0.2.1]>", None),
+        ('"x" <a b@example.org>', None),
+        ("undisclosed-recipients:;", None),
+    ],
+)
+def test_a_from_is_judged_by_its_address(from_: str, sender: str | None) -> None:
+    """A display-name defect is no reason to refuse; an unclear or malformed address is."""
+    raw = f"From: {from_}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    assert trust_from_header(Headers.parse(raw)).sender == sender
+
+
+def test_a_from_longer_than_max_text_is_unusable() -> None:
+    """A From value over MAX_TEXT characters is not read at all: no usable From address."""
+    from_ = '"' + "n" * 9000 + '" <a@example.org>'
+    assert trust_from_header(headers(f"From: {from_}")) == AuthVerdict(None, "no usable From address")
+
+
+def test_opendmarc_none_above_opendkim_pass_authenticates() -> None:
+    """The known refusal: OpenDMARC's `dmarc=none` header above OpenDKIM's `dkim=pass`, both ours,
+    above our Received: read together, the aligned DKIM pass authenticates."""
+    msg = headers(
+        f"Authentication-Results: {OURS}; dmarc=none (p=none dis=none) header.from=example.com\n"
+        f"Authentication-Results: {OURS}; dkim=pass (2048-bit key) header.d=example.com header.s=s1\n"
+        "Received: from mail.example.com by mx.agents.example.com (Postfix)\n"
+        "From: Ann <ann@example.com>"
+    )
+    assert verify_dmarc_results(msg, authserv_id=OURS) == AuthVerdict(
+        "ann@example.com", "DKIM passed for example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "sender"),
+    [
+        (["A: dmarc=none header.from=example.com", "Received", "A: dkim=pass header.d=example.com"], None),
+        (["Received", "A: dkim=pass header.d=example.com", "Received"], "ann@example.com"),
+        (["A: dkim=pass header.d=example.com", "A: spf=fail smtp.mailfrom=example.com"], "ann@example.com"),
+        (["A: dkim=pass header.d=example.com", "A: dmarc=fail header.from=example.com"], None),
+        (
+            ["A: dmarc=pass header.from=EXAMPLE.com.", "A: dmarc=none header.from=example.com"],
+            "ann@example.com",
+        ),
+    ],
+)
+def test_our_results_run_from_the_topmost_of_ours_to_the_next_received(
+    lines: list[str], sender: str | None
+) -> None:
+    """Ours: from our topmost Authentication-Results down to the first Received below it (a content
+    filter's Received may sit above them); further down came from elsewhere."""
+    text = [
+        "Received: from x by y" if line == "Received" else f"Authentication-Results: {OURS}; {line[3:]}"
+        for line in lines
+    ]
+    msg = headers("\n".join([*text, "From: Ann <ann@example.com>"]))
+    assert verify_dmarc_results(msg, authserv_id=OURS).sender == sender

@@ -18,7 +18,8 @@ from ulid import ULID
 from mailgate.admission import bounces, threads
 from mailgate.mail.dsn import read_report
 from mailgate.models import InboundState, OutboxState
-from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, Store
+from mailgate.replies import addresses
+from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, SqliteStore, Store
 from mailgate.store.sqlite import BOUNCE_WINDOW
 from tests.conftest import CORPUS, needs_corpus
 
@@ -27,6 +28,29 @@ ALICE = "alice@example.org"
 BOB = "bob@example.org"
 
 # --- return-path tokens --------------------------------------------------------------------------------
+
+
+def test_addresses_made_for_a_reply_verify_at_admission() -> None:
+    """The return path and the Reply-To that `replies.addresses` makes are the ones `admission.bounces`
+    and `admission.threads` accept (and make, byte for byte), and with another secret they do not verify."""
+    outbox_id, task_id = str(ULID()), threads.new_task_id()
+    path = addresses.return_path(SECRET, "research", "agents.example.com", outbox_id)
+    assert path == bounces.bounce_address(SECRET, "research", "agents.example.com", outbox_id)
+    split = threads.split_recipient(path, "agents.example.com")
+    assert split is not None and split[0] == "research"
+    token = bounces.token_of_tag(str(split[1]))
+    assert token is not None and bounces.verify_bounce_token(SECRET, token, outbox_id)
+    assert not bounces.verify_bounce_token(b"another-secret-0123456789", token, outbox_id)
+
+    reply_to = addresses.reply_to(SECRET, "research", "agents.example.com", task_id, ALICE.upper())
+    assert reply_to == f"research+{threads.make_token(SECRET, task_id, ALICE)}@agents.example.com"
+    split = threads.split_recipient(reply_to, "agents.example.com")
+    assert split is not None and split[1] is not None and threads.looks_like_token(split[1])
+    assert threads.task_id_of_token(split[1]) == task_id
+    assert threads.verify_token(SECRET, split[1], task_id, ALICE)
+    assert not threads.verify_token(SECRET, split[1], task_id, BOB)
+    with pytest.raises(ValueError, match="not a mailgate task id"):
+        addresses.reply_token(SECRET, "not-a-task", ALICE)
 
 
 def test_a_return_path_fits_a_local_part_and_verifies_only_for_its_reply() -> None:
@@ -179,9 +203,16 @@ def test_sisimai_delays_and_deliveries_are_no_failures(name: str) -> None:
 # --- the store: bounce records and the suppression list ----------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "store.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The test's store, on each backend (PostgreSQL: a fresh database on the session's server)."""
+    s: Store
+    if request.param == "sqlite":
+        s = await SqliteStore.open(tmp_path / "store.db")
+    else:
+        from mailgate.store.postgres import PostgresStore
+
+        s = await PostgresStore.open(str(request.getfixturevalue("postgres_db")))
     try:
         yield s
     finally:
@@ -195,7 +226,14 @@ async def sent_reply(store: Store, to: str = ALICE) -> str:
         message_id=f"<{ULID()}.mailgate@agents.example.com>", mail_from=f"research+bounce-{ULID()}@x".lower(),
         recipients=[to], data=b"Subject: x\r\n\r\nx\r\n", created_at=time.time(),
     )  # fmt: skip
-    await store.finish(str(ULID()), InboundState.ANSWERED, None, [reply])  # queued as the scheduler does
+    raw = f"question {ULID()}".encode()
+    asked = NewMessage(
+        id=str(ULID()), raw_id=str(ULID()), received_at=time.time(), mail_from=to, rcpt="research@x",
+        alias="research", sender=to, message_id=None, subject="x", dedupe_key=str(ULID()), state="received",
+    )  # fmt: skip
+    await store.admit(Admitted(asked.raw_id, hashlib.sha256(raw).hexdigest(), raw, [asked]))
+    reply = NewReply(**{**reply.__dict__, "inbound_id": asked.id})
+    await store.finish(asked.id, InboundState.ANSWERED, None, [reply])  # queued as the scheduler does
     await store.record_delivery(reply.id, OutboxState.SENT, attempts=1, error=None, sent_at=time.time())
     return reply.id
 

@@ -327,3 +327,23 @@ def test_a_bad_postgresql_url_and_lease_are_named() -> None:
     )
     assert [p.split(":", 1)[0] for p in found] == ["MAILGATE_DATABASE", "MAILGATE_LEASE_SECONDS"]
     assert "nosuchoption" in found[0]
+
+
+def test_retention_and_the_header_limit_default_as_postfix_would() -> None:
+    """MAILGATE_RETENTION_DAYS is 30 days unless set (0 keeps raw bytes, for serve and the operator verbs
+    alike); MAILGATE_MAX_HEADER_SIZE is Postfix's header_size_limit, 102400."""
+    settings = load_settings(environ=MINIMAL)
+    assert (settings.retention_days, settings.max_header_size) == (30.0, 102400)
+    assert load_settings(environ=MINIMAL | {"MAILGATE_RETENTION_DAYS": "0"}).retention_days == 0
+    assert load_operator_settings(environ={"MAILGATE_RETENTION_DAYS": "7.5"}).retention_days == 7.5
+    assert problems(MINIMAL | {"MAILGATE_RETENTION_DAYS": "-1"}) == [
+        "MAILGATE_RETENTION_DAYS: must be 0 (keep forever) or a positive number of days, got -1"
+    ]
+
+
+def test_an_allowed_sender_may_name_an_internationalised_domain() -> None:
+    """`@mächine.example` is kept in its IDNA form, as sender domains are compared."""
+    settings = load_settings(
+        environ=MINIMAL | {"MAILGATE_ALLOWED_SENDERS": "@Mächine.example,jdöe@b.example"}
+    )
+    assert settings.allowed_senders == ("@xn--mchine-bua.example", "jdöe@b.example")

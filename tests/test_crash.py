@@ -103,6 +103,13 @@ class Daemon:
             self.proc.send_signal(sig)
         return await self.proc.wait()
 
+    async def listening(self, port: int) -> bool:
+        """True once the gateway greets on `port`; a gateway that exited instead fails the test at once,
+        with its log (not after the wait's timeout, saying only that it never listened)."""
+        if self.proc is not None and self.proc.returncode is not None:
+            raise AssertionError(f"the gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return await smtp_ready(port)
+
     def log_tail(self, lines: int = 30) -> str:
         out = []
         for n in range(1, self.starts + 1):

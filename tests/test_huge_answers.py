@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import email
 import logging
+import os
 import time
 from email.policy import default
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench._loopprobe import SmtpNoopProbe
 from mailgate.sandbox import long_answer, served_file_bytes
+from tests.conftest import env_for
+from tests.daemon import Serve, write_env
 from tests.mail import make_mail, smtp_send, until
 
 pytestmark = pytest.mark.anyio
@@ -154,3 +158,43 @@ async def test_a_relay_552_gets_the_links_only_reply(make_gateway: Any, sandbox:
         assert f"- {name} ({why}): {sandbox.url}/files/{request.task_id}/0/{name}" in text
     assert "The whole answer is on the task page:" in text
     assert len(relay.messages) == 1
+
+
+def rss_of(pid: int) -> int:
+    """The resident set size of process `pid`, in bytes."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+async def test_after_a_10_mb_answer_the_daemons_memory_returns(
+    tmp_path: Path, sandbox: Any, relay: Any
+) -> None:
+    """`mailgate serve` (a process of its own) sends a 10 MB answer's reply; its RSS then comes back to
+    within 50 MB of what it was before the mail."""
+    env = write_env(tmp_path / "mailgate.env", env_for(tmp_path, sandbox.url, relay.port))
+    daemon = Serve(env, tmp_path / "serve.log")
+    await daemon.start()
+    try:
+        port = await daemon.started()
+        assert (await smtp_send(port, make_mail(body="Warm up."))).accepted
+        await relay.wait_for(1, timeout=20)
+        before = rss_of(daemon.pid)
+        body = "Write it all. [sandbox:answer-bytes=10000000]"
+        assert (await smtp_send(port, make_mail(body=body))).accepted
+        [_, (_, _, data)] = await relay.wait_for(2, timeout=60)
+        assert len(data) <= 10 * MiB
+        seen: list[int] = []
+
+        def settled() -> bool:
+            seen.append(rss_of(daemon.pid) - before)
+            return seen[-1] < 50 * MiB
+
+        await until(settled, timeout=20, what="RSS back within 50 MB of where it started")
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.close()
+    print(
+        f"RSS before {before / MiB:.0f} MiB; after the reply "
+        f"+{seen[0] / MiB:.0f} -> +{seen[-1] / MiB:.0f} MiB"
+    )

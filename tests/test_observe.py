@@ -116,6 +116,38 @@ async def test_a_scrape_before_and_after_a_mail_shows_the_counters_move(
     assert all(name.startswith("mailgate_") for name, _ in after)  # nothing but our own, per gateway
 
 
+async def test_retries_and_jobs_in_hand_move_with_a_refused_post_and_a_deferred_reply(
+    make_gateway: Callable[..., Gateway], sandbox: RunningSandbox, relay: RecordingRelay
+) -> None:
+    """An API 503 and a relay 451 each count one retry of their stage; a running turn is one job in hand."""
+    sandbox.state.faults.push(status=503, times=1)
+    relay.fail_next("451 4.3.0 Not now", stage="MAIL")
+    async with make_gateway(MAILGATE_METRICS_LISTEN="127.0.0.1:0") as gw:
+        before = await metrics_of(gw)
+        assert (await smtp_send(gw.smtp_port, make_mail(body="Retry me [sandbox:slow=1]"))).accepted
+
+        async def in_hand() -> bool:
+            return value(await metrics_of(gw), "mailgate_jobs_in_hand", loop="scheduler") == 1
+
+        await until(in_hand, timeout=15, what="the turn counted as a job in hand")
+        await relay.wait_for(1, timeout=20)
+
+        async def settled() -> bool:
+            page = await metrics_of(gw)
+            return (
+                value(page, "mailgate_deliveries_total", kind="answer", state="sent") == 1
+                and value(page, "mailgate_jobs_in_hand", loop="scheduler") == 0
+            )
+
+        await until(settled, timeout=15, what="the reply sent and no job left in hand")
+        after = await metrics_of(gw)
+    for stage in ("api", "relay"):
+        moved = value(after, "mailgate_retries_total", stage=stage) - value(
+            before, "mailgate_retries_total", stage=stage
+        )
+        assert moved == 1, stage
+
+
 async def test_two_gateways_in_one_process_count_apart(
     tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay
 ) -> None:

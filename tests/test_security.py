@@ -109,10 +109,11 @@ async def barrier(gw: Any, relay: Any, count: int) -> None:
         ),
     ],
 )
-async def test_dmarc_mode_trusts_only_the_topmost_results_of_our_own_mta(
+async def test_dmarc_mode_trusts_only_the_results_of_our_own_mta(
     make_gateway: Any, sandbox: Any, results: list[str], accepted: bool
 ) -> None:
-    """Only our authserv-id's topmost Authentication-Results decides; otherwise 550 5.7.1 with a reason."""
+    """Only our authserv-id's Authentication-Results decide (a failing DMARC verdict wins); otherwise
+    550 5.7.1 with a reason."""
     async with make_gateway(**DMARC) as gw:
         raw = with_results(make_mail(), *results)
         seen = await smtp_send(gw.smtp_port, raw, mail_from="spoofer@evil.example", rcpts=[WORKER])
@@ -134,7 +135,9 @@ async def test_the_authenticated_from_not_the_envelope_is_checked(
 ) -> None:
     """An allowed envelope with a disallowed From is refused; the reverse is accepted and answered."""
     async with make_gateway(**DMARC) as gw:
-        bad = with_results(make_mail(sender="mallory@evil.example"), f"{AUTHSERV}; dmarc=pass")
+        bad = with_results(
+            make_mail(sender="mallory@evil.example"), f"{AUTHSERV}; dmarc=pass header.from=evil.example"
+        )
         seen = await smtp_send(gw.smtp_port, bad, mail_from="alice@example.org", rcpts=[WORKER])
         assert seen.data is not None and seen.data[0] == 550
         assert "mallory@evil.example may not send" in seen.data[1]

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from email.policy import default
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 
 import anyio
 import pytest
+from ulid import ULID
 
 from mailgate import cli
 from mailgate.sandbox import RunningSandbox
 from mailgate.service import Gateway
+from mailgate.store import Admitted, NewBounce, NewMessage, SqliteStore
 from mailgate.store.schema import VERSION as SQLITE_VERSION
 from tests.conftest import both_stores, settings_for
 from tests.mail import make_mail, smtp_send, until
@@ -161,11 +164,42 @@ async def test_migrate_against_an_unreachable_database_exits_3(
 # --- mailgate copy --------------------------------------------------------------------------------------
 
 
+def bounce_report(outbox_id: str, *, limit: int) -> Admitted:
+    """A bounce report (recorded `ignored`) telling of a hard bounce of the reply `outbox_id` to bob."""
+    raw = b"From: MAILER-DAEMON@example.org\r\nSubject: Undelivered\r\n\r\nno such user\r\n"
+    queue_id, now = str(ULID()), time.time()
+    report = NewMessage(
+        id=queue_id,
+        raw_id=queue_id,
+        received_at=now,
+        mail_from="",
+        rcpt="research+bounce-x@agents.example.com",
+        alias="research",
+        sender=None,
+        message_id=None,
+        subject="Undelivered",
+        dedupe_key=f"bounce-{queue_id}",
+        state="ignored",
+        reason="bounce",
+    )
+    bounce = NewBounce(outbox_id, "bob@example.org", "5.1.1", "smtp; 550 5.1.1 no such user", True)
+    return Admitted(
+        raw_id=queue_id,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        data=raw,
+        messages=[report],
+        bounces=[(queue_id, bounce)],
+        received_at=now,
+        bounce_limit=limit,
+    )
+
+
 async def test_copy_moves_a_gateway_to_postgresql_and_its_threads_continue(
     tmp_path: Path, postgres_db: str, sandbox: RunningSandbox, relay: RecordingRelay, capsys: Any
 ) -> None:
-    """Messages, tasks, participants, thread ids, the outbox and the secret are copied: every row reads
-    back the same, and a reply to a token minted on SQLite continues its task on PostgreSQL."""
+    """Messages, tasks, participants, thread ids, the outbox, bounces, the suppression list and the secret
+    are copied: every row reads back the same (new bounces number after the copied ones), and a reply to
+    a token minted on SQLite continues its task on PostgreSQL."""
     sqlite_path = tmp_path / "old.db"
     old = {"MAILGATE_DATABASE": str(sqlite_path), "MAILGATE_SECRET": ""}
     async with gateway(tmp_path, sandbox, relay, "old", **old) as gw:
@@ -185,6 +219,19 @@ async def test_copy_moves_a_gateway_to_postgresql_and_its_threads_continue(
         raws = {r.raw_id: await gw.store.raw(r.raw_id) for r in before["inbound"]}
         participants = {t.id: await gw.store.participants(t.id) for t in before["tasks"]}
         secret = await gw.store.secret()
+    old_store = await SqliteStore.open(sqlite_path)  # a reply bounced twice: its address is suppressed
+    try:
+        bounced = before["outbox"][0].id
+        for _ in range(2):
+            await old_store.admit(bounce_report(bounced, limit=2))
+        before["inbound"] = await old_store.list_inbound()
+        before["outbox"] = await old_store.list_outbox()
+        bounces = await old_store.bounces_of([bounced])
+        suppressed = await old_store.suppressed()
+        assert len(bounces) == 2 and [s.addr for s in suppressed] == ["bob@example.org"]
+        raws |= {r.raw_id: await old_store.raw(r.raw_id) for r in before["inbound"]}
+    finally:
+        await old_store.close()
 
     code, out, err = await mailgate(capsys, "copy", "--from", str(sqlite_path), "--to", postgres_db)
     assert code == 0, err
@@ -200,6 +247,13 @@ async def test_copy_moves_a_gateway_to_postgresql_and_its_threads_continue(
         assert {raw_id: await store.raw(raw_id) for raw_id in raws} == raws
         assert {t: await store.participants(t) for t in participants} == participants
         assert await store.secret() == secret
+        assert await store.bounces_of([bounced]) == bounces
+        assert await store.suppressed() == suppressed
+        await store.admit(bounce_report(bounced, limit=2))  # the next bounce id follows the copied ones
+        assert [b.id for b in await store.bounces_of([bounced])] == [
+            *(b.id for b in bounces),
+            bounces[-1].id + 1,
+        ]
     finally:
         await store.close()
 

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ulid import ULID
 
 from mailgate.errors import RawMissing, StoreBusy
 from mailgate.models import InboundState, OutboxState, TaskRef
-from mailgate.store import Admitted, NewMessage, NewReply, NewTask, SqliteStore, Store
+from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, NewTask, SqliteStore, Store
 from mailgate.store.schema import ACTIVE, MIGRATIONS, VERSION
 
 pytestmark = pytest.mark.anyio
@@ -755,3 +756,354 @@ async def test_file_hashes_of_task_are_the_earlier_messages_files(store: Store) 
     assert await store.file_hashes_of_task(task.id, before=first.id) == set()
     assert await store.file_hashes_of_task(task.id, before=second.id) == {"aa", "bb"}
     assert await store.file_hashes_of_task(task.id, before=third.id) == {"aa", "bb", "cc"}
+
+
+# --- duplicates: recipient, sender and Message-ID (issue 11) -----------------------------------------
+
+
+def legacy_key(rcpt: str, message_id: str) -> str:
+    """The duplicate key rows had before senders counted (recipient and Message-ID)."""
+    return hashlib.sha256(f"{rcpt}\n{message_id}".encode()).hexdigest()
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["sender", "envelope"])
+async def test_a_row_recorded_before_senders_counted_matches_only_its_own_sender(
+    store: Store, authenticated: bool
+) -> None:
+    """A row under the old key is a duplicate for the same sender (authenticated, or the envelope of
+    an ignored one) and for no other; a row under the new key is found by it alone."""
+    rcpt, mid = "research@agents.example.com", "<old@example.org>"
+    old = new_message(None, state=InboundState.IGNORED, message_id=mid, dedupe_key=legacy_key(rcpt, mid))
+    if not authenticated:
+        old = NewMessage(**{**old.__dict__, "sender": None, "mail_from": "list-bounces@example.org"})
+    batch = admitted(old)
+    await store.admit(batch)
+    who = OWNER if authenticated else "env:list-bounces@example.org"
+    stranger = "mallory@example.net" if authenticated else "env:other@example.org"
+
+    async def found(key: str, who: str) -> str | None:
+        facts = await store.admission_facts(
+            [key], legacy_keys=[legacy_key(rcpt, mid)], who=who, max_turns=1, max_new_tasks=1
+        )
+        return facts.duplicates[key]
+
+    assert await found("new-key-1", who) == batch.messages[0].id
+    assert await found("new-key-2", stranger) is None
+    assert await duplicate_of(store, legacy_key(rcpt, mid)) == batch.messages[0].id  # without a sender
+    newer = admitted(new_message(None, state=InboundState.IGNORED, message_id=mid, dedupe_key="new-key-3"))
+    await store.admit(newer)
+    assert await found("new-key-3", stranger) == newer.messages[0].id
+
+
+# --- retention: prune_raw (issue 11) -----------------------------------------------------------------
+
+HEAD = b"From: alice@example.org\r\nSubject: Quarterly numbers\r\n\r\n"
+BODY = b"Please summarise.\r\n" + b"x" * 5000 + b"\r\n"
+DAY = 86400.0
+
+
+async def admit_at(store: Store, *states: str, at: float, data: bytes = HEAD + BODY) -> Admitted:
+    """One raw message with a row per state in `states`, recorded (and last changed) at `at`."""
+    batch = admitted(*(new_message(None, state=s, received_at=at) for s in states), data=data)
+    await store.admit(batch)
+    return batch
+
+
+async def test_prune_cuts_only_raw_messages_whose_messages_all_finished_long_ago(store: Store) -> None:
+    """Answered, ignored and failed rows older than the cut lose their body and keep their header
+    block; a raw message with one active row, or one changed since the cut, stays whole."""
+    now = time.time()
+    old = [await admit_at(store, state, at=now - 40 * DAY) for state in TERMINAL]
+    lf = await admit_at(
+        store, InboundState.ANSWERED, at=now - 40 * DAY, data=(HEAD + BODY).replace(b"\r\n", b"\n")
+    )
+    mixed = await admit_at(store, InboundState.ANSWERED, InboundState.QUEUED, at=now - 40 * DAY)
+    active = await admit_at(store, InboundState.RECEIVED, at=now - 40 * DAY)
+    recent = await admit_at(store, InboundState.ANSWERED, at=now - DAY)
+
+    done = await store.prune_raw(now - 30 * DAY)
+
+    assert done.messages == len(old) + 1
+    assert done.bytes == len(old) * len(BODY) + len(BODY.replace(b"\r\n", b"\n"))
+    for batch in old:
+        assert await store.raw_head(batch.raw_id) == HEAD
+        with pytest.raises(RawMissing, match="not kept whole"):
+            await store.raw(batch.raw_id)
+    assert await store.raw_head(lf.raw_id) == HEAD.replace(b"\r\n", b"\n")
+    for batch in (mixed, active, recent):
+        assert await store.raw(batch.raw_id) == HEAD + BODY
+    assert await store.prune_raw(now - 30 * DAY) == type(done)()  # nothing left to do
+
+
+async def test_prune_goes_a_batch_at_a_time(store: Store) -> None:
+    """`limit` bounds one call; the next call takes the rest."""
+    for _ in range(3):
+        await admit_at(store, InboundState.ANSWERED, at=time.time() - 40 * DAY)
+    first = await store.prune_raw(time.time() - 30 * DAY, limit=2)
+    second = await store.prune_raw(time.time() - 30 * DAY, limit=2)
+    assert (first.messages, second.messages) == (2, 1)
+
+
+async def test_replay_refuses_a_pruned_message_and_an_ignored_ones_head(store: Store) -> None:
+    """A message whose raw bytes were pruned, or stored only in part (ignored mail keeps its head),
+    cannot be replayed; its raw bytes are reported missing, never handed out cut short."""
+    pruned = await admit_at(store, InboundState.FAILED, at=time.time() - 40 * DAY)
+    await store.prune_raw(time.time() - 30 * DAY)
+    head = admitted(new_message(None, state=InboundState.IGNORED), data=HEAD + BODY[:100])
+    head = Admitted(**{**head.__dict__, "size": len(HEAD + BODY)})
+    await store.admit(head)
+    whole = await admit_at(store, InboundState.IGNORED, at=time.time())
+
+    assert await store.replay_inbound(pruned.messages[0].id) is False
+    assert await store.replay_inbound(head.messages[0].id) is False
+    with pytest.raises(RawMissing):
+        await store.raw(head.raw_id)
+    assert await store.raw_head(head.raw_id) == HEAD + BODY[:100]
+    assert await store.replay_inbound(whole.messages[0].id) is True
+
+
+# --- what the sender hears (issue 15) and what the operator sees (issue 14) ------------------------------
+
+VERP = "research+bounce-{}@agents.example.com"
+
+
+async def sent_reply(store: Store, *, mail_from: str | None = None, state: str = OutboxState.SENT) -> str:
+    """A reply of a new task's first message, sent from its own return path (`VERP`) and then in `state`;
+    its outbox id."""
+    task, message = await one_task_message(store)
+    answer = reply(message.id, task.id)
+    answer = replace(answer, mail_from=mail_from or VERP.format(answer.id.lower()))
+    await store.finish(message.id, InboundState.ANSWERED, None, [answer], task_id=task.id, task_turns=1)
+    await store.record_delivery(answer.id, state, attempts=1, error=None, reply="250 2.0.0 Ok")
+    return answer.id
+
+
+async def record_bounce(
+    store: Store,
+    outbox_id: str,
+    *,
+    addr: str | None = "bob@example.org",
+    hard: bool = True,
+    status: str = "5.1.1",
+    at: float | None = None,
+    limit: int = 3,
+) -> str:
+    """A bounce report admitted (`ignored`, as admission records one) telling of a bounce of `outbox_id`;
+    the report's queue id."""
+    report = new_message(None, state=InboundState.IGNORED, received_at=at)
+    bounce = NewBounce(outbox_id, addr, status, f"smtp; 550 {status} no such user", hard)
+    batch = replace(
+        admitted(report),
+        bounces=[(report.id, bounce)],
+        received_at=report.received_at,
+        bounce_limit=limit,
+    )
+    await store.admit(batch)
+    return report.id
+
+
+async def test_a_bounce_is_recorded_against_the_reply_its_return_path_names(store: Store) -> None:
+    """The reply is found by its return path (any case); a bounce marks a sent reply `bounced` with the
+    report's status and diagnostic, and is listed per reply and per report; a reply still being retried
+    keeps its state, with the bounce noted."""
+    outbox_id = await sent_reply(store)
+    found = await store.outbox_by_mail_from(VERP.format(outbox_id.lower()).upper())
+    assert found is not None and found.id == outbox_id
+    assert await store.outbox_by_mail_from("research+bounce-nothing@agents.example.com") is None
+
+    report_id = await record_bounce(store, outbox_id, addr="Bob@Example.ORG")
+    row = await store.outbox_row(outbox_id)
+    assert row is not None and row.bounced_at is not None
+    assert (row.state, row.bounce_status, row.bounce_diagnostic) == (
+        "bounced",
+        "5.1.1",
+        "smtp; 550 5.1.1 no such user",
+    )
+    [bounce] = await store.bounces_of([outbox_id, "other"])
+    assert (bounce.outbox_id, bounce.inbound_id, bounce.addr, bounce.status, bounce.hard) == (
+        outbox_id,
+        report_id,
+        "bob@example.org",
+        "5.1.1",
+        1,
+    )
+    assert await store.bounce_reported_by(report_id) == [bounce]
+    assert await store.bounces_of([]) == []
+    report = await store.inbound(report_id)
+    assert report is not None and report.state == InboundState.IGNORED
+
+    retrying = await sent_reply(store, state=OutboxState.RETRY)
+    await record_bounce(store, retrying, hard=False, status="4.2.2")
+    row = await store.outbox_row(retrying)
+    assert row is not None and (row.state, row.bounce_status) == ("retry", "4.2.2")
+    assert [b.hard for b in await store.bounces_of([retrying, outbox_id])] == [1, 0]
+
+
+async def test_hard_bounces_reaching_the_limit_suppress_the_address_until_unsuppressed(store: Store) -> None:
+    """Hard bounces within 30 days count towards the limit (soft ones and older ones do not); at the limit
+    the address is suppressed, with the reason; `unsuppress` clears it and the bounces before it stop
+    counting."""
+    outbox_id = await sent_reply(store)
+    now = time.time()
+    await record_bounce(store, outbox_id, at=now - 31 * 86400, limit=2)  # outside the window
+    await record_bounce(store, outbox_id, at=now - 60, limit=2)
+    await record_bounce(store, outbox_id, hard=False, status="4.2.2", at=now - 50, limit=2)
+    await record_bounce(store, outbox_id, addr=None, at=now - 45, limit=2)  # no address: counts for none
+    assert await store.is_suppressed("bob@example.org") is False
+    assert await store.suppressed() == []
+
+    await record_bounce(store, outbox_id, addr="BOB@example.org", at=now - 40, limit=2)
+    assert await store.is_suppressed("Bob@Example.org") is True
+    [entry] = await store.suppressed()
+    assert (entry.addr, entry.suppressed_at, entry.cleared_at) == ("bob@example.org", now - 40, None)
+    assert entry.reason is not None and entry.reason.startswith("2 hard bounces in 30 days")
+    await record_bounce(store, outbox_id, at=now - 30, limit=2)  # already suppressed: kept as it was
+    assert [(e.addr, e.suppressed_at) for e in await store.suppressed()] == [("bob@example.org", now - 40)]
+
+    assert await store.unsuppress("Bob@example.org") is True
+    assert await store.unsuppress("bob@example.org") is False
+    assert await store.unsuppress("nobody@example.org") is False
+    assert await store.is_suppressed("bob@example.org") is False
+    assert await store.suppressed() == []
+
+    await record_bounce(store, outbox_id, at=time.time(), limit=2)  # the earlier ones no longer count
+    assert await store.is_suppressed("bob@example.org") is False
+    await record_bounce(store, outbox_id, at=time.time(), limit=2)
+    assert await store.is_suppressed("bob@example.org") is True
+    assert len(await store.bounces_of([outbox_id])) == 8
+
+
+async def test_a_running_turn_is_acknowledged_once_with_its_notice_in_one_transaction(store: Store) -> None:
+    """`mark_running` stamps when the turn started; `acknowledge` stamps `acked_at` and queues the notice
+    together (a failing notice leaves `acked_at` unset), keeping the state and `updated_at`."""
+    task, message = await one_task_message(store)
+    await store.mark_submitting(message.id, turn_seq=0, attempts=1)
+    before = time.time()
+    await store.mark_running(message.id, turn_seq=0)
+    running = await store.inbound(message.id)
+    assert running is not None and running.started_at is not None and running.acked_at is None
+    assert before <= running.started_at <= time.time()
+
+    other_task, other = await one_task_message(store)
+    clash = replace(reply(other.id, other_task.id, kind="notice"), message_id="<same@agents.example.com>")
+    await store.finish(other.id, InboundState.ANSWERED, None, [clash])
+    with pytest.raises(StoreBusy):
+        await store.acknowledge(message.id, [replace(clash, id=str(ULID()), inbound_id=message.id)])
+    unchanged = await store.inbound(message.id)
+    assert unchanged is not None and unchanged.acked_at is None
+    assert await store.outbox_for(message.id) == []
+
+    notice = reply(message.id, task.id, kind="notice")
+    await store.acknowledge(message.id, [notice])
+    row = await store.inbound(message.id)
+    assert row is not None and row.acked_at is not None and row.acked_at >= running.started_at
+    assert (row.state, row.updated_at) == (InboundState.RUNNING, running.updated_at)
+    assert [o.id for o in await store.outbox_for(message.id)] == [notice.id]
+    await store.acknowledge(message.id)  # the limits let no notice go: only remembered
+    again = await store.inbound(message.id)
+    assert again is not None and again.acked_at is not None and again.acked_at >= row.acked_at
+
+
+async def test_replay_after_a_turn_that_ended_in_error_posts_a_new_turn(store: Store) -> None:
+    """A message whose turn ended at the API (`turn_status`) is replayed as a new turn after that one,
+    with no attempt counted; without a `turn_status` the attempts are kept (the POST is looked for)."""
+    task, message = await one_task_message(store)
+    await store.set_turn_input(message.id, input="the input", files=[], skipped=[])
+    await store.mark_submitting(message.id, turn_seq=2, attempts=1)
+    await store.mark_running(message.id, turn_seq=2)
+    await store.finish(
+        message.id, InboundState.FAILED, "the worker failed", task_id=task.id, turn_status="error"
+    )
+    ended = await store.inbound(message.id)
+    assert ended is not None and (ended.turn_status, ended.turn_seq) == ("error", 2)
+
+    assert await store.replay_inbound(message.id) is True
+    row = await store.inbound(message.id)
+    assert row is not None
+    assert (row.state, row.attempts, row.turn_seq, row.turn_status, row.reason) == (
+        InboundState.QUEUED,
+        0,
+        3,
+        None,
+        None,
+    )
+
+
+async def test_status_reads_count_states_find_the_oldest_and_the_problems(store: Store) -> None:
+    """`count_by_state`, `oldest_waiting`, `recent_problems` (newest first, errors only) and
+    `find_message_id` (with or without angle brackets) read what the operator's `status` and `show`
+    print."""
+    assert await store.count_by_state() == {"inbound": {}, "outbox": {}}
+    assert await store.oldest_waiting() is None and await store.recent_problems() == []
+    now = time.time()
+    _, oldest = await one_task_message(store, received_at=now - 300)
+    task, failed = await one_task_message(store, received_at=now - 200, message_id="<needle@example.org>")
+    _, retried = await one_task_message(store, received_at=now - 100)
+    await store.finish(failed.id, InboundState.FAILED, "API 422: no", task_id=task.id)
+    await store.reschedule(retried.id, now + 60, state=InboundState.QUEUED, error="API unavailable")
+    sent = await sent_reply(store)
+    dead = await pending_reply(store)
+    await store.record_delivery(dead, OutboxState.DEAD, attempts=3, error="550 5.1.1 no such user")
+
+    counts = await store.count_by_state()
+    assert counts["inbound"] == {"received": 1, "queued": 1, "failed": 1, "answered": 2}
+    assert counts["outbox"] == {"sent": 1, "dead": 1}
+    waiting = await store.oldest_waiting()
+    assert waiting is not None and waiting.id == oldest.id
+
+    problems = await store.recent_problems(10)
+    assert [(p.table, p.id, p.state) for p in problems] == [
+        ("outbox", dead, "dead"),
+        ("inbound", retried.id, "queued"),
+        ("inbound", failed.id, "failed"),
+    ]
+    assert [p.error for p in problems] == ["550 5.1.1 no such user", "API unavailable", "API 422: no"]
+    assert [p.at for p in problems] == sorted((p.at for p in problems), reverse=True)
+    assert len(await store.recent_problems(2)) == 2
+
+    inbound, outbox = await store.find_message_id("needle@example.org")
+    assert ([r.id for r in inbound], outbox) == ([failed.id], [])
+    sent_row = await store.outbox_row(sent)
+    assert sent_row is not None
+    inbound, outbox = await store.find_message_id(f" {sent_row.message_id} ")
+    assert (inbound, [r.id for r in outbox]) == ([], [sent])
+    assert outbox[0].relay_reply == "250 2.0.0 Ok" and outbox[0].last_error is None
+
+
+async def test_the_api_hold_is_recorded_read_and_cleared(store: Store) -> None:
+    """`set_api_hold` records since when and why (replacing an earlier hold), `clear_api_hold` forgets it;
+    `check_writable` commits on a store that takes writes."""
+    assert await store.api_hold() is None
+    await store.set_api_hold(100.0, "HTTP 401")
+    await store.set_api_hold(200.0, "HTTP 401 " + "x" * 600)
+    hold = await store.api_hold()
+    assert hold is not None and hold["since"] == 200.0 and len(hold["reason"]) == 500
+    await store.clear_api_hold()
+    await store.clear_api_hold()
+    assert await store.api_hold() is None
+    before = store.batches
+    await store.check_writable()
+    await store.check_writable()
+    assert store.batches == before + 2
+
+
+async def test_list_tasks_shows_each_tasks_newest_message_and_the_budget_asked(store: Store) -> None:
+    """Each task comes with the state and time of its newest message; a task keeps the budget its address
+    asked for."""
+    asked = replace(new_task(created_at=time.time() - 10), budget_asked="unlimited")
+    first = new_message(asked.id, received_at=time.time() - 10)
+    await store.admit(admitted(first, tasks=[asked], participants=[(asked.id, OWNER)]))
+    second = new_message(asked.id)
+    await store.admit(admitted(second))
+    await store.finish(second.id, InboundState.FAILED, "no", task_id=asked.id)
+    other, other_message = await one_task_message(store)
+
+    listed = await store.list_tasks()
+    assert [(t.id, t.status, t.last_message_at) for t in listed] == [
+        (other.id, InboundState.RECEIVED, other_message.received_at),
+        (asked.id, InboundState.FAILED, second.received_at),
+    ]
+    assert [t.budget_asked for t in listed] == [None, "unlimited"]
+    row = await store.task_row(asked.id)
+    assert row is not None and row.budget_asked == "unlimited"
+    assert [t.id for t in await store.list_tasks(1)] == [other.id]

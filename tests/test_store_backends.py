@@ -386,6 +386,35 @@ async def test_two_gateways_never_claim_the_same_message(pg_url: str) -> None:
         await two.close()
 
 
+async def test_rate_limit_and_notice_counts_are_shared_between_gateways(pg_url: str) -> None:
+    """What one gateway admitted and the notices it queued count towards the limits another one applies."""
+    one, two = await pg_store(pg_url), await pg_store(pg_url)
+    try:
+        first = admitted(new_task=True)
+        [m] = first.messages
+        assert m.task_id is not None
+        await one.admit(first)
+        await one.admit(admitted(new_task=True))
+        await one.admit(admitted(task=m.task_id))
+        facts = await two.admission_facts(
+            [],
+            token_task_ids=[m.task_id],
+            sender="alice@example.org",
+            since=0.0,
+            max_turns=5,
+            max_new_tasks=5,
+        )
+        assert (facts.new_tasks, facts.turns) == (2, {m.task_id: 2})
+        [row] = [r for r in await one.claim_inbound(time.time(), 5, set()) if r.id == m.id]
+        notice = reply(m, kind="notice", notice="gave_up")
+        await one.finish(row.id, InboundState.FAILED, "gave up", [notice], task_id=m.task_id)
+        assert await two.count_notices("alice@example.org", 0.0, "gave_up") == 1
+        assert await two.count_notices_for_task(m.task_id, "gave_up", 0.0) == 1
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_a_dead_gateways_lease_runs_out_and_its_late_changes_are_refused(pg_url: str) -> None:
     """After the lease, another gateway claims the row; the first one's `finish` is refused whole."""
     dead, alive = await pg_store(pg_url, lease_seconds=1), await pg_store(pg_url, lease_seconds=1)
@@ -409,6 +438,81 @@ async def test_a_dead_gateways_lease_runs_out_and_its_late_changes_are_refused(p
     finally:
         await alive.close()
         await dead.close()
+
+
+async def test_acknowledging_a_turn_another_gateway_holds_is_refused(pg_url: str) -> None:
+    """`acknowledge` is fenced: a gateway that does not hold the message gets `LeaseLost` and its notice is
+    not queued; the holder's goes through and it keeps the claim (the turn goes on)."""
+    holder, other = await pg_store(pg_url), await pg_store(pg_url)
+    try:
+        a = admitted(new_task=True)
+        [m] = a.messages
+        await holder.admit(a)
+        [row] = await holder.claim_inbound(time.time(), 1, set())
+        await holder.mark_running(row.id, turn_seq=0)
+        with pytest.raises(LeaseLost):
+            await other.acknowledge(row.id, [reply(m, kind="notice", notice="working")])
+        stored = await holder.inbound(row.id)
+        assert stored is not None and stored.acked_at is None
+        assert await holder.outbox_for(m.id) == []
+        notice = reply(m, kind="notice", notice="working")
+        await holder.acknowledge(row.id, [notice])
+        stored = await holder.inbound(row.id)
+        assert stored is not None and stored.acked_at is not None
+        assert [o.id for o in await holder.outbox_for(m.id)] == [notice.id]
+        assert await other.claim_inbound(time.time(), 1, set()) == []  # still held
+    finally:
+        await other.close()
+        await holder.close()
+
+
+async def test_gateways_recording_bounces_at_once_suppress_the_address_at_the_limit(pg_url: str) -> None:
+    """Hard bounces of one address (of different replies) recorded by several gateways at the same moment
+    are all counted: the address is suppressed once the limit is reached, whichever commits last. The
+    moment is made: a transaction holds the replies' rows until every gateway's admit waits on a lock."""
+    from dataclasses import replace
+
+    import psycopg
+
+    from mailgate.store import NewBounce
+
+    gateways = [await pg_store(pg_url) for _ in range(4)]
+    try:
+        answers = []
+        for _ in gateways:
+            a = admitted(new_task=True)
+            [m] = a.messages
+            await gateways[0].admit(a)
+            answers.append(reply(m))
+            await gateways[0].finish(m.id, InboundState.ANSWERED, None, [answers[-1]], task_id=m.task_id)
+        reports = []
+        for answer in answers:
+            report = admitted(state=InboundState.IGNORED)
+            bounce = NewBounce(answer.id, "bob@example.org", "5.1.1", "550 no such user", True)
+            batch = replace(report, bounces=[(report.messages[0].id, bounce)], received_at=time.time())
+            reports.append(replace(batch, bounce_limit=len(gateways)))
+        async with await psycopg.AsyncConnection.connect(pg_url) as blocker:
+            await blocker.execute(
+                "SELECT id FROM outbox WHERE id = ANY(%s::text[]) FOR UPDATE", [[a.id for a in answers]]
+            )
+            admits = [asyncio.ensure_future(g.admit(r)) for g, r in zip(gateways, reports, strict=True)]
+
+            async def all_waiting() -> bool:
+                cur = await blocker.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+                row = await cur.fetchone()
+                return row is not None and row[0] == len(gateways)
+
+            await until(all_waiting, timeout=10, what="every admit waiting on a lock")
+            await blocker.rollback()
+            await asyncio.gather(*admits)
+        assert len(await gateways[0].bounces_of([a.id for a in answers])) == len(gateways)
+        assert await gateways[0].is_suppressed("bob@example.org") is True
+    finally:
+        for g in gateways:
+            await g.close()
 
 
 def _claims(store: Any, n: int) -> Callable[[], Awaitable[bool]]:
@@ -495,8 +599,9 @@ async def test_a_database_newer_than_this_mailgate_is_refused(pg_url: str) -> No
 
 
 async def test_a_version_1_database_is_migrated_and_keeps_its_rows(pg_url: str) -> None:
-    """A database at schema version 1 gets version 2's column (a reply's links-only version) on opening;
-    its rows stay, and the new column reads back empty."""
+    """A database at schema version 1 gets the later versions' columns and tables on opening (a reply's
+    links-only version; bounces, suppression, the relay's reply in its own column); its rows stay, and
+    the new columns read back empty."""
     import psycopg
 
     from mailgate.store import pg_schema
@@ -507,15 +612,18 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_rows(pg_url: str) 
         conn.execute("INSERT INTO schema_version VALUES (1)")
         conn.execute(
             "INSERT INTO outbox (id, kind, message_id, mail_from, recipients, data, state, created_at, "
-            "updated_at) VALUES ('o1', 'answer', '<r1@agents>', 'research@agents.example.com', "
-            "'[\"alice@example.org\"]', '\\x00ff'::bytea, 'sent', 1.0, 2.0)"
+            "updated_at, last_error) VALUES ('o1', 'answer', '<r1@agents>', 'research@agents.example.com', "
+            "'[\"alice@example.org\"]', '\\x00ff'::bytea, 'sent', 1.0, 2.0, '250 2.0.0 Ok: queued')"
         )
     store = await pg_store(pg_url)
     try:
         row = await store.outbox_row("o1")
         assert (store.migrated_from, store.schema_version) == (1, pg_schema.VERSION)
+        assert await store.bounces_of(["o1"]) == [] and await store.suppressed() == []
     finally:
         await store.close()
     assert row is not None and (row.data, row.state, row.fallback) == (b"\x00\xff", "sent", None)
+    # version 3: the relay's reply a sent row kept as its "error" moves to its own column
+    assert (row.relay_reply, row.last_error, row.bounced_at) == ("250 2.0.0 Ok: queued", None, None)
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(pg_schema.VERSION,)]

@@ -28,7 +28,7 @@ from mailgate.sandbox import RunningSandbox, SandboxOptions, run_sandbox
 from tests.conftest import DOMAIN
 from tests.mail import make_mail, smtp_send, until
 from tests.relay import RecordingRelay
-from tests.test_crash import daemon, free_port, smtp_ready, write_env
+from tests.test_crash import daemon, free_port, write_env
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -173,9 +173,11 @@ async def test_two_gateways_one_killed_every_mail_answered_once(
         await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as db,
     ):
         await survivor.start()
-        await until(lambda: smtp_ready(ports[0]), timeout=30, what="gateway a to listen")  # it migrates
+        await until(
+            lambda: survivor.listening(ports[0]), timeout=30, what="gateway a to listen"
+        )  # it migrates
         await victim.start()
-        await until(lambda: smtp_ready(ports[1]), timeout=30, what="gateway b to listen")
+        await until(lambda: victim.listening(ports[1]), timeout=30, what="gateway b to listen")
 
         async def send(n: int) -> None:
             if n in PARENT:  # a reply is written after the mail it answers arrived

@@ -11,13 +11,30 @@ and the rate limits (450, so the sender's MTA retries later); duplicates (250, n
 raw message and its rows are committed with an fsync and only then answered 250.
 
 The header block is read here once (`mail.headers`); what later stages need of it is stored on each
-message's row. `Admission` speaks to the store and to the pure policy modules; it knows nothing of SMTP
-sessions (see `smtp.handler`), only the reply each recipient gets.
+message's row. Reading it, hashing the message and the decisions that need nothing but the message
+(automatic mail, sender authentication) run off the event loop (`_read`), so a hostile header (each read
+of it is bounded, see `mail.headers`) never holds the loop that serves every other SMTP session: on one
+thread of their own (`_header_thread`), one message after another, because that work is pure Python and
+several threads running it at once take the interpreter lock from the loop for long stretches; hashing
+and DKIM verification (DNS look-ups) run on the default pool. `Admission` speaks to the store and to the pure
+policy modules; it knows nothing of SMTP sessions (see `smtp.handler`), only the reply each recipient
+gets.
+
+Duplicates: a message is the same as one already recorded when recipient, sender and Message-ID (or,
+without one, the message's SHA-256) are: the sender is the authenticated From address, or, for mail
+recorded without one (ignored mail, bounces), the envelope sender. A different sender reusing a known
+Message-ID is a new message. Rows recorded before that rule (recipient and Message-ID only) still match
+a retry of theirs: their old key counts when the row's sender is this message's (`_keys`).
+
+Mail recorded as `ignored` (and nothing else of the same DATA) is stored as its header block and the
+first `IGNORED_BODY_KEPT` bytes of its body: enough to see what it was, never its attachments.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import time
@@ -31,7 +48,7 @@ from mailgate.admission import authn, bounces, policy, threads
 from mailgate.config import Settings
 from mailgate.errors import BadToken, MessageRejected
 from mailgate.mail import dsn
-from mailgate.mail.headers import Headers, header_size, read_facts
+from mailgate.mail.headers import Headers, header_block, header_size, read_facts
 from mailgate.models import HeaderFacts, InboundState, SmtpReply
 from mailgate.store import AdmissionFacts, Admitted, NewBounce, NewMessage, NewTask, OutboxRow, Store
 
@@ -39,6 +56,18 @@ HOUR = 3600.0
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
 BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
 BAD_BOUNCE = "5.1.1 This return path is not valid (altered or unknown)"
+IGNORED_BODY_KEPT = 64 * 1024  # bytes of an ignored message's body stored after its header block
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What one message's DATA decision needs of its bytes, read in a worker thread (`Admission._read`)."""
+
+    headers: Headers
+    facts: HeaderFacts
+    digest: str  # SHA-256 of the raw bytes, hex
+    automatic: str | None = None  # why the message must never be answered (policy.automatic_reason)
+    verdict: authn.AuthVerdict | None = None  # sender authentication (None for automatic mail)
 
 
 @dataclass
@@ -126,6 +155,23 @@ class Admission:
             return None
         return row
 
+    async def _read_off_loop(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
+        """`_read` on the header thread, the digest meanwhile on the default pool (hashing lets go of the
+        interpreter lock: a 40 MB message does not hold up the next one's header); then
+        (MAILGATE_AUTH=dkim) DKIM on the default pool."""
+        loop = asyncio.get_running_loop()
+        read, digest = await asyncio.gather(
+            loop.run_in_executor(
+                _header_thread(), functools.partial(self._read, raw, mail_from, judge=judge)
+            ),
+            asyncio.to_thread(_sha256, raw),
+        )
+        read = replace(read, digest=digest)
+        if judge and read.automatic is None and self.settings.auth == "dkim":
+            verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.headers, dnsfunc=self.dkim_dns)
+            read = replace(read, verdict=verdict)
+        return read
+
     async def _accept_bounce(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         """Mail to the return paths of our replies: record each as a bounce of its reply, never answer.
 
@@ -134,12 +180,14 @@ class Admission:
         """
         if header_size(raw, self.settings.max_header_size) > self.settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large")
-        facts = read_facts(Headers.parse(raw))
+        read = await self._read_off_loop(raw, mail_from, judge=False)
+        facts, digest = read.facts, read.digest
         now = self.clock()
         raw_id = str(ULID())
-        digest = hashlib.sha256(raw).hexdigest()
-        keys = [_dedupe_key(rcpt, facts.message_id, digest) for rcpt in rcpts]
-        known = await self.store.admission_facts(keys, max_turns=0, max_new_tasks=0)  # duplicates only
+        keys, legacy, who = _keys(rcpts, None, mail_from, facts.message_id, digest)
+        known = await self.store.admission_facts(
+            keys, legacy_keys=legacy, who=who, max_turns=0, max_new_tasks=0
+        )  # duplicates only
         out: list[SmtpReply] = []
         messages: list[NewMessage] = []
         found: list[tuple[str, NewBounce]] = []
@@ -171,7 +219,8 @@ class Admission:
                 Admitted(
                     raw_id=raw_id,
                     sha256=digest,
-                    data=raw,
+                    data=_ignored_head(raw),
+                    size=len(raw),
                     messages=messages,
                     bounces=found,
                     received_at=now,
@@ -184,16 +233,14 @@ class Admission:
         settings = self.settings
         if header_size(raw, settings.max_header_size) > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
-        headers = Headers.parse(raw)
-        facts = read_facts(headers)
+        read = await self._read_off_loop(raw, mail_from, judge=True)
+        facts, digest, reason = read.facts, read.digest, read.automatic
         now = self.clock()
         raw_id = str(ULID())
-        digest = hashlib.sha256(raw).hexdigest()
 
-        reason = policy.automatic_reason(headers, mail_from, own_domain=settings.domain)
         sender: str | None = None
-        if reason is None:
-            verdict = await self._authenticate(raw, headers)
+        if read.verdict is not None:
+            verdict = read.verdict
             if verdict.sender is None and verdict.temporary:
                 raise MessageRejected(
                     451,
@@ -213,9 +260,11 @@ class Admission:
 
         # Every read the decisions below make, in one hop to the reader's thread.
         splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
-        keys = [_dedupe_key(rcpt, facts.message_id, digest) for rcpt in rcpts]
+        keys, legacy, who = _keys(rcpts, sender, mail_from, facts.message_id, digest)
         known = await self.store.admission_facts(
             keys,
+            legacy_keys=legacy,
+            who=who,
             token_task_ids=[
                 task_id
                 for _, tag in splits
@@ -272,11 +321,13 @@ class Admission:
         messages = [p.message for p in plans if p.message is not None]
         if not messages:
             return [p.reply for p in plans]
+        all_ignored = all(m.state == InboundState.IGNORED for m in messages)
         await self.store.admit(
             Admitted(
                 raw_id=raw_id,
                 sha256=digest,
-                data=raw,
+                data=_ignored_head(raw) if all_ignored else raw,
+                size=len(raw),
                 messages=messages,
                 tasks=[p.task for p in plans if p.task is not None],
                 participants=sorted({pair for p in plans for pair in p.participants}),
@@ -289,13 +340,24 @@ class Admission:
         )
         return [p.reply for p in plans]
 
-    async def _authenticate(self, raw: bytes, headers: Headers) -> authn.AuthVerdict:
+    def _read(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
+        """On the header thread: the header block read once, and (`judge`) what can be decided from the
+        message alone: is it automatic mail, and who sent it (but DKIM: see `_read_off_loop`)."""
+        headers = Headers.parse(raw)
+        read = _Read(headers, read_facts(headers), digest="")
+        if not judge:
+            return read
+        automatic = policy.automatic_reason(headers, mail_from, own_domain=self.settings.domain)
+        if automatic is not None:
+            return replace(read, automatic=automatic)
         mode = self.settings.auth
         if mode == "none":
-            return authn.trust_from_header(headers)
-        if mode == "dkim":
-            return await asyncio.to_thread(authn.verify_dkim, raw, headers, dnsfunc=self.dkim_dns)
-        return authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
+            verdict = authn.trust_from_header(headers)
+        elif mode == "dkim":
+            return read  # verified on the default pool: its key look-ups wait on the network
+        else:
+            verdict = authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
+        return replace(read, verdict=verdict)
 
     def _plan_task(
         self,
@@ -371,14 +433,42 @@ class Admission:
         )
 
 
+@functools.cache
+def _header_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread every gateway in this process reads headers on (made on first use)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-header")
+
+
 def _is_return_path(rcpt: str, domain: str) -> bool:
     """Is `rcpt` shaped like the return path of one of our replies (`alias+bounce-...@domain`)?"""
     split = threads.split_recipient(rcpt, domain)
     return split is not None and (split[1] or "").startswith(bounces.BOUNCE_PREFIX)
 
 
-def _dedupe_key(rcpt: str, message_id: str | None, digest: str) -> str:
-    return hashlib.sha256(f"{rcpt.lower()}\n{message_id or 'sha256:' + digest}".encode()).hexdigest()
+def _keys(
+    rcpts: Sequence[str], sender: str | None, mail_from: str, message_id: str | None, digest: str
+) -> tuple[list[str], list[str], str]:
+    """The duplicate key of each recipient's row, the key rows recorded before senders counted have
+    for it, and who sent it as both kinds of row say: the authenticated sender, or `env:` and the
+    envelope sender for a row recorded without one (`coalesce(sender, 'env:' || mail_from)`)."""
+    who = sender if sender is not None else f"env:{mail_from}"
+    what = message_id or f"sha256:{digest}"
+    keys = [_digest(f"{rcpt.lower()}\n{who}\n{what}") for rcpt in rcpts]
+    legacy = [_digest(f"{rcpt.lower()}\n{what}") for rcpt in rcpts]
+    return keys, legacy, who
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _ignored_head(raw: bytes) -> bytes:
+    """What is kept of mail recorded as ignored: its header block and the start of its body."""
+    return raw[: len(header_block(raw)) + IGNORED_BODY_KEPT]
 
 
 def _chain(facts: HeaderFacts) -> list[str]:

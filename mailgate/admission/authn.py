@@ -2,16 +2,21 @@
 
 Three modes, one verdict type:
 
-- `verify_dmarc_results` (`dmarc`): read the `Authentication-Results` header (RFC 8601) that our own MTA
-  wrote, identified by its authserv-id. Every other such header is ignored: anyone can write one.
+- `verify_dmarc_results` (`dmarc`): read the `Authentication-Results` headers (RFC 8601) that our own MTA
+  wrote, identified by their authserv-id and their place above the MTA's own `Received` header (OpenDKIM
+  and OpenDMARC each write one). Every other such header is ignored: anyone can write one.
 - `verify_dkim` (`dkim`): verify the DKIM signatures ourselves with dkimpy. The only I/O is the key
   look-up, done by an injectable `dnsfunc`; the function is CPU-bound, so callers run it in a thread.
 - `trust_from_header` (`none`): believe the From header (demos and trusted networks only).
 
 A message is authenticated for its single From address when an identifier that passed is *aligned* with
-the From domain. Alignment is relaxed (RFC 7489 section 3.1), approximated without the public suffix
-list: the domains are equal, or one is a subdomain of the other and the shorter one is not a public
-suffix such as `com` or `co.uk` (see `aligned`).
+the From domain. The From header is judged by its address (`mail.headers.from_mailboxes`): a broken
+display name is no reason to refuse; an RFC 6532 UTF-8 address is an address like any other, its domain
+compared in its IDNA form (`mail.headers.ascii_domain`).
+
+Alignment is relaxed (RFC 7489 section 3.1), approximated without the public suffix list: the domains
+are equal, or one is a subdomain of the other and the shorter one is not a public suffix such as `com`
+or `co.uk` (see `aligned`).
 """
 
 from __future__ import annotations
@@ -19,16 +24,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import dkim
 
-from mailgate.mail.headers import Headers, header_class, plain_mailboxes
+from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, from_mailboxes
 
 __all__ = [
     "AuthVerdict",
     "aligned",
     "from_addresses",
+    "our_results",
     "parse_authentication_results",
     "trust_from_header",
     "verify_dkim",
@@ -37,14 +42,13 @@ __all__ = [
 
 DnsFunc = Callable[[bytes], bytes | None]
 
-_DOMAIN = re.compile(
-    r"^(?=.{1,253}$)(?!-)[^\s@.()<>\[\]\\,;:\"]{1,63}(?<!-)(\.(?!-)[^\s@.()<>\[\]\\,;:\"]{1,63}(?<!-))*$"
-)
 # Second-level labels that, under a two-letter country code, make a public suffix (co.uk, com.au, ne.jp).
 _CC_SECOND_LEVEL = frozenset(
     {"ac", "co", "com", "edu", "gob", "gov", "go", "govt", "ltd", "me", "mil", "ne", "net", "nhs", "nic"}
     | {"nom", "or", "org", "plc", "sch"}
 )
+MAX_AR = 16384  # characters of one Authentication-Results value read
+MAX_DKIM_SIGNATURES = 8  # DKIM-Signature headers tried (each may cost a DNS look-up and a hash)
 _AR_PAIR = re.compile(r'([A-Za-z0-9_.\-/]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]+)')
 
 
@@ -69,31 +73,19 @@ class AuthVerdict:
 def from_addresses(headers: Headers) -> tuple[str, ...] | None:
     """The addr-specs in the From header(s), lower-cased; None when any of them is unusable.
 
-    Unusable: no From header, an address without a local part or a well-formed domain, or a
-    header the parser reports as broken. Several From headers are returned together.
+    Unusable: no From header, a From longer than `MAX_TEXT` characters, or an address without a local
+    part or a well-formed domain (see `mail.headers.from_mailboxes`; a defect in the display name does
+    not count). Several From headers are returned together.
     """
     values = headers.values("From")
     if not values:
         return None
     found: list[str] = []
     for value in values:
-        plain = plain_mailboxes(value)
-        if plain is not None:
-            pairs = [(local, domain) for _, local, domain in plain]
-        else:
-            try:
-                header: Any = header_class("from")("From", value)
-                addresses = header.addresses
-            except Exception:  # the header parser raises on some garbage; treat it as unusable
-                return None
-            if header.defects or not addresses:
-                return None
-            pairs = [(a.username, a.domain) for a in addresses]
-        for local, domain in pairs:
-            domain = domain.lower().rstrip(".")
-            if not local or not _DOMAIN.match(domain) or any(c.isspace() for c in local):
-                return None
-            found.append(f"{local}@{domain}".lower())
+        mailboxes = from_mailboxes(value) if len(value) <= MAX_TEXT else None
+        if mailboxes is None:
+            return None
+        found += [f"{local}@{domain}".lower() for local, domain in mailboxes]
     return tuple(found)
 
 
@@ -104,7 +96,7 @@ def aligned(domain: str, other: str) -> bool:
     but `com` aligns with nothing and `co.uk` with nothing (a two-letter TLD with a registry-style
     second label such as co, com, ne, org is treated as a suffix).
     """
-    a, b = domain.lower().strip(".").strip(), other.lower().strip(".").strip()
+    a, b = ascii_domain(domain.strip().strip(".")), ascii_domain(other.strip().strip("."))
     if not a or not b:
         return False
     if a == b:
@@ -224,19 +216,42 @@ def parse_authentication_results(value: str) -> tuple[str, list[AuthResult]] | N
 
 
 def _domain_of(identifier: str) -> str:
-    """`user@example.com`, `@example.com` or `example.com` -> `example.com`."""
-    return identifier.rpartition("@")[2].strip().strip("<>").lower().rstrip(".")
+    """`user@example.com`, `@example.com` or `example.com` -> `example.com` (IDNA A-labels)."""
+    return ascii_domain(identifier.rpartition("@")[2].strip().strip("<>"))
+
+
+def our_results(headers: Headers, authserv_id: str) -> list[AuthResult] | None:
+    """The results of every `Authentication-Results` header our own MTA wrote, top to bottom; None
+    when there is none.
+
+    Ours: the authserv-id is `authserv_id` (case-insensitive), and the header belongs to our MTA's block
+    at the top: from the topmost such header down to the first `Received` header below it. With Postfix
+    and its milters that is every one above Postfix's own `Received` (OpenDMARC's and OpenDKIM's, one
+    each); one further down, below a `Received`, came with the mail from elsewhere, whatever its id.
+    """
+    wanted = authserv_id.strip().lower()
+    found: list[AuthResult] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "received" and found is not None:
+            break
+        if lower != "authentication-results":
+            continue
+        parsed = parse_authentication_results(value[:MAX_AR])
+        if parsed is not None and parsed[0] == wanted:
+            found = (found or []) + parsed[1]
+    return found
 
 
 def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
-    """Authenticate the From address from our own MTA's Authentication-Results header.
+    """Authenticate the From address from our own MTA's Authentication-Results headers (`our_results`:
+    OpenDMARC's and OpenDKIM's together; headers with any other authserv-id are ignored). In them:
 
-    Only the topmost header whose authserv-id equals `authserv_id` (case-insensitive) counts;
-    headers with any other authserv-id, above or below it, are ignored. In that header:
-
-    - an explicit DMARC verdict for the From domain decides: `pass` authenticates, anything else
-      (`fail`, `temperror`, `permerror`, `quarantine`...) does not; `dmarc=none` (no policy
-      published) and a missing DMARC result fall through to:
+    - an explicit DMARC verdict whose `header.from` names the From domain decides: `pass` authenticates,
+      anything else (`fail`, `temperror`, `permerror`, `quarantine`...) does not, and a failing verdict
+      wins over a passing one; `dmarc=none` (no policy published) and a missing DMARC result fall
+      through to the aligned results below. A `dmarc=pass` without `header.from`, or about another
+      domain, proves nothing about this From.
     - `dkim=pass` whose `header.d` (or `header.i`) is aligned with the From domain, or
     - `spf=pass` whose `smtp.mailfrom` domain is aligned with the From domain.
 
@@ -246,26 +261,20 @@ def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
     if sender is None:
         return AuthVerdict(None, problem)
     from_domain = _domain_of(sender)
-    wanted = authserv_id.strip().lower()
-    trusted: list[AuthResult] | None = None
-    for value in headers.values("Authentication-Results"):
-        parsed = parse_authentication_results(value)
-        if parsed is not None and parsed[0] == wanted:
-            trusted = parsed[1]
-            break
+    trusted = our_results(headers, authserv_id)
     if trusted is None:
         return AuthVerdict(None, f"no Authentication-Results from {authserv_id}")
 
-    for r in trusted:
-        if r.method != "dmarc":
-            continue
-        header_from = r.properties.get("header.from")
-        if header_from is not None and _domain_of(header_from) != from_domain:
-            continue  # a verdict about some other domain
-        if r.result == "pass":
-            return AuthVerdict(sender, f"DMARC passed for {from_domain}")
-        if r.result != "none":
-            return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
+    dmarc = [
+        (r.result, "header.from" in r.properties and _domain_of(r.properties["header.from"]) == from_domain)
+        for r in trusted
+        if r.method == "dmarc"
+        and ("header.from" not in r.properties or _domain_of(r.properties["header.from"]) == from_domain)
+    ]
+    if any(result not in ("pass", "none") for result, _ in dmarc):  # a failure, named or not, wins
+        return AuthVerdict(None, f"DMARC did not pass for {from_domain}")
+    if ("pass", True) in dmarc:
+        return AuthVerdict(sender, f"DMARC passed for {from_domain}")
 
     for r in trusted:
         if r.result != "pass":
@@ -305,8 +314,9 @@ class _Lookup:
 def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None) -> AuthVerdict:
     """Authenticate the From address by verifying the message's DKIM signatures ourselves.
 
-    Every DKIM-Signature is tried, top to bottom; the first that verifies and whose `d=` is aligned
-    with the From domain authenticates the sender. `raw` is the message exactly as received.
+    The DKIM-Signatures are tried top to bottom (the first `MAX_DKIM_SIGNATURES`); the first that
+    verifies and whose `d=` is aligned with the From domain authenticates the sender. `raw` is the
+    message exactly as received.
     `dnsfunc(name)` returns the TXT record for `name` (`b"sel._domainkey.example.com."`) or None;
     None means dkimpy's own resolver. If a look-up failed and nothing else passed, the verdict is
     `temporary`. Synchronous and CPU-bound: run it in a worker thread.
@@ -319,6 +329,7 @@ def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None)
     try:
         verifier = dkim.DKIM(raw)
         count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+        count = min(count, MAX_DKIM_SIGNATURES)
     except Exception:  # dkimpy cannot even read the message
         return AuthVerdict(None, "message could not be read for DKIM verification")
     if count == 0:

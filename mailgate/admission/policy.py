@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mailgate.mail.headers import Headers, header_text
+from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, cut
 from mailgate.models import BUDGETS
 
 __all__ = [
@@ -138,8 +138,8 @@ def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> st
     """
     envelope = envelope_from.strip().strip("<>").strip()
     headers = _Headers(msg.index())  # one pass over the header block, not one per signal
-    from_value = " ".join(headers("From"))
-    subject = _subject(headers)
+    from_value = cut(" ".join(headers("From")), MAX_TEXT)
+    subject = _subject(msg)
     return (
         _own_mail(headers, own_domain)
         or _report(headers)
@@ -171,14 +171,10 @@ def _first(headers: _Headers, name: str) -> str:
     return values[0] if values else ""
 
 
-def _subject(headers: _Headers) -> str:
-    """The decoded Subject, whitespace folded, casefolded, leading "**"/"[Postmaster]" dropped."""
-    raw = _first(headers, "Subject")
-    try:
-        text = header_text("Subject", raw)
-    except Exception:  # undecodable encoded-words: match on the raw text instead
-        text = raw
-    return _SUBJECT_NOISE.sub("", " ".join(text.split()).casefold())
+def _subject(msg: Headers) -> str:
+    """The decoded Subject (`Headers.text`: its first `MAX_TEXT` characters, decoded once for every
+    stage that asks), casefolded, leading "**"/"[Postmaster]" dropped."""
+    return _SUBJECT_NOISE.sub("", msg.text("subject").casefold())
 
 
 def is_own_message_id(message_id: str, own_domain: str) -> bool:
@@ -289,15 +285,18 @@ def sender_allowed(addr: str, allowed: Sequence[str]) -> bool:
 
     Entries: `user@example.com` (that address, case-insensitive), `@example.com` (any address at
     exactly that domain; subdomains are NOT included) and `*` (anyone). An empty or domain-less
-    `addr` is never allowed, not even by `*`.
+    `addr` is never allowed, not even by `*`. Domains compare in their IDNA form (`mächine.example`
+    is `xn--mchine-bua.example`).
     """
     local, at, domain = addr.strip().lower().rpartition("@")
     if not at or not local or not domain:
         return False
-    candidate = f"{local}@{domain}"
+    domain = ascii_domain(domain)
     for entry in allowed:
-        entry = entry.strip().lower()
-        if entry == "*" or entry == candidate or (entry.startswith("@") and entry[1:] == domain):
+        entry_local, entry_at, entry_domain = entry.strip().lower().rpartition("@")
+        if entry.strip() == "*" or (
+            entry_at and ascii_domain(entry_domain) == domain and entry_local in ("", local)
+        ):
             return True
     return False
 

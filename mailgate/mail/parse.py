@@ -26,7 +26,7 @@ from inscriptis import get_text
 from inscriptis.model.config import ParserConfig
 
 from mailgate.mail.bodies import LargeBodies
-from mailgate.mail.headers import CONTROL, Headers, fix_surrogates, guess_decode, read_facts
+from mailgate.mail.headers import BIDI, CONTROL, Headers, fix_surrogates, guess_decode, read_facts
 from mailgate.mail.html_quotes import split_html_reply
 from mailgate.mail.trimming import trim_reply
 from mailgate.models import Attachment, InboundMail, MailBody
@@ -130,7 +130,7 @@ def _decode_text(data: bytes, charset: str | None) -> str:
 
 def _safe_filename(name: str, content_type: str, index: int) -> str:
     name = unicodedata.normalize("NFC", fix_surrogates(name))
-    name = CONTROL.sub("", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = BIDI.sub("", CONTROL.sub("", name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = re.sub(r'[<>:"|?*]', "_", name).strip().lstrip(".").rstrip(". ").strip()
     if not name:
         return f"attachment-{index}{_EXTENSIONS.get(content_type, '.bin')}"

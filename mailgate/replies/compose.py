@@ -5,7 +5,7 @@ A reply goes to the authenticated sender, with the other participants who were o
 and never to anyone who is not an allowed sender. Its threading comes from what admission stored on
 the row (In-Reply-To, References, To/Cc): the raw message is never read again. Its Message-ID is chosen
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
-crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `admission.bounces`),
+crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `replies.addresses`),
 which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SELECTOR and
 MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
 version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
@@ -41,7 +41,7 @@ from email.policy import SMTP
 
 from ulid import ULID
 
-from mailgate.admission import bounces, policy, threads
+from mailgate.admission import policy
 from mailgate.config import Settings
 from mailgate.models import (
     AttachedFile,
@@ -50,18 +50,16 @@ from mailgate.models import (
     SentFile,
     SkippedFile,
     TurnAnswer,
-    human_size,
 )
-from mailgate.replies import wire
+from mailgate.replies import addresses, wire
 from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import InlineAnswer, Renderer, inline_answer
+from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
 log = logging.getLogger("mailgate.replies")
 DAY = 86400.0
 CHAIN_MESSAGES = 6  # earlier messages read to rebuild a References chain (render keeps 11 ids anyway)
-WHOLE_ANSWER = "answer.md"
 WORKING = "working"  # the notice that a long turn is being worked on
 SIGNATURE_RESERVE = 1024  # bytes a DKIM-Signature field adds (about 700 with a 2048-bit key)
 
@@ -120,96 +118,26 @@ class Replies:
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
-        when anything is attached (see the module docstring).
-
-        What is attached is chosen greedily, measured on the rendered message each time: answer.md if
-        it fits with the body alone, then the worker's files smallest first while they fit (so the
-        largest are the first to become links). The final render is the last one that fitted.
-        """
-        inline = inline_answer(draft.answer.text, self.settings.max_answer_inline)
-        whole = None
-        if inline.cut:
-            cte, chunks = wire.encode_text(draft.answer.text, eight_bit=draft.eight_bit)
-            whole = wire.EncodedPart(WHOLE_ANSWER, "text/markdown", cte, chunks, charset="utf-8")
-        limit = self._size_limit
-        best = self._layout(draft, inline, whole, [])
-        if whole is not None and best[1] > limit:  # the body points to the task page instead
-            whole = None
-            best = self._layout(draft, inline, whole, [])
-        kept: list[AttachedFile] = []
-        for f in sorted(draft.attached, key=lambda f: len(f.data)):
-            trial = self._layout(draft, inline, whole, [*kept, f])
-            if trial[1] <= limit:
-                kept.append(f)
-                best = trial
-        skeleton, _, parts = best
-        for part, content in parts:
-            if content is not None:  # a file's placeholder: encode it now that it is staying
-                part.chunks = wire.encode_bytes(content)
-        data = wire.flatten(skeleton, [part for part, _ in parts])
-        del skeleton, parts, best
-        if not (whole or kept):
-            return data, None
-        why = "not attached: the mail server refused an email this large"
-        msg = self.renderer.answer(
+        when anything is attached (see the module docstring): `render` lays it out, `wire` builds it."""
+        plan = self.renderer.answer_plan(
             draft.headers,
-            answer_markdown=inline,
-            sources=draft.answer.sources,
-            task_url=draft.answer.task_url,
-            linked=[*draft.linked, *(LinkedFile(f.filename, f.url, why) for f in draft.attached)],
+            draft.answer,
+            attached=draft.attached,
+            linked=draft.linked,
             skipped=draft.skipped,
             note=draft.note,
+            eight_bit=draft.eight_bit,
+            max_inline=self.settings.max_answer_inline,
+            limit=self._size_limit,
             budget=draft.budget,
             budget_asked=draft.budget_asked,
         )
-        return data, msg.as_bytes(policy=SMTP)
+        return wire.build(plan.skeleton, plan.parts), plan.fallback
 
     @property
     def _size_limit(self) -> int:
         """MAILGATE_MAX_REPLY_SIZE, less the room a DKIM signature takes when replies are signed."""
         return self.settings.max_reply_size - (SIGNATURE_RESERVE if self.signer is not None else 0)
-
-    def _layout(
-        self,
-        draft: _Draft,
-        inline: InlineAnswer,
-        whole: wire.EncodedPart | None,
-        kept: Sequence[AttachedFile],
-    ) -> tuple[bytes, int, list[tuple[wire.EncodedPart, bytes | None]]]:
-        """The message with `whole` and `kept` attached (files as placeholders) and the other files
-        linked: (its skeleton, its size on the wire, the parts to splice in with each file's bytes)."""
-        limit = self._size_limit
-        placeholders = {id(f): wire.EncodedPart(f.filename, f.content_type, "base64", []) for f in kept}
-        files = [f for f in draft.attached if id(f) in placeholders]  # in the worker's order
-        left_out = [
-            LinkedFile(
-                f.filename,
-                f.url,
-                f"{human_size(len(f.data))}, left out to keep this email under {human_size(limit)}",
-            )
-            for f in draft.attached
-            if id(f) not in placeholders
-        ]
-        parts: list[tuple[wire.EncodedPart, bytes | None]] = [(whole, None)] if whole else []
-        parts += [(placeholders[id(f)], f.data) for f in files]
-        msg = self.renderer.answer(
-            draft.headers,
-            answer_markdown=inline,
-            sources=draft.answer.sources,
-            task_url=draft.answer.task_url,
-            attached=[part for part, _ in parts],
-            linked=[*draft.linked, *left_out],
-            skipped=draft.skipped,
-            note=draft.note,
-            whole_answer=WHOLE_ANSWER if whole else None,
-            budget=draft.budget,
-            budget_asked=draft.budget_asked,
-        )
-        skeleton = msg.as_bytes(policy=SMTP)
-        size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
-            wire.base64_size(len(f.data)) - len(placeholders[id(f)].marker) for f in files
-        )
-        return skeleton, size, parts
 
     async def notice(
         self,
@@ -293,18 +221,20 @@ class Replies:
         if row.message_id:
             references.append(row.message_id)
         alias = row.alias
-        token = threads.make_token(self.secret, row.task_id, owner)
+        outbox_id = str(ULID())  # chosen with the Message-ID: the return path names it
         headers = ReplyHeaders(
             from_addr=f"{alias}@{settings.domain}",
             from_name=f"{alias} (mailgate)",
             to=[row.sender],
             cc=cc,
-            reply_to=f"{alias}+{token}@{settings.domain}",
+            reply_to=addresses.reply_to(self.secret, alias, settings.domain, row.task_id, owner),
             subject=row.subject,
             message_id=f"<{ULID()}.mailgate@{settings.domain}>",
             in_reply_to=row.message_id,
             references=references,
             loop_header_value=settings.domain,
+            outbox_id=outbox_id,
+            return_path=addresses.return_path(self.secret, alias, settings.domain, outbox_id),
         )
         return headers, [row.sender, *cc], task
 
@@ -318,7 +248,7 @@ class Replies:
         notice: str | None,
         fallback: bytes | None = None,
     ) -> NewReply:
-        outbox_id = str(ULID())
+        outbox_id = headers.outbox_id
         if self.signer is not None:  # reads the whole body: off the loop
             data = await asyncio.to_thread(self.signer.sign, data)
             if fallback is not None:
@@ -330,7 +260,7 @@ class Replies:
             kind=kind,
             notice=notice,
             message_id=headers.message_id,
-            mail_from=bounces.bounce_address(self.secret, row.alias, self.settings.domain, outbox_id),
+            mail_from=headers.return_path,
             recipients=recipients,
             data=data,
             created_at=time.time(),

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import Policy
+from email.policy import SMTP, Policy
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,10 @@ from mailgate.models import (
     SentFile,
     SkippedFile,
     Source,
+    TurnAnswer,
     human_size,
 )
+from mailgate.replies import wire
 from mailgate.replies.wire import EncodedPart, utf8_size
 
 NOTICE_KINDS = (
@@ -78,6 +80,7 @@ _CHECKOUT = Path(__file__).resolve().parents[2] / "templates"  # running from a 
 _MAX_FILENAME = 180
 _MAX_REFERENCES = 11  # the first id plus the last ten
 _MAX_REFERENCES_CHARS = 900
+WHOLE_ANSWER = "answer.md"  # the attachment that holds a long answer whole
 
 
 def _unsurrogate(text: str) -> str:
@@ -299,6 +302,17 @@ def inline_answer(markdown: str, limit: int | None = None) -> InlineAnswer:
     return InlineAnswer(text, markdown_to_html(text), total, cut=True)
 
 
+@dataclass
+class AnswerPlan:
+    """An answer's reply laid out under the size limit, for `wire.build`: `skeleton` (the message, each
+    big part's payload its marker), the `parts` to splice in (with a file's bytes, still to encode, or
+    None when the part is encoded already), and the links-only `fallback` when anything is attached."""
+
+    skeleton: bytes
+    parts: list[tuple[EncodedPart, bytes | None]]
+    fallback: bytes | None
+
+
 def _safe_url(url: str | None) -> str | None:
     """`url` if it is an absolute http(s) URL, else None (the templates then show it without a link)."""
     url = _header_text(url or "", 2000)
@@ -384,6 +398,98 @@ class Renderer:
             part.replace_header("Content-Transfer-Encoding", f.cte)
             part.set_payload(f.marker)
         return msg
+
+    def answer_plan(
+        self,
+        headers: ReplyHeaders,
+        answer: TurnAnswer,
+        *,
+        attached: Sequence[AttachedFile],
+        linked: Sequence[LinkedFile],
+        skipped: Sequence[SkippedFile],
+        note: str | None,
+        eight_bit: bool,
+        max_inline: int | None,
+        limit: int,
+        budget: str | None = None,
+        budget_asked: str | None = None,
+    ) -> AnswerPlan:
+        """The answer's reply laid out to stay within `limit` bytes on the wire (`wire.build` makes its
+        bytes), and its links-only version when anything is attached (`replies.compose` says why).
+
+        The body shows at most `max_inline` bytes of the answer; when cut, the whole answer goes as
+        `answer.md` (in the most compact encoding `eight_bit` allows) if it fits with the body alone,
+        else the body points to the task page. Then the worker's files are attached smallest first
+        while they fit (so the largest are the first to become links), measured on the laid-out
+        message each time; the plan is the last layout that fitted. Files stay placeholders here: only
+        those kept are encoded, by `wire.build`.
+        """
+        inline = inline_answer(answer.text, max_inline)
+        whole = None
+        if inline.cut:
+            cte, chunks = wire.encode_text(answer.text, eight_bit=eight_bit)
+            whole = EncodedPart(WHOLE_ANSWER, "text/markdown", cte, chunks, charset="utf-8")
+
+        def layout(whole: EncodedPart | None, kept: Sequence[AttachedFile]) -> tuple[int, AnswerPlan]:
+            """The message with `whole` and `kept` attached and the other files linked: (its size on
+            the wire, its plan)."""
+            placeholders = {id(f): EncodedPart(f.filename, f.content_type, "base64", []) for f in kept}
+            files = [f for f in attached if id(f) in placeholders]  # in the worker's order
+            left_out = [
+                LinkedFile(
+                    f.filename,
+                    f.url,
+                    f"{human_size(len(f.data))}, left out to keep this email under {human_size(limit)}",
+                )
+                for f in attached
+                if id(f) not in placeholders
+            ]
+            parts: list[tuple[EncodedPart, bytes | None]] = [(whole, None)] if whole else []
+            parts += [(placeholders[id(f)], f.data) for f in files]
+            msg = self.answer(
+                headers,
+                answer_markdown=inline,
+                sources=answer.sources,
+                task_url=answer.task_url,
+                attached=[part for part, _ in parts],
+                linked=[*linked, *left_out],
+                skipped=skipped,
+                note=note,
+                whole_answer=WHOLE_ANSWER if whole else None,
+                budget=budget,
+                budget_asked=budget_asked,
+            )
+            skeleton = msg.as_bytes(policy=SMTP)
+            size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
+                wire.base64_size(len(f.data)) - len(placeholders[id(f)].marker) for f in files
+            )
+            return size, AnswerPlan(skeleton, parts, None)
+
+        size, best = layout(whole, [])
+        if whole is not None and size > limit:  # the body points to the task page instead
+            whole = None
+            size, best = layout(whole, [])
+        kept: list[AttachedFile] = []
+        for f in sorted(attached, key=lambda f: len(f.data)):
+            size, trial = layout(whole, [*kept, f])
+            if size <= limit:
+                kept.append(f)
+                best = trial
+        if whole or kept:
+            why = "not attached: the mail server refused an email this large"
+            msg = self.answer(
+                headers,
+                answer_markdown=inline,
+                sources=answer.sources,
+                task_url=answer.task_url,
+                linked=[*linked, *(LinkedFile(f.filename, f.url, why) for f in attached)],
+                skipped=skipped,
+                note=note,
+                budget=budget,
+                budget_asked=budget_asked,
+            )
+            best.fallback = msg.as_bytes(policy=SMTP)
+        return best
 
     def notice(
         self,

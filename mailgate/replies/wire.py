@@ -109,6 +109,15 @@ def wire_size(skeleton: bytes, parts: Sequence[EncodedPart]) -> int:
     return len(skeleton) + sum(p.size - len(p.marker) for p in parts)
 
 
+def build(skeleton: bytes, parts: Sequence[tuple[EncodedPart, bytes | None]]) -> bytes:
+    """The reply's bytes: each part given with its content (a file, a placeholder until now) encoded,
+    then all spliced into `skeleton` by `flatten`."""
+    for part, content in parts:
+        if content is not None:
+            part.chunks = encode_bytes(content)
+    return flatten(skeleton, [part for part, _ in parts])
+
+
 def flatten(skeleton: bytes, parts: Sequence[EncodedPart]) -> bytes:
     """`skeleton` (a flattened message whose big parts hold their marker as payload) with each marker
     replaced by its part's encoded body, in one join; the parts' chunks are released after it."""

@@ -6,7 +6,8 @@ transaction. Two backends implement it: `sqlite.SqliteStore` (the embedded defau
 driver is an extra). `schema` holds SQLite's tables, versions and the row types, `reads` the synchronous
 SQL that runs on SQLite's reader thread; `probe` reads an SQLite store's version without changing
 anything; `lock` keeps one gateway per SQLite store; `pg_schema` and `pg_reads` are PostgreSQL's. `copy`
-moves a gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL.
+moves a gateway's state from SQLite to PostgreSQL. Nothing outside this package writes SQL. `spool`
+is the other hand-off, on disk: a message's files between the step that reads it and the one that posts.
 """
 
 from mailgate.store.base import Queue, Store
@@ -22,6 +23,7 @@ from mailgate.store.schema import (
     NewTask,
     OutboxRow,
     Problem,
+    Pruned,
     SuppressionRow,
     TaskListing,
     TaskRow,
@@ -40,6 +42,7 @@ __all__ = [
     "NewTask",
     "OutboxRow",
     "Problem",
+    "Pruned",
     "Queue",
     "SqliteStore",
     "Store",

@@ -24,7 +24,18 @@ from typing import Any, Literal, Protocol
 
 from mailgate.models import TaskRef
 from mailgate.store.reads import AdmissionFacts
-from mailgate.store.schema import Admitted, InboundRow, NewReply, OutboxRow, TaskRow
+from mailgate.store.schema import (
+    Admitted,
+    BounceRow,
+    InboundRow,
+    NewReply,
+    OutboxRow,
+    Problem,
+    Pruned,
+    SuppressionRow,
+    TaskListing,
+    TaskRow,
+)
 
 Queue = Literal["inbound", "outbox"]
 
@@ -58,8 +69,12 @@ class Store(Protocol):
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
-        """The reads of one message's DATA decision at once (see `AdmissionFacts`)."""
+        """The reads of one message's DATA decision at once (see `AdmissionFacts`). A duplicate is a row
+        under one of `keys`, or under the matching one of `legacy_keys` (rows recorded before senders
+        counted in the key) whose `coalesce(sender, 'env:' || mail_from)` is `who`."""
 
     async def task(self, task_id: str) -> TaskRef | None: ...
 
@@ -70,7 +85,8 @@ class Store(Protocol):
     async def count_notices_for_task(self, task_id: str, notice: str, since: float) -> int: ...
 
     async def raw(self, raw_id: str) -> bytes:
-        """A message's raw bytes; `RawMissing` when they are gone."""
+        """A message's raw bytes; `RawMissing` when they are gone, or not all there (pruned, or an
+        ignored message's head)."""
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
         """The start of a raw message, at most `size` bytes."""
@@ -89,7 +105,8 @@ class Store(Protocol):
 
     async def list_outbox(self, state: str | None = None, limit: int = 50) -> list[OutboxRow]: ...
 
-    async def list_tasks(self, limit: int = 50) -> list[TaskRow]: ...
+    async def list_tasks(self, limit: int = 50) -> list[TaskListing]:
+        """The newest tasks, each with the state of its newest message (its status) and that one's time."""
 
     async def outbox_for(self, inbound_id: str) -> list[OutboxRow]: ...
 
@@ -98,6 +115,48 @@ class Store(Protocol):
     async def file_hashes_of_task(self, task_id: str, before: str) -> set[str]: ...
 
     async def thread_chain(self, task_id: str, before: str, *, limit: int) -> list[str]: ...
+
+    async def outbox_by_mail_from(self, mail_from: str) -> OutboxRow | None:
+        """The reply sent with envelope sender `mail_from` (its VERP return path), if any."""
+
+    async def bounces_of(self, outbox_ids: Sequence[str]) -> list[BounceRow]:
+        """The bounces recorded for the replies `outbox_ids`, oldest first."""
+
+    async def bounce_reported_by(self, inbound_id: str) -> list[BounceRow]:
+        """The bounces that the message `inbound_id` (a bounce report to a return path) recorded."""
+
+    async def is_suppressed(self, addr: str) -> bool:
+        """Does `addr` get no more notices (its hard bounces reached MAILGATE_BOUNCE_LIMIT)?"""
+
+    async def suppressed(self) -> list[SuppressionRow]:
+        """Every address that gets no more notices, oldest suppression first."""
+
+    # --- for the operator (`mailgate status`, `show`) and the health checks ------------------------
+
+    async def find_message_id(self, message_id: str) -> tuple[list[InboundRow], list[OutboxRow]]:
+        """The inbound messages and the replies carrying Message-ID `message_id` (angle brackets or not)."""
+
+    async def count_by_state(self) -> dict[str, dict[str, int]]:
+        """Rows per state: `{"inbound": {"queued": 3, ...}, "outbox": {"sent": 9, ...}}`."""
+
+    async def oldest_waiting(self) -> InboundRow | None:
+        """The oldest inbound message not yet at rest (received, queued, submitting or running)."""
+
+    async def recent_problems(self, limit: int = 5) -> list[Problem]:
+        """The newest troubles, newest first: failed messages, messages waiting on a retry with an error,
+        and replies dead or waiting on a retry."""
+
+    async def api_hold(self) -> dict[str, Any] | None:
+        """The hold a running gateway recorded while the API refuses its key: `{"since", "reason"}`."""
+
+    async def set_api_hold(self, since: float, reason: str) -> None:
+        """Record that the API refuses the key (for `mailgate status`; the gateway holds in memory)."""
+
+    async def clear_api_hold(self) -> None:
+        """The API takes the key again: the recorded hold is gone."""
+
+    async def check_writable(self) -> None:
+        """Commit a small write, so a store that cannot take writes says so with `StoreBusy`."""
 
     # --- claims --------------------------------------------------------------------------------------
 
@@ -119,6 +178,11 @@ class Store(Protocol):
     async def admit(self, admitted: Admitted) -> None:
         """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
 
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """Retention: cut up to `limit` raw messages whose messages all finished (answered, ignored,
+        failed) and changed last before `before` to their header block, marking them pruned; what that
+        did. Call again while it returns `limit` messages."""
+
     async def count_crash(self, inbound_id: str, crashes: int) -> None: ...
 
     async def set_turn_input(
@@ -137,7 +201,8 @@ class Store(Protocol):
 
     async def mark_submitting(self, inbound_id: str, *, turn_seq: int, attempts: int) -> None: ...
 
-    async def mark_running(self, inbound_id: str, *, turn_seq: int | None = None) -> None: ...
+    async def mark_running(self, inbound_id: str, *, turn_seq: int | None = None) -> None:
+        """The API has the turn: wait for its end (`started_at` is now)."""
 
     async def reschedule(
         self,
@@ -152,6 +217,11 @@ class Store(Protocol):
         """Look at the message again at `at`, queueing `replies` (a notice to the sender of a held
         message) in the same transaction; releases the claim."""
 
+    async def acknowledge(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> None:
+        """The sender is told the turn is being worked on (`replies`: the notice, if the limits let it
+        go): `acked_at` set in the same transaction, so a turn is acknowledged at most once. Keeps the
+        claim and `updated_at`."""
+
     async def finish(
         self,
         inbound_id: str,
@@ -163,8 +233,10 @@ class Store(Protocol):
         task_id: str | None = None,
         task_url: str | None = None,
         task_turns: int | None = None,
+        turn_status: str | None = None,
     ) -> None:
-        """End a message and queue its replies, in one transaction; releases the claim."""
+        """End a message and queue its replies, in one transaction; releases the claim. `turn_status`:
+        how its turn ended at the API, when it ran one to its end."""
 
     async def record_delivery(
         self,
@@ -176,8 +248,10 @@ class Store(Protocol):
         next_attempt_at: float = 0.0,
         refused: dict[str, str] | None = None,
         sent_at: float | None = None,
+        reply: str | None = None,
     ) -> None:
-        """What one delivery attempt came to; releases the claim."""
+        """What one delivery attempt came to (`error` None clears it; `reply`: the relay's answer when it
+        took the message); releases the claim."""
 
     async def set_task_worker(self, task_id: str, worker_id: str) -> None:
         """A task not yet created at the API starts on `worker_id` (MAILGATE_WORKERS changed meanwhile)."""
@@ -190,6 +264,13 @@ class Store(Protocol):
     async def reset_for_restart(self) -> None:
         """On start-up: make work in flight due now (where no other gateway holds it)."""
 
-    async def replay_inbound(self, inbound_id: str) -> bool: ...
+    async def replay_inbound(self, inbound_id: str) -> bool:
+        """A `failed` or `ignored` message runs again (after a turn that ended in error: a new turn).
+        False for any other state or an unknown id, and when its raw bytes are not all there (pruned, or
+        an ignored message's head)."""
 
     async def replay_outbox(self, outbox_id: str) -> bool: ...
+
+    async def unsuppress(self, addr: str) -> bool:
+        """Send notices to `addr` again; its earlier hard bounces no longer count. False when it was not
+        suppressed."""

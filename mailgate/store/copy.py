@@ -3,7 +3,9 @@
 Both stores are first brought to the current schema (the SQLite file as `serve` would, the database
 under the migration lock); then every table is copied in one PostgreSQL transaction with `COPY`: the raw
 messages, tasks, participants, the Message-IDs of each thread, inbound messages with their states, the
-outbox, and `meta` (the reply-token secret, so tokens already mailed keep working). Leases start empty,
+outbox, the bounces of our replies and the suppression list, and `meta` (the reply-token secret, so
+tokens already mailed keep working). Every column both sides have is copied, so what a later schema
+version added comes along. Leases start empty,
 so the first gateway on the database takes the work. A database that already holds messages, tasks or
 replies is refused: two gateways' states are never merged; so is a SQLite file a gateway still runs on
 (it holds the store's lock).
@@ -17,19 +19,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mailgate.errors import PermanentError, StoreBusy
+from mailgate.errors import SourceInUse, StoreBusy, TargetNotEmpty
 
 # In the order the foreign keys need; `meta` last so its upsert follows the check for an empty target.
-TABLES = ("raw_message", "task", "participant", "thread_message", "inbound", "outbox", "meta")
+TABLES = (
+    "raw_message",
+    "task",
+    "participant",
+    "thread_message",
+    "inbound",
+    "outbox",
+    "bounce",
+    "suppression",
+    "meta",
+)
 CHUNK = 500
-
-
-class TargetNotEmpty(PermanentError):
-    """The PostgreSQL database already holds a gateway's state."""
-
-
-class SourceInUse(PermanentError):
-    """A gateway still runs on the SQLite file (it holds the store's lock)."""
 
 
 async def copy_sqlite_to_postgres(source: Path, url: str) -> dict[str, int]:
@@ -63,7 +67,8 @@ def _copy(source: Path, url: str) -> dict[str, int]:
         with psycopg.connect(url, application_name="mailgate-copy") as dst, dst.transaction():
             busy = dst.execute(
                 "SELECT (SELECT count(*) FROM inbound) + (SELECT count(*) FROM task) "
-                "+ (SELECT count(*) FROM outbox) + (SELECT count(*) FROM raw_message)"
+                "+ (SELECT count(*) FROM outbox) + (SELECT count(*) FROM raw_message) "
+                "+ (SELECT count(*) FROM bounce) + (SELECT count(*) FROM suppression)"
             ).fetchone()
             if busy and busy[0]:
                 raise TargetNotEmpty(
@@ -81,6 +86,11 @@ def _copy(source: Path, url: str) -> dict[str, int]:
                     for row in _rows(src, f"SELECT {names} FROM {table}"):  # noqa: S608
                         copy.write_row(clean(list(row)))
                         counts[table] += 1
+            # bounce ids were copied as they were: the next one the database makes comes after them
+            dst.execute(
+                "SELECT setval(pg_get_serial_sequence('bounce', 'id'), coalesce(max(id), 0) + 1, false) "
+                "FROM bounce"
+            )
     except psycopg.Error as exc:
         raise StoreBusy(f"copy failed, nothing was written: {exc}") from exc
     finally:

@@ -1,6 +1,7 @@
 """The reads of the PostgreSQL store that ask several questions at once: what one DATA decision asks (the
-same `AdmissionFacts` SQLite's `reads` answers, in one round trip for a new mail) and a task's Message-ID
-chain; one query per kind of question rather than one per item."""
+same `AdmissionFacts` SQLite's `reads` answers, in one round trip for a new mail), a task's Message-ID
+chain, and the operator's reads (`status`: rows per state, recent problems; `show`: both tables by
+Message-ID); one query per kind of question rather than one per item."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from mailgate.models import TaskRef
 from mailgate.store.reads import AdmissionFacts
+from mailgate.store.schema import ACTIVE_SQL, Problem
 
 
 async def _rows(conn: Any, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[dict[str, Any]]:
@@ -19,7 +21,9 @@ async def _rows(conn: Any, sql: str, params: Sequence[Any] | dict[str, Any]) -> 
 FACTS = """
 SELECT
   (SELECT coalesce(json_agg(json_build_array(dedupe_key, id)), '[]') FROM inbound
-    WHERE dedupe_key = ANY(%(keys)s::text[])) AS duplicates,
+    WHERE dedupe_key = ANY(%(keys)s::text[])
+       OR (dedupe_key = ANY(%(legacy)s::text[]) AND coalesce(sender, 'env:' || mail_from) = %(who)s))
+    AS duplicates,
   (SELECT coalesce(json_agg(json_build_array(id, alias, owner)), '[]') FROM task
     WHERE id = ANY(%(tokens)s::text[])) AS tokens,
   (SELECT coalesce(
@@ -51,6 +55,8 @@ async def admission_facts(
     since: float,
     max_turns: int,
     max_new_tasks: int,
+    legacy_keys: Sequence[str] = (),
+    who: str = "",
 ) -> AdmissionFacts:
     """As `reads.admission_facts`, in one round trip (two when the mail names a task): duplicates,
     tasks by token, the task of a Message-ID chain per alias (the first id of the chain that names one;
@@ -61,6 +67,8 @@ async def admission_facts(
         FACTS,
         {
             "keys": list(keys),
+            "legacy": list(legacy_keys),
+            "who": who,
             "tokens": list(token_task_ids) if sender is not None else [],
             "chain": ids,
             "aliases": list(aliases),
@@ -70,7 +78,10 @@ async def admission_facts(
         },
     )
     found = dict(row["duplicates"])
-    facts = AdmissionFacts(duplicates={key: found.get(key) for key in keys})
+    legacy = [*legacy_keys] or [key for key in keys]
+    facts = AdmissionFacts(
+        duplicates={key: found.get(key) or found.get(old) for key, old in zip(keys, legacy, strict=True)}
+    )
     if sender is None:
         return facts
     facts.sender = sender
@@ -118,3 +129,44 @@ async def thread_chain(conn: Any, task_id: str, before: str, *, limit: int) -> l
             chain.append(str(row["message_id"]))
         chain += [str(s["message_id"]) for s in sent if s["inbound_id"] == row["id"]]
     return chain
+
+
+async def by_message_id(conn: Any, wanted: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The inbound rows and the outbox rows carrying Message-ID `wanted` (with its angle brackets)."""
+    inbound = await _rows(conn, "SELECT * FROM inbound WHERE message_id = %s ORDER BY id", [wanted])
+    outbox = await _rows(conn, "SELECT * FROM outbox WHERE message_id = %s ORDER BY id", [wanted])
+    return inbound, outbox
+
+
+async def count_by_state(conn: Any) -> dict[str, dict[str, int]]:
+    """As `SqliteStore.count_by_state`, in one query: `{"inbound": {state: n}, "outbox": {state: n}}`."""
+    rows = await _rows(
+        conn,
+        "SELECT 'inbound' AS tbl, state, count(*) AS n FROM inbound GROUP BY state "
+        "UNION ALL SELECT 'outbox', state, count(*) FROM outbox GROUP BY state",
+        [],
+    )
+    counts: dict[str, dict[str, int]] = {"inbound": {}, "outbox": {}}
+    for r in rows:
+        counts[str(r["tbl"])][str(r["state"])] = int(r["n"])
+    return counts
+
+
+RECENT_PROBLEMS = f"""
+SELECT * FROM (
+  SELECT updated_at AS at, 'inbound' AS tbl, id, state, coalesce(reason, last_error) AS error FROM inbound
+  WHERE state = 'failed' OR (last_error IS NOT NULL AND state IN ({ACTIVE_SQL}))
+  UNION ALL
+  SELECT updated_at, 'outbox', id, state, last_error FROM outbox
+  WHERE state IN ('dead', 'retry') AND last_error IS NOT NULL
+) problems ORDER BY at DESC, id DESC LIMIT %s
+"""  # noqa: S608 (constants only)
+
+
+async def recent_problems(conn: Any, limit: int) -> list[Problem]:
+    """As `SqliteStore.recent_problems`: the newest troubles of both tables, newest first."""
+    rows = await _rows(conn, RECENT_PROBLEMS, [limit])
+    return [
+        Problem(float(r["at"]), str(r["tbl"]), str(r["id"]), str(r["state"]), str(r["error"] or ""))
+        for r in rows
+    ]

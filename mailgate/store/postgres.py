@@ -51,15 +51,30 @@ from mailgate.models import InboundState, OutboxState, TaskRef
 from mailgate.store import pg_reads, pg_schema
 from mailgate.store.base import Queue
 from mailgate.store.reads import AdmissionFacts
-from mailgate.store.schema import ACTIVE_SQL, Admitted, InboundRow, NewReply, OutboxRow, TaskRow
+from mailgate.store.schema import (
+    ACTIVE_SQL,
+    PRUNE_WINDOW,
+    Admitted,
+    BounceRow,
+    InboundRow,
+    NewBounce,
+    NewReply,
+    OutboxRow,
+    Problem,
+    Pruned,
+    SuppressionRow,
+    TaskListing,
+    TaskRow,
+)
 
 log = logging.getLogger("mailgate.store")
 
 Conn = psycopg.AsyncConnection[DictRow]
-Statement = tuple[str, Sequence[Any]]
+Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
 T = TypeVar("T")
 
 POOL_SIZE = 10  # connections per gateway, plus one for LISTEN
+BOUNCE_WINDOW = 30 * 86400.0  # hard bounces counted towards MAILGATE_BOUNCE_LIMIT over this long
 CHANNEL = {"inbound": "mailgate_inbound", "outbox": "mailgate_outbox"}
 _DUE = {"inbound": f"state IN ({ACTIVE_SQL})", "outbox": "state IN ('pending','retry')"}
 _FREE = "(lease_until IS NULL OR lease_until < now() OR lease_owner = %(me)s)"
@@ -95,6 +110,27 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING *
 """  # noqa: S608
+
+
+# `SqliteStore.prune_raw`'s two steps in one: each raw message whose messages all finished before
+# `before` is cut to its header block (the first blank line in its first `window` bytes).
+PRUNE = f"""
+WITH c AS (
+    SELECT r.id, octet_length(r.data) AS stored, substring(r.data FROM 1 FOR %(window)s) AS win
+    FROM raw_message r
+    WHERE r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
+        AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= %(before)s))
+    ORDER BY r.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), h AS (
+    SELECT id, stored, LEAST(stored,
+        coalesce(nullif(position('\\x0d0a0d0a'::bytea IN win), 0) + 3, octet_length(win)),
+        coalesce(nullif(position('\\x0a0a'::bytea IN win), 0) + 1, octet_length(win))) AS head
+    FROM c
+)
+UPDATE raw_message r SET data = substring(r.data FROM 1 FOR h.head), pruned_at = extract(epoch FROM now())
+FROM h WHERE r.id = h.id
+RETURNING h.stored, h.head
+"""  # noqa: S608 (constants)
 
 
 def clean(value: Any) -> Any:
@@ -283,11 +319,15 @@ class PostgresStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         async with self._connection() as conn:
             return await pg_reads.admission_facts(
                 conn,
                 clean(list(keys)),
+                legacy_keys=clean(list(legacy_keys)),
+                who=clean(who),
                 token_task_ids=clean(list(token_task_ids)),
                 chain=clean(list(chain)),
                 aliases=list(aliases),
@@ -325,10 +365,13 @@ class PostgresStore:
         return int(row["n"]) if row else 0
 
     async def raw(self, raw_id: str) -> bytes:
-        row = await self._one("SELECT data FROM raw_message WHERE id = %s", [raw_id])
+        row = await self._one("SELECT data, size, pruned_at FROM raw_message WHERE id = %s", [raw_id])
         if row is None:
             raise RawMissing(f"raw message {raw_id} is missing")
-        return bytes(row["data"])
+        data = bytes(row["data"])
+        if row["pruned_at"] is not None or len(data) < row["size"]:
+            raise RawMissing(f"raw message {raw_id} was not kept whole (ignored mail, or pruned)")
+        return data
 
     async def raw_head(self, raw_id: str, size: int = 65536) -> bytes:
         row = await self._one(
@@ -369,10 +412,16 @@ class PostgresStore:
         where, params = ("WHERE state = %s", [state]) if state else ("", [])
         return await self._all(f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT %s", [*params, limit])  # noqa: S608
 
-    async def list_tasks(self, limit: int = 50) -> list[TaskRow]:
-        return rows_of(
-            TaskRow, await self._all("SELECT * FROM task ORDER BY created_at DESC LIMIT %s", [limit])
+    async def list_tasks(self, limit: int = 50) -> list[TaskListing]:
+        """The newest tasks, each with the state of its newest message (its status) and that one's time."""
+        rows = await self._all(
+            "SELECT t.*, m.state AS status, m.received_at AS last_message_at FROM "
+            "(SELECT * FROM task ORDER BY created_at DESC LIMIT %s) t "
+            "LEFT JOIN inbound m ON m.id = (SELECT max(id) FROM inbound WHERE task_id = t.id) "
+            "ORDER BY t.created_at DESC",
+            [limit],
         )
+        return rows_of(TaskListing, rows)
 
     async def outbox_for(self, inbound_id: str) -> list[OutboxRow]:
         rows = await self._all("SELECT * FROM outbox WHERE inbound_id = %s ORDER BY id", [inbound_id])
@@ -393,6 +442,76 @@ class PostgresStore:
     async def thread_chain(self, task_id: str, before: str, *, limit: int) -> list[str]:
         async with self._connection() as conn:
             return await pg_reads.thread_chain(conn, task_id, before, limit=limit)
+
+    async def outbox_by_mail_from(self, mail_from: str) -> OutboxRow | None:
+        """The reply sent with envelope sender `mail_from` (its VERP address), if any."""
+        row = await self._one("SELECT * FROM outbox WHERE mail_from = %s LIMIT 1", [mail_from.lower()])
+        return row_of(OutboxRow, row)
+
+    async def bounces_of(self, outbox_ids: Sequence[str]) -> list[BounceRow]:
+        if not outbox_ids:
+            return []
+        rows = await self._all(
+            "SELECT * FROM bounce WHERE outbox_id = ANY(%s::text[]) ORDER BY id", [list(outbox_ids)]
+        )
+        return rows_of(BounceRow, rows)
+
+    async def bounce_reported_by(self, inbound_id: str) -> list[BounceRow]:
+        rows = await self._all("SELECT * FROM bounce WHERE inbound_id = %s ORDER BY id", [inbound_id])
+        return rows_of(BounceRow, rows)
+
+    async def is_suppressed(self, addr: str) -> bool:
+        sql = "SELECT 1 AS hit FROM suppression WHERE addr = %s AND suppressed_at IS NOT NULL"
+        return await self._one(sql, [addr.lower()]) is not None
+
+    async def suppressed(self) -> list[SuppressionRow]:
+        sql = "SELECT * FROM suppression WHERE suppressed_at IS NOT NULL ORDER BY suppressed_at, addr"
+        return rows_of(SuppressionRow, await self._all(sql))
+
+    # --- for the operator and the health checks -----------------------------------------------------
+
+    async def find_message_id(self, message_id: str) -> tuple[list[InboundRow], list[OutboxRow]]:
+        wanted = message_id.strip()
+        wanted = wanted if wanted.startswith("<") else f"<{wanted}>"
+        async with self._connection() as conn:
+            inbound, outbox = await pg_reads.by_message_id(conn, clean(wanted))
+        return rows_of(InboundRow, inbound), rows_of(OutboxRow, outbox)
+
+    async def count_by_state(self) -> dict[str, dict[str, int]]:
+        async with self._connection() as conn:
+            return await pg_reads.count_by_state(conn)
+
+    async def oldest_waiting(self) -> InboundRow | None:
+        row = await self._one(
+            f"SELECT * FROM inbound WHERE state IN ({ACTIVE_SQL}) ORDER BY received_at LIMIT 1"  # noqa: S608
+        )
+        return row_of(InboundRow, row)
+
+    async def recent_problems(self, limit: int = 5) -> list[Problem]:
+        async with self._connection() as conn:
+            return await pg_reads.recent_problems(conn, limit)
+
+    async def api_hold(self) -> dict[str, Any] | None:
+        row = await self._one("SELECT value FROM meta WHERE key = 'api_hold'")
+        if row is None:
+            return None
+        try:
+            value = json.loads(row["value"])
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def set_api_hold(self, since: float, reason: str) -> None:
+        value = json.dumps({"since": since, "reason": reason[:500]})
+        await self._write([_put_meta("api_hold", value)])
+
+    async def clear_api_hold(self) -> None:
+        await self._write([("DELETE FROM meta WHERE key = 'api_hold'", [])])
+
+    async def check_writable(self) -> None:
+        """Commit a small write (the time, under `ready_probe`): a database that cannot take writes (read
+        only, full, a standby) says so with `StoreBusy`."""
+        await self._write([_put_meta("ready_probe", str(time.time()))])
 
     # --- claims ------------------------------------------------------------------------------------
 
@@ -510,7 +629,7 @@ class PostgresStore:
                 {
                     "id": admitted.raw_id,
                     "sha256": admitted.sha256,
-                    "size": len(admitted.data),
+                    "size": admitted.full_size,
                     "data": admitted.data,
                 },
             )
@@ -530,6 +649,8 @@ class PostgresStore:
             )
             for mid, task_id in admitted.thread_ids
         ]
+        for inbound_id, bounce in admitted.bounces:
+            statements += _bounce_statements(inbound_id, bounce, admitted.received_at, admitted.bounce_limit)
         if any(m.state == InboundState.RECEIVED for m in admitted.messages):
             statements.append(notify("inbound", self.owner))
         await self._write(statements)
@@ -574,6 +695,7 @@ class PostgresStore:
             "state": InboundState.RUNNING.value,
             "last_error": None,
             "updated_at": time.time(),
+            "started_at": time.time(),  # the acknowledgement of a long turn counts from here
         }
         if turn_seq is not None:
             values["turn_seq"] = turn_seq
@@ -601,6 +723,12 @@ class PostgresStore:
             values["updated_at"] = time.time()
         then = self._reply_statements(replies)
         await self._change("inbound", inbound_id, values, release=True, then=then)
+
+    async def acknowledge(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> None:
+        """As SQLite's: `acked_at` with the notice, in one transaction; fenced, and the claim is kept (the
+        turn goes on)."""
+        then = self._reply_statements(replies)
+        await self._change("inbound", inbound_id, {"acked_at": time.time()}, then=then)
 
     def _reply_statements(self, replies: Sequence[NewReply]) -> list[Statement]:
         """Queue `replies` in the outbox (waking every gateway's outbox), each Message-ID recorded as part
@@ -631,6 +759,7 @@ class PostgresStore:
         task_id: str | None = None,
         task_url: str | None = None,
         task_turns: int | None = None,
+        turn_status: str | None = None,
     ) -> None:
         then = self._reply_statements(replies)
         if task_id is not None and task_turns is not None:
@@ -649,6 +778,8 @@ class PostgresStore:
         }
         if turn_seq is not None:
             ending["turn_seq"] = turn_seq
+        if turn_status is not None:
+            ending["turn_status"] = turn_status
         await self._change("inbound", inbound_id, ending, release=True, then=then)
 
     async def record_delivery(
@@ -661,6 +792,7 @@ class PostgresStore:
         next_attempt_at: float = 0.0,
         refused: dict[str, str] | None = None,
         sent_at: float | None = None,
+        reply: str | None = None,
     ) -> None:
         values: dict[str, Any] = {
             "state": str(state),
@@ -669,6 +801,8 @@ class PostgresStore:
             "next_attempt_at": next_attempt_at,
             "updated_at": time.time(),
         }
+        if reply is not None:
+            values["relay_reply"] = reply[:1000]
         if refused is not None:
             values["refused"] = json.dumps(refused) if refused else None
         if sent_at is not None:
@@ -702,24 +836,57 @@ class PostgresStore:
             ]
         )
 
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """As `SqliteStore.prune_raw`, in one statement; rows another gateway prunes meanwhile are
+        skipped (`SKIP LOCKED`)."""
+        async with self._connection("commit") as conn:
+            cur = await conn.execute(PRUNE, {"before": before, "limit": limit, "window": PRUNE_WINDOW})
+            rows = await cur.fetchall()
+        if rows:
+            self.batches += 1
+        return Pruned(len(rows), sum(int(r["stored"]) - int(r["head"]) for r in rows))
+
     async def replay_inbound(self, inbound_id: str) -> bool:
         row = await self.inbound(inbound_id)
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
+        raw = await self._one(
+            "SELECT size, octet_length(data) AS kept, pruned_at FROM raw_message WHERE id = %s", [row.raw_id]
+        )
+        if raw is None or raw["pruned_at"] is not None or raw["kept"] < raw["size"]:
+            return False  # its raw bytes are gone (pruned), or were never kept whole (ignored mail)
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
-        # attempts are kept: a turn that may have reached the API is looked for before any new POST
+        values: dict[str, Any] = {
+            "state": state.value,
+            "reason": None,
+            "crashes": 0,
+            "next_attempt_at": 0,
+            "last_error": None,
+            "received_at": time.time(),
+            "updated_at": time.time(),
+            "lease_until": None,
+        }
+        if row.turn_status is not None and row.turn_seq is not None:
+            # its turn ran to its end (in error): a new turn is posted, after that one (as SQLite's)
+            values |= {"attempts": 0, "turn_seq": row.turn_seq + 1, "turn_status": None}
+        # otherwise attempts are kept: a turn that may have reached the API is looked for before any POST
+        assignments = ",".join(f"{col} = %s" for col in values)
         await self._write(
             [
-                (
-                    "UPDATE inbound SET state = %s, reason = NULL, crashes = 0, next_attempt_at = 0, "
-                    "last_error = NULL, received_at = %s, updated_at = %s, lease_until = NULL "
-                    "WHERE id = %s",
-                    [state.value, time.time(), time.time(), inbound_id],
-                ),
+                (f"UPDATE inbound SET {assignments} WHERE id = %s", [*values.values(), inbound_id]),  # noqa: S608
                 notify("inbound", self.owner),
             ]
         )
         return True
+
+    async def unsuppress(self, addr: str) -> bool:
+        """Send notices to `addr` again; its earlier hard bounces no longer count (from `cleared_at`)."""
+        rows = await self._all(
+            "UPDATE suppression SET suppressed_at = NULL, reason = NULL, cleared_at = %s "
+            "WHERE addr = %s AND suppressed_at IS NOT NULL RETURNING addr",
+            [time.time(), addr.lower()],
+        )
+        return bool(rows)
 
     async def replay_outbox(self, outbox_id: str) -> bool:
         row = await self.outbox_row(outbox_id)
@@ -736,6 +903,60 @@ class PostgresStore:
             ]
         )
         return True
+
+
+def _put_meta(key: str, value: str) -> Statement:
+    return (
+        "INSERT INTO meta (key, value) VALUES (%s, %s) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )
+
+
+def _bounce_statements(inbound_id: str, bounce: NewBounce, now: float, limit: int) -> list[Statement]:
+    """As SQLite's: the `bounce` row, the reply `bounced` (a row still being retried keeps its state,
+    with the bounce noted), and for a hard bounce that reaches `limit` in the window the address
+    suppressed (hard bounces before an `unsuppress` no longer count).
+
+    The note on the outbox row is not fenced: it changes only the bounce columns (and `sent -> bounced`,
+    a state no claim takes), never what a gateway sending the row writes. Bounces for one address are
+    counted under a transaction-scoped advisory lock on it, so two gateways recording its bounces at once
+    each count the other's: the limit is never stepped over unseen."""
+    addr = bounce.addr.lower() if bounce.addr else None
+    diagnostic = (bounce.diagnostic or "")[:1000] or None
+    statements: list[Statement] = []
+    if bounce.hard and addr:
+        statements.append(("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"mailgate-bounce:{addr}"]))
+    row = {
+        "outbox_id": bounce.outbox_id,
+        "inbound_id": inbound_id,
+        "addr": addr,
+        "status": bounce.status,
+        "diagnostic": diagnostic,
+        "hard": int(bounce.hard),
+        "at": now,
+    }
+    statements += [
+        insert("bounce", row),
+        (
+            "UPDATE outbox SET bounced_at = %s, bounce_status = %s, bounce_diagnostic = %s, updated_at = %s, "
+            "state = CASE WHEN state = 'sent' THEN 'bounced' ELSE state END WHERE id = %s",
+            [now, bounce.status, diagnostic, now, bounce.outbox_id],
+        ),
+    ]
+    if bounce.hard and addr:
+        reason = f"{limit} hard bounces in 30 days (the last: {bounce.status or 'no status'})"
+        statements.append(
+            (
+                "INSERT INTO suppression (addr, suppressed_at, reason) SELECT %(addr)s, %(now)s, %(reason)s "
+                "WHERE (SELECT count(*) FROM bounce WHERE addr = %(addr)s AND hard = 1 AND at >= greatest("
+                "%(since)s, coalesce((SELECT cleared_at FROM suppression WHERE addr = %(addr)s), 0))) "
+                ">= %(limit)s ON CONFLICT (addr) DO UPDATE SET suppressed_at = excluded.suppressed_at, "
+                "reason = excluded.reason WHERE suppression.suppressed_at IS NULL",
+                {"addr": addr, "now": now, "reason": reason, "since": now - BOUNCE_WINDOW, "limit": limit},
+            )
+        )
+    return statements
 
 
 def _nothing() -> None:

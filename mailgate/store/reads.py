@@ -11,12 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mailgate.models import TaskRef
+from mailgate.store.schema import ACTIVE_SQL
 
 # --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
 
 
-def duplicate_of(db: sqlite3.Connection, dedupe_key: str) -> str | None:
+def duplicate_of(
+    db: sqlite3.Connection, dedupe_key: str, legacy_key: str | None = None, who: str = ""
+) -> str | None:
+    """The row recorded under `dedupe_key`, or under `legacy_key` (the key of rows recorded before
+    senders counted) by the same sender: `who` is `coalesce(sender, 'env:' || mail_from)`."""
     rows = db.execute("SELECT id FROM inbound WHERE dedupe_key=?", (dedupe_key,)).fetchall()
+    if not rows and legacy_key is not None:
+        rows = db.execute(
+            "SELECT id FROM inbound WHERE dedupe_key=? AND coalesce(sender, 'env:' || mail_from)=?",
+            (legacy_key, who),
+        ).fetchall()
     return str(rows[0][0]) if rows else None
 
 
@@ -60,12 +70,35 @@ def count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int |
     return int(rows[0][0])
 
 
+# A raw message may be pruned when every message of it is finished and none changed since `before`.
+PRUNABLE = f"""
+r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
+    AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= ?))"""  # noqa: S608 (constants); ? is `before`
+
+
+def prune_candidates(
+    db: sqlite3.Connection, before: float, limit: int, window: int
+) -> list[tuple[str, int, int]]:
+    """(raw id, bytes stored, length of its header block) of up to `limit` raw messages to prune. The
+    header block ends at the first blank line (CRLF or bare LF) in the first `window` bytes."""
+    rows = db.execute(
+        f"""WITH c AS (SELECT r.id, length(r.data) AS stored, substr(r.data, 1, ?) AS win
+            FROM raw_message r WHERE {PRUNABLE} ORDER BY r.id LIMIT ?)
+        SELECT id, stored, min(stored,
+            coalesce(nullif(instr(win, X'0D0A0D0A'), 0) + 3, length(win)),
+            coalesce(nullif(instr(win, X'0A0A'), 0) + 1, length(win))) AS head FROM c""",  # noqa: S608
+        (window, before, limit),
+    ).fetchall()
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+
 @dataclass
 class AdmissionFacts:
     """Everything admission reads at the end of DATA, read in one hop to the reader's thread.
 
-    Asked for: the dedupe keys; the task ids named by reply tokens; one Message-ID chain and the
-    aliases it is looked up for; a sender, the start of the rate window and the limits.
+    Asked for: the dedupe keys (with the legacy key of each and who sent the message, see
+    `duplicate_of`); the task ids named by reply tokens; one Message-ID chain and the aliases it is looked
+    up for; a sender, the start of the rate window and the limits.
     """
 
     duplicates: dict[str, str | None] = field(default_factory=dict)  # dedupe key -> queue id
@@ -88,8 +121,13 @@ def admission_facts(
     since: float,
     max_turns: int,
     max_new_tasks: int,
+    legacy_keys: Sequence[str] = (),
+    who: str = "",
 ) -> AdmissionFacts:
-    facts = AdmissionFacts(duplicates={key: duplicate_of(db, key) for key in keys})
+    legacy: list[str | None] = [*legacy_keys] or [None] * len(keys)
+    facts = AdmissionFacts(
+        duplicates={key: duplicate_of(db, key, old, who) for key, old in zip(keys, legacy, strict=True)}
+    )
     if sender is None:
         return facts
     facts.sender = sender

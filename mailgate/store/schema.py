@@ -86,6 +86,11 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE outbox ADD COLUMN relay_reply TEXT;"
     "ALTER TABLE inbound ADD COLUMN turn_status TEXT;"
     "UPDATE outbox SET relay_reply=last_error, last_error=NULL WHERE state='sent' AND last_error LIKE '2%';",
+    # 6: retention (issue 11): when a finished message's raw bytes were pruned to its header block; the
+    # messages of a raw message found without a scan; the raw messages not yet pruned, the same
+    "ALTER TABLE raw_message ADD COLUMN pruned_at REAL;"
+    "CREATE INDEX IF NOT EXISTS inbound_raw ON inbound (raw_id);"
+    "CREATE INDEX IF NOT EXISTS raw_unpruned ON raw_message (id) WHERE pruned_at IS NULL;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -293,7 +298,7 @@ class Admitted:
 
     raw_id: str
     sha256: str
-    data: bytes
+    data: bytes  # what is stored: the whole message, or (ignored mail) its head
     messages: Sequence[NewMessage]
     tasks: Sequence[NewTask] = ()
     participants: Sequence[tuple[str, str]] = ()  # (task id, address)
@@ -301,6 +306,27 @@ class Admitted:
     bounces: Sequence[tuple[str, NewBounce]] = ()  # (queue id of the report, the bounce it tells of)
     received_at: float = 0.0  # when the bounces came (their time)
     bounce_limit: int = 3  # hard bounces in 30 days after which an address gets no more notices
+    size: int = 0  # the whole message's size, when `data` is only its head (0: `len(data)`)
+
+    @property
+    def full_size(self) -> int:
+        return self.size or len(self.data)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one `prune_raw` did: raw messages cut to their header block, and the bytes that freed."""
+
+    messages: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(self.messages + other.messages, self.bytes + other.bytes)
+
+
+# The window of a raw message searched for the end of its header block when it is pruned (a header block
+# is at most MAILGATE_MAX_HEADER_SIZE: 100 KiB by default); a raw message is never cut shorter than it.
+PRUNE_WINDOW = 1024 * 1024
 
 
 @dataclass(frozen=True)

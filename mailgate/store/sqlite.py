@@ -33,6 +33,7 @@ from mailgate.store.reads import AdmissionFacts
 from mailgate.store.schema import (
     ACTIVE_SQL,
     MIGRATIONS,
+    PRUNE_WINDOW,
     VERSION,
     Admitted,
     BounceRow,
@@ -41,6 +42,7 @@ from mailgate.store.schema import (
     NewReply,
     OutboxRow,
     Problem,
+    Pruned,
     Statement,
     SuppressionRow,
     TaskListing,
@@ -222,6 +224,8 @@ class SqliteStore:
         since: float = 0.0,
         max_turns: int,
         max_new_tasks: int,
+        legacy_keys: Sequence[str] = (),
+        who: str = "",
     ) -> AdmissionFacts:
         """The reads of one message's DATA decision in one hop (see `AdmissionFacts`)."""
         return await self._read(
@@ -234,6 +238,8 @@ class SqliteStore:
             since,
             max_turns,
             max_new_tasks,
+            legacy_keys,
+            who,
         )
 
     async def task(self, task_id: str) -> TaskRef | None:
@@ -291,11 +297,16 @@ class SqliteStore:
     async def raw(self, raw_id: str) -> bytes:
         # through the blob API: a SELECT of a 40 MB blob peaks at twice its size, this at once
         try:
-            data: bytes | None = await self._reader._execute(_read_blob, self._reader._conn, raw_id)  # type: ignore[no-untyped-call]
+            found: tuple[bytes, int, float | None] | None = await self._reader._execute(  # type: ignore[no-untyped-call]
+                _read_blob, self._reader._conn, raw_id
+            )
         except sqlite3.Error as exc:
             raise StoreBusy(f"read failed: {exc}") from exc
-        if data is None:
+        if found is None:
             raise RawMissing(f"raw message {raw_id} is missing")
+        data, size, pruned_at = found
+        if pruned_at is not None or len(data) < size:
+            raise RawMissing(f"raw message {raw_id} was not kept whole (ignored mail, or pruned)")
         return data
 
     async def inbound(self, inbound_id: str) -> InboundRow | None:
@@ -499,7 +510,7 @@ class SqliteStore:
 
     async def admit(self, admitted: Admitted) -> None:
         """Commit one accepted DATA: the raw bytes and every row that refers to them, durably."""
-        statements = _raw_statements(admitted.raw_id, admitted.sha256, admitted.data)
+        statements = _raw_statements(admitted.raw_id, admitted.sha256, admitted.data, admitted.full_size)
         statements += [insert_row("task", task) for task in admitted.tasks]
         for message in admitted.messages:
             values = asdict(message)
@@ -520,6 +531,20 @@ class SqliteStore:
         for inbound_id, bounce in admitted.bounces:
             statements += _bounce_statements(inbound_id, bounce, admitted.received_at, admitted.bounce_limit)
         await self.write(statements)
+
+    async def prune_raw(self, before: float, *, limit: int = 200) -> Pruned:
+        """Cut up to `limit` raw messages to their header block: those whose messages all finished
+        (answered, ignored, failed) and changed last before `before`. Each is marked `pruned_at`."""
+        found = await self._read(reads.prune_candidates, before, limit, PRUNE_WINDOW)
+        if not found:
+            return Pruned()
+        now = time.time()
+        sql = (
+            "UPDATE raw_message AS r SET data=substr(data, 1, ?), pruned_at=? "  # noqa: S608
+            f"WHERE r.id=? AND {reads.PRUNABLE}"
+        )
+        await self.write([(sql, (head, now, raw_id, before)) for raw_id, _, head in found])
+        return Pruned(len(found), sum(stored - head for _, stored, head in found))
 
     async def count_crash(self, inbound_id: str, crashes: int) -> None:
         """Count an attempt before the work it guards, so a message that kills the process is caught."""
@@ -694,6 +719,11 @@ class SqliteStore:
         row = await self.inbound(inbound_id)
         if row is None or row.state not in (InboundState.FAILED, InboundState.IGNORED):
             return False
+        raw = await self._one(
+            "SELECT size, length(data) AS kept, pruned_at FROM raw_message WHERE id=?", (row.raw_id,)
+        )
+        if raw is None or raw["pruned_at"] is not None or raw["kept"] < raw["size"]:
+            return False  # its raw bytes are gone (pruned), or were never kept whole (ignored mail)
         state = InboundState.QUEUED if row.input is not None else InboundState.RECEIVED
         again: dict[str, Any] = {}
         if row.turn_status is not None and row.turn_seq is not None:
@@ -739,16 +769,17 @@ class SqliteStore:
         return True
 
 
-def _raw_statements(raw_id: str, sha256: str, data: bytes) -> list[Statement]:
-    """Insert a raw message. A big one goes in as a zeroblob filled a chunk at a time: binding the
-    bytes whole makes SQLite copy them twice more (a 40 MB message cost 78 MB of peak RSS; this, 3 MB)."""
-    row = {"id": raw_id, "sha256": sha256, "size": len(data)}
+def _raw_statements(raw_id: str, sha256: str, data: bytes, size: int) -> list[Statement]:
+    """Insert a raw message (`data`: all of its `size` bytes, or its head). A big one goes in as a
+    zeroblob filled a chunk at a time: binding the bytes whole makes SQLite copy them twice more (a 40 MB
+    message cost 78 MB of peak RSS; this, 3 MB)."""
+    row = {"id": raw_id, "sha256": sha256, "size": size}
     if len(data) <= BLOB_CHUNK:
         return [insert("raw_message", row | {"data": data})]
     return [
         (
             "INSERT INTO raw_message (id, sha256, size, data) VALUES (?, ?, ?, zeroblob(?))",
-            (raw_id, sha256, len(data), len(data)),
+            (raw_id, sha256, size, len(data)),
         ),
         (_WRITE_BLOB, ("raw_message", "data", raw_id, data)),
     ]
@@ -763,13 +794,16 @@ def _write_blob(db: sqlite3.Connection, table: str, column: str, key: str, data:
             blob.write(view[start : start + BLOB_CHUNK])
 
 
-def _read_blob(db: sqlite3.Connection, raw_id: str) -> bytes | None:
-    """On the reader's thread: a raw message's bytes, read through the blob API; None if missing."""
-    found = db.execute("SELECT rowid FROM raw_message WHERE id = ?", (raw_id,)).fetchall()  # no open cursor
+def _read_blob(db: sqlite3.Connection, raw_id: str) -> tuple[bytes, int, float | None] | None:
+    """On the reader's thread: a raw message's stored bytes (read through the blob API), its whole size
+    and when it was pruned; None if missing."""
+    sql = "SELECT rowid, size, pruned_at FROM raw_message WHERE id = ?"
+    found = db.execute(sql, (raw_id,)).fetchall()  # stepped to its end: no open cursor
     if not found:
         return None
-    with db.blobopen("raw_message", "data", found[0][0], readonly=True) as blob:
-        return blob.read()
+    rowid, size, pruned_at = found[0]
+    with db.blobopen("raw_message", "data", rowid, readonly=True) as blob:
+        return blob.read(), int(size), pruned_at
 
 
 def _reply_statements(replies: Sequence[NewReply]) -> list[Statement]:

@@ -67,7 +67,7 @@ from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
 from mailgate.store import InboundRow, NewReply, Store
-from mailgate.turns.spool import Spool
+from mailgate.store.spool import Spool
 from mailgate.turns.steps import (
     Acknowledge,
     Answer,

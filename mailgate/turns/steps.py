@@ -36,7 +36,7 @@ from mailgate.mail.parse import parse_body
 from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult, SkippedFile, TaskSnapshot, Turn, TurnAnswer
 from mailgate.store import InboundRow, Store
-from mailgate.turns.spool import Spool
+from mailgate.store.spool import Spool
 from mailgate.turns.turn_input import TurnInput, build_turn_input
 
 log = logging.getLogger("mailgate.turns")

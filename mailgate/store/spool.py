@@ -1,4 +1,7 @@
-"""The attachment spool: a message's files on disk, so uploads stream from open files.
+"""The attachment spool: a message's files on disk, so uploads stream from open files. Like the rows
+of the store, it is a hand-off between the steps of a turn (`turns.steps` writes the files when it
+reads the message and uploads them when it posts the turn; `turns.scheduler` removes them when the
+message ends), so it lives with the store.
 
 `var/spool/<queue id>/<n>.bin`; written once when the message is composed, removed when the message
 is done. Everything can be made again from the raw message in the store, so no fsync is needed, and a
