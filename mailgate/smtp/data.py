@@ -88,7 +88,8 @@ class Normalizer:
             lead, block = b"\n", block[1:]
             self._line_start = True
         self._cr = block.endswith(b"\r")
-        if b"\n" in block:
+        lfs = block.count(b"\n")
+        if lfs and lfs != block.count(b"\r\n"):  # a bare LF: counting is cheaper than replacing
             block = block.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._line_start and block[:1] == b".":
             block = block[1:]

@@ -42,7 +42,7 @@ from mailgate.smtp.limits import Connections, FreeSpace, Limits, client_key
 
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO", "LHLO"})
 BIG_AT_ONCE = 2  # spooled messages read back and decided at once, per listener (each costs its size)
-RUN_FOR = 0.005  # seconds of DATA work in a row before letting the other sessions run
+RUN_FOR = 0.002  # seconds of DATA work in a row before letting the other sessions run
 SCAN_SLICE = 16 * 1024  # bytes given to the MIME scan at a time (its cost grows with tiny parts)
 BARE_CR = SmtpReply(554, "5.6.0 Message header contains a bare CR (CR without LF)", why="bare_cr")
 TOO_DEEP = SmtpReply(554, "5.6.0 MIME nesting too deep", why="mime_too_deep")
