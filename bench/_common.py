@@ -104,6 +104,7 @@ def gateway_env(tmp: Path, api_url: str, relay_port: int | None, **extra: str) -
         "MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR": "1000000",  # the loop breakers: one sender, many mails
         "MAILGATE_MAX_REPLIES_PER_MINUTE": "1000000",
         "MAILGATE_MAX_CONNECTIONS": "2000",
+        "MAILGATE_MAX_CONNECTIONS_PER_CLIENT": "2000",  # every benchmark client comes from 127.0.0.1
         "MAILGATE_LOG_LEVEL": "INFO",
     }
     if relay_port is not None:

@@ -147,7 +147,9 @@ class SmtpNoopProbe:
     `async with SmtpNoopProbe(host, port) as probe:` connects and reads the greeting (raising
     `OSError` or `TimeoutError` when it cannot, within `connect_timeout`), then probes in the
     background until the block ends, and says QUIT. A reply other than 250, or a lost connection,
-    counts in `errors` (probing stops at a lost connection).
+    counts in `errors` (probing stops at a lost connection), except the `421` with which an MTA ends a
+    session after its junk-command limit (mailgate's: 100 NOOPs): the probe opens a new session and
+    goes on (`reconnects`).
     """
 
     def __init__(
@@ -168,20 +170,24 @@ class SmtpNoopProbe:
         self.round_trips: list[float] = []
         self.sent: list[float] = []  # perf_counter when each NOOP went, parallel to round_trips
         self.errors = 0
+        self.reconnects = 0
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._sent_at: float | None = None  # perf_counter of the NOOP awaiting its answer
 
     async def __aenter__(self) -> SmtpNoopProbe:
+        await self._connect()
+        self._task = asyncio.get_running_loop().create_task(self._probe(), name="smtp noop probe")
+        return self
+
+    async def _connect(self) -> None:
         async with asyncio.timeout(self.connect_timeout):
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
             code = await self._reply()
         if code != 220:
             self._writer.close()
             raise OSError(f"{self.host}:{self.port} greeted with {code}, not 220")
-        self._task = asyncio.get_running_loop().create_task(self._probe(), name="smtp noop probe")
-        return self
 
     async def _reply(self) -> int:
         """Read one (possibly multi-line) reply; its code, or 0 when the connection ended."""
@@ -206,6 +212,15 @@ class SmtpNoopProbe:
                 return
             self.round_trips.append(time.perf_counter() - started)
             self.sent.append(started)
+            if code == 421:  # the server's junk-command limit: a new session, and on
+                self._writer.close()
+                self.reconnects += 1
+                try:
+                    await self._connect()
+                except OSError:
+                    self.errors += 1
+                    return
+                continue
             if code != 250:
                 self.errors += 1
             await asyncio.sleep(max(0.0, started + self.interval - time.perf_counter()))

@@ -6,9 +6,13 @@ prints:
 
 - mailgate's peak RSS growth (the kernel's high-water mark, VmHWM, minus the idle RSS just before the
   message), as a multiple of the message size, up to the upload and up to the reply;
-- the seconds from the 250 reply to the sandbox having received the whole upload.
+- the seconds from the 250 reply to the sandbox having received the whole upload;
+- then `--sessions` (8) sessions that each send `--unfinished` (39 MB) into DATA and stop there: the
+  gateway's RSS growth while they hang (DATA past 1 MiB is spooled to `spool/incoming`), the bytes in
+  the spool, and the RSS and spool once they hang up.
 
     .venv/bin/python bench/big_mail.py [--files 5] [--size 6000000] [--keep]
+                                       [--sessions 8] [--unfinished 39000000]
 
 Needs `psutil` (the `bench` extra) and Linux (/proc for the high-water mark).
 """
@@ -103,7 +107,61 @@ async def wait_for_port(port: int, proc: asyncio.subprocess.Process, timeout: fl
         return
 
 
-async def bench(count: int, size: int, workdir: Path) -> None:
+async def unfinished(port: int, pid: int, sessions: int, size: int, spool: Path) -> None:
+    """`sessions` sessions each `size` bytes into DATA, left there: RSS and spool while they hang, after."""
+    incoming = spool / "incoming"
+
+    def spooled() -> int:
+        return sum(p.stat().st_size for p in incoming.iterdir()) if incoming.is_dir() else 0
+
+    async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
+        while (line := await reader.readline())[3:4] == b"-":
+            pass
+        if not line.startswith(code):
+            raise SystemExit(f"expected {code!r}, got {line!r}")
+
+    opened = []
+    for _ in range(sessions):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await expect(reader, b"220")
+        for command, code in (
+            (b"EHLO bench.example.org", b"250"),
+            (b"MAIL FROM:<alice@example.org>", b"250"),
+            (b"RCPT TO:<research@agents.example.com>", b"250"),
+            (b"DATA", b"354"),
+        ):
+            writer.write(command + b"\r\n")
+            await expect(reader, code)
+        opened.append((reader, writer))
+    idle = psutil.Process(pid).memory_info().rss
+    chunk = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n" * 1000
+
+    async def stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"From: alice@example.org\r\nSubject: never finished\r\n\r\n")
+        for _ in range(size // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+
+    started = time.monotonic()
+    await asyncio.gather(*(stream(w) for _, w in opened))
+    sent = sessions * (size // len(chunk)) * len(chunk)
+    await wait_until(lambda: spooled() >= sent - sessions * 2 * MB, 300, "the sessions' data in the spool")
+    hanging = psutil.Process(pid).memory_info().rss
+    print(
+        f"{sessions} unfinished sessions of {size / MB:.0f} MB ({sent / MB:.0f} MB sent in "
+        f"{time.monotonic() - started:.1f} s): RSS {idle / MB:.1f} -> {hanging / MB:.1f} MB "
+        f"(+{(hanging - idle) / MB:.1f} MB = {(hanging - idle) / sent:.3f}x what they sent); "
+        f"spool/incoming holds {spooled() / MB:.0f} MB in {len(list(incoming.iterdir()))} files"
+    )
+    for _, writer in opened:
+        writer.close()
+    await wait_until(lambda: spooled() == 0, 60, "the spool files removed")
+    await asyncio.sleep(1.0)
+    after = psutil.Process(pid).memory_info().rss
+    print(f"after they hung up: RSS {after / MB:.1f} MB, spool/incoming empty")
+
+
+async def bench(count: int, size: int, sessions: int, unfinished_size: int, workdir: Path) -> None:
     raw, digests = build_message(count, size)
     print(f"message: {len(raw) / MB:.1f} MB ({count} attachments of {size / MB:.1f} MB, base64)")
     async with run_sandbox(SandboxOptions(api_key="bench-key")) as sandbox:
@@ -165,6 +223,8 @@ async def bench(count: int, size: int, workdir: Path) -> None:
                     f"peak RSS growth {label}: {growth / MB:.1f} MB = "
                     f"{growth / len(raw):.2f}x the message size"
                 )
+            if sessions:
+                await unfinished(port, pid, sessions, unfinished_size, workdir / "spool")
         finally:
             if proc.returncode is None:
                 proc.terminate()
@@ -175,15 +235,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--files", type=int, default=5, help="attachments (default 5)")
     parser.add_argument("--size", type=int, default=6 * MB, help="bytes per attachment (default 6 MB)")
+    parser.add_argument(
+        "--sessions", type=int, default=8, help="unfinished DATA sessions (default 8; 0: none)"
+    )
+    parser.add_argument("--unfinished", type=int, default=39 * MB, help="bytes each sends (default 39 MB)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
+    figures = (args.files, args.size, args.sessions, args.unfinished)
     if args.keep:
         tmp = tempfile.mkdtemp(prefix="mailgate-bench-")
         print(f"working directory: {tmp}")
-        asyncio.run(bench(args.files, args.size, Path(tmp)))
+        asyncio.run(bench(*figures, Path(tmp)))
         return
     with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmp:
-        asyncio.run(bench(args.files, args.size, Path(tmp)))
+        asyncio.run(bench(*figures, Path(tmp)))
 
 
 if __name__ == "__main__":

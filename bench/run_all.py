@@ -12,7 +12,7 @@ from _common import header, run_py
 
 SCRIPTS = [
     "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py",
-    "huge_answer.py", "store_compare.py", "header_cost.py",
+    "huge_answer.py", "hostile_input.py", "store_compare.py", "header_cost.py",
 ]  # fmt: skip
 
 

@@ -139,7 +139,10 @@ class Settings:
     unknown_senders: str = "refuse"  # or "hold": an authenticated sender not allowed waits for approval
     max_recipients: int = 20
     max_connections: int = 200
+    max_connections_per_client: int = 20
     smtp_timeout: float = 300.0
+    smtp_session_timeout: float = 3600.0
+    min_free_space: int = 60 * MiB  # refuse new mail below this much free disk; 0: off
     max_header_size: int = 100 * 1024  # Postfix's header_size_limit
     retention_days: float = 30.0  # finished messages' raw bytes are pruned after this long; 0: kept
     # transport security of the listener
@@ -234,6 +237,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         if given in values and missing not in values:
             problems.append(f"{missing}: required with {given} (replies are DKIM-signed only with both)")
 
+    max_message_size = p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB
     settings = Settings(
         domain=domain or "",
         workers=workers or {},
@@ -254,7 +258,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         helo_name=p.get("MAILGATE_HELO_NAME", _helo_name, None) or default_helo_name(domain or ""),
         outbox_dir=Path(p.get("MAILGATE_OUTBOX_DIR", str, "./var/outbox") or "./var/outbox"),
         spool_dir=Path(p.get("MAILGATE_SPOOL_DIR", str, "./var/spool") or "./var/spool"),
-        max_message_size=p.get("MAILGATE_MAX_MESSAGE_SIZE", _positive_int, 40 * MiB) or 40 * MiB,
+        max_message_size=max_message_size,
         concurrency=p.get("MAILGATE_CONCURRENCY", _positive_int, 64) or 64,
         secret=p.get("MAILGATE_SECRET", _secret, None),
         max_budget=max_budget or "high",
@@ -280,7 +284,10 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         unknown_senders=p.get("MAILGATE_UNKNOWN_SENDERS", _choice("refuse", "hold"), "refuse") or "refuse",
         max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
         max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
+        max_connections_per_client=p.get("MAILGATE_MAX_CONNECTIONS_PER_CLIENT", _positive_int, 20) or 20,
         smtp_timeout=p.get("MAILGATE_SMTP_TIMEOUT", _positive_float, 300.0) or 300.0,
+        smtp_session_timeout=p.get("MAILGATE_SMTP_SESSION_TIMEOUT", _positive_float, 3600.0) or 3600.0,
+        min_free_space=_or(p.get("MAILGATE_MIN_FREE_SPACE", _bytes_or_off, None), max_message_size * 3 // 2),
         max_header_size=p.get("MAILGATE_MAX_HEADER_SIZE", _positive_int, 100 * 1024) or 100 * 1024,
         retention_days=_or(p.get("MAILGATE_RETENTION_DAYS", _days_or_off, 30.0), 30.0),
         tls_cert=tls_cert,
@@ -419,6 +426,16 @@ def _positive_float(value: str) -> float:
         raise ValueError(f"expected a number of seconds, got {value!r}") from None
     if n <= 0:
         raise ValueError(f"must be positive, got {value}")
+    return n
+
+
+def _bytes_or_off(value: str) -> int:
+    try:
+        n = int(value.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number of bytes (0: off), got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"must be 0 (off) or a positive number of bytes, got {n}")
     return n
 
 

@@ -12,6 +12,8 @@ Invariants an administrator's `grep`, `awk` and log shipper rely on:
   never written raw; so are the invisible characters that reorder or hide text on a terminal (bidi
   controls such as U+202E, zero-width characters: `\\u202e`), so a peer cannot make a line read
   differently from what it holds (JSON escapes everything outside ASCII anyway);
+- aiosmtpd's own warnings (logger `mail.log`) go through the same formatter, so a peer's bytes in
+  them are escaped too;
 - a field that is None or empty is left out (`reason=None` never appears);
 - values are written as a person reads them, never as Python reprs: a peer address is `ip:port` (see
   `client`), a list is comma-separated in logfmt and a JSON array in JSON, booleans are true/false.
@@ -140,3 +142,9 @@ def setup(level: str = "INFO", fmt: str = "logfmt") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # aiosmtpd's own logger: its warnings (a peer's unknown command, written as the peer sent it, NUL
+    # bytes and all) come through the same formatter, escaped; its per-command INFO lines stay out.
+    library = logging.getLogger("mail.log")
+    library.handlers[:] = [handler]
+    library.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    library.propagate = False

@@ -31,7 +31,8 @@ class Metrics:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.smtp_replies = Counter(
             "mailgate_smtp_replies",
-            "SMTP/LMTP replies that decide on mail, by stage (connect, rcpt, data), code class and reason",
+            "SMTP/LMTP replies that decide on mail, by stage (connect, mail, rcpt, data, session), "
+            "code class and reason",
             ["stage", "class", "reason"],
             registry=r,
         )

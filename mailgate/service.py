@@ -46,7 +46,9 @@ from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
+from mailgate.smtp import data
 from mailgate.smtp.handler import Handler
+from mailgate.smtp.limits import FreeSpace, Limits
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, SqliteStore, Store
 from mailgate.store.spool import Spool
@@ -219,6 +221,10 @@ class Gateway:
         ]
         tls = self._tls_context()
         loop = asyncio.get_running_loop()
+        if swept := await asyncio.to_thread(data.sweep, data.incoming_dir(s.spool_dir)):
+            log.warning("spool_swept: DATA left unfinished by an earlier run", extra={"files": swept})
+        watched = [s.spool_dir] if s.database_url is not None else [s.spool_dir, s.database.parent]
+        free_space = FreeSpace(watched, s.min_free_space)
         try:
             for listen, lmtp in ((s.listen, False), (s.lmtp_listen, True)):
                 if listen is None:
@@ -233,9 +239,9 @@ class Gateway:
                 factory = protocol_factory(
                     handler,
                     hostname=s.domain,
-                    data_size_limit=s.max_message_size,
-                    timeout=s.smtp_timeout,
-                    max_connections=s.max_connections,
+                    limits=smtp_limits(s),
+                    spool_dir=s.spool_dir,
+                    free_space=free_space,
                     tls_context=tls,
                     require_starttls=s.require_starttls,
                     lmtp=lmtp,
@@ -398,6 +404,18 @@ class Gateway:
 
 MMAP_THRESHOLD = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def smtp_limits(s: Settings) -> Limits:
+    """What each SMTP/LMTP session may do, from the settings."""
+    return Limits(
+        data_size=s.max_message_size,
+        timeout=s.smtp_timeout,
+        session_timeout=s.smtp_session_timeout,
+        max_connections=s.max_connections,
+        max_per_client=s.max_connections_per_client,
+        max_header=max(1024 * 1024, s.max_header_size + 4),
+    )
 
 
 def keep_big_buffers_out_of_the_heap() -> None:

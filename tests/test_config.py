@@ -89,6 +89,10 @@ def test_every_bad_key_is_named_at_once() -> None:
         ("MAILGATE_UNKNOWN_SENDERS", "bounce"),
         ("MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR", "0"),
         ("MAILGATE_MAX_REPLIES_PER_MINUTE", "many"),
+        ("MAILGATE_MIN_FREE_SPACE", "-1"),
+        ("MAILGATE_MIN_FREE_SPACE", "60M"),
+        ("MAILGATE_MAX_CONNECTIONS_PER_CLIENT", "0"),
+        ("MAILGATE_SMTP_SESSION_TIMEOUT", "forever"),
     ],
 )
 def test_bad_values_are_refused(key: str, value: str) -> None:
@@ -114,6 +118,16 @@ def test_the_loop_breakers_and_unknown_senders() -> None:
     )
     assert (custom.max_replies_per_address_per_hour, custom.max_replies_per_minute) == (5, 60)
     assert custom.unknown_senders == "hold"
+
+
+def test_the_free_space_floor_follows_the_message_size_limit() -> None:
+    """MAILGATE_MIN_FREE_SPACE defaults to 1.5 x MAILGATE_MAX_MESSAGE_SIZE (as Postfix's queue_minfree
+    advice); an explicit value wins, 0 turns it off; the SMTP session limits have Postfix-like defaults."""
+    settings = load_settings(environ=MINIMAL)
+    assert settings.min_free_space == 60 * 1024 * 1024
+    assert (settings.max_connections_per_client, settings.smtp_session_timeout) == (20, 3600.0)
+    assert load_settings(environ={**MINIMAL, "MAILGATE_MAX_MESSAGE_SIZE": "1000"}).min_free_space == 1500
+    assert load_settings(environ={**MINIMAL, "MAILGATE_MIN_FREE_SPACE": "0"}).min_free_space == 0
 
 
 def test_the_api_key_is_optional_only_on_loopback() -> None:

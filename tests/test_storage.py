@@ -82,6 +82,7 @@ async def test_a_full_store_mid_turn_pauses_and_every_message_is_answered_once(
         relay.port,
         MAILGATE_DATABASE=str(small_disk / "mailgate.db"),
         MAILGATE_SPOOL_DIR=str(small_disk / "spool"),
+        MAILGATE_MIN_FREE_SPACE="0",  # the 24 MiB disk is under the 60 MiB floor from the start
     )
     async with Gateway(settings, poll_base=0.05, retry_base=0.05, settle_seconds=0.2) as gw:
         for n in range(3):
@@ -123,9 +124,16 @@ async def test_a_full_spool_holds_the_message_until_space_returns(
     relay: RecordingRelay,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The attachment cannot be spooled (ENOSPC): the message waits, uncounted, and goes out with its file."""
+    """The attachment cannot be spooled (ENOSPC): the message waits, uncounted, and goes out with its file.
+    (The free-space floor is off: with it, this mail would have been refused 452 at MAIL FROM.)"""
     caplog.set_level(logging.INFO, logger="mailgate")
-    settings = settings_for(tmp_path, sandbox.url, relay.port, MAILGATE_SPOOL_DIR=str(small_disk / "spool"))
+    settings = settings_for(
+        tmp_path,
+        sandbox.url,
+        relay.port,
+        MAILGATE_SPOOL_DIR=str(small_disk / "spool"),
+        MAILGATE_MIN_FREE_SPACE="0",
+    )
     filler = fill(small_disk)
     data = os.urandom(256 * 1024)
     async with Gateway(settings, poll_base=0.05, retry_base=0.05) as gw:
@@ -143,3 +151,48 @@ async def test_a_full_spool_holds_the_message_until_space_returns(
     [request] = sandbox.state.requests
     assert [f.sha256 for f in request.files] == [hashlib.sha256(data).hexdigest()]
     assert not [r for r in caplog.records if r.getMessage() in ("message_crashed", "message_quarantined")]
+
+
+async def test_new_mail_waits_452_while_the_spool_disk_is_under_the_floor(
+    tmp_path: Path, small_disk: Path, sandbox: RunningSandbox, relay: RecordingRelay
+) -> None:
+    """With less than MAILGATE_MIN_FREE_SPACE free under the spool, MAIL FROM gets 452 4.3.1 (the sender
+    keeps the mail); once space returns the same mail is accepted."""
+    settings = settings_for(
+        tmp_path,
+        sandbox.url,
+        relay.port,
+        MAILGATE_SPOOL_DIR=str(small_disk / "spool"),
+        MAILGATE_MIN_FREE_SPACE=str(8 * 1024 * 1024),
+    )
+    filler = fill(small_disk)
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05) as gw:
+        with pytest.raises(Exception, match=r"4\.3\.1 Insufficient system storage") as refused:
+            await smtp_send(gw.smtp_port, make_mail())
+        assert getattr(refused.value, "code", None) == 452
+        filler.unlink()
+        assert (await smtp_send(gw.smtp_port, make_mail())).accepted
+
+
+async def test_a_big_message_that_cannot_be_spooled_gets_452_and_leaves_nothing(
+    tmp_path: Path, small_disk: Path, sandbox: RunningSandbox, relay: RecordingRelay
+) -> None:
+    """DATA over 1 MiB goes to spool/incoming as it arrives; on a full disk (floor off) the end of DATA
+    gets 452 4.3.1, nothing is stored and no spool file is left."""
+    settings = settings_for(
+        tmp_path,
+        sandbox.url,
+        relay.port,
+        MAILGATE_SPOOL_DIR=str(small_disk / "spool"),
+        MAILGATE_MIN_FREE_SPACE="0",
+    )
+    filler = fill(small_disk)
+    big = make_mail(attachments=[("big.bin", "application/octet-stream", os.urandom(2 * 1024 * 1024))])
+    async with Gateway(settings, poll_base=0.05, retry_base=0.05) as gw:
+        seen = await smtp_send(gw.smtp_port, big)
+        assert seen.data is not None and seen.data[0] == 452 and seen.data[1].startswith("4.3.1"), seen
+        assert await gw.store.list_inbound() == []
+        incoming = small_disk / "spool" / "incoming"
+        await until(lambda: not incoming.exists() or not any(incoming.iterdir()), what="no spool file left")
+        filler.unlink()
+        assert (await smtp_send(gw.smtp_port, big)).accepted

@@ -4,11 +4,11 @@ One reply per recipient for LMTP, one combined reply for SMTP. Any unexpected fa
 so the sending MTA keeps the message and retries; no exception text ever reaches the peer.
 
 Every decision on mail is one INFO line, as Postfix's `NOQUEUE: reject:` and `queued as` lines are:
-`smtp_reject` (stage `connect`, `rcpt` or `data`; the client's `ip:port` or the LMTP socket, the HELO
-name, MAIL FROM, the recipient, the reply and its `reason`), `smtp_accept` (with the queue id) and
-`message_ignored` (accepted but never answered, with why). `reject()` is also what `smtp.server` calls
-for the refusals it makes itself (size, line length, connections, timeouts). Each is counted in
-`mailgate_smtp_replies` by stage, code class and reason.
+`smtp_reject` (stage `connect`, `mail`, `rcpt`, `data` or `session`; the client's `ip:port` or the LMTP
+socket, the HELO name, MAIL FROM, the recipient, the reply and its `reason`), `smtp_accept` (with the
+queue id) and `message_ignored` (accepted but never answered, with why). `reject()` is also what
+`smtp.server` calls for the refusals it makes itself (size, bare CR, nesting, disk, connections, junk
+commands, errors, timeouts). Each is counted in `mailgate_smtp_replies` by stage, code class and reason.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Handler:
             log.info("smtp_accept", extra=fields | {"reason": why, "reply": str(reply)})
 
     def reject(self, server: Any, stage: str, reply: SmtpReply, *, rcpts: Sequence[str] = ()) -> None:
-        """Log and count one refusal (`stage`: connect, rcpt or data), one line per recipient."""
+        """Log and count one refusal (`stage`: connect, mail, rcpt, data, session), one line per recipient."""
         why = reply.why or "refused"
         self.metrics.smtp_replies.labels(stage, f"{reply.code // 100}xx", why).inc(max(1, len(rcpts)))
         fields = _session_fields(server) | {"stage": stage, "reply": str(reply), "reason": why}
