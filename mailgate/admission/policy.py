@@ -166,11 +166,6 @@ class _Headers:
         return self.index.get(name.lower(), [])
 
 
-def _first(headers: _Headers, name: str) -> str:
-    values = headers(name)
-    return values[0] if values else ""
-
-
 def is_own_message_id(message_id: str, own_domain: str) -> bool:
     """Is `message_id` one mailgate minted: `<anything.mailgate@own_domain>` (or a subdomain)?
 

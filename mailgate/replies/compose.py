@@ -5,7 +5,7 @@ A reply goes to the authenticated sender, with the other participants who were o
 and never to anyone who is not an allowed sender. Its threading comes from what admission stored on
 the row (In-Reply-To, References, To/Cc): the raw message is never read again. Its Message-ID is chosen
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
-crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `replies.addresses`),
+crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `tokens.return_path`),
 which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SELECTOR and
 MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
 version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
