@@ -147,10 +147,12 @@ class Admission:
         Raises `StoreBusy` when the commit fails (the caller answers 451 4.3.0 and keeps nothing).
         Return paths of our replies (bounces) and worker addresses in one message are decided apart.
         """
-        returns = [r for r in rcpts if _is_return_path(r, self.settings.domain)]
+        split = {r: tokens.split_recipient(r, self.settings.domain) for r in rcpts}  # once per recipient
+        returns = [r for r in rcpts if _is_return_path(split[r])]
         others = [r for r in rcpts if r not in returns]
+        accept = functools.partial(self._accept, splits=[split[r] or ("", None) for r in others])
         replies: dict[str, SmtpReply] = {}
-        for group, decide in ((returns, self._accept_bounce), (others, self._accept)):
+        for group, decide in ((returns, self._accept_bounce), (others, accept)):
             if not group:
                 continue
             try:
@@ -247,11 +249,18 @@ class Admission:
             )
         return out
 
-    async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
+    async def _accept(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        raw: bytes,
+        *,
+        splits: Sequence[tuple[str, str | None]],
+    ) -> list[SmtpReply]:
+        """Mail to worker addresses; `splits` is each recipient's (alias, tag)."""
         settings = self.settings
-        # Recipients split once; then the header read once, the policy's decisions and who sent it,
-        # off the loop (`_read`): plain values from here on.
-        splits = [tokens.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
+        # The header read once, the policy's decisions and who sent it, off the loop (`_read`): plain
+        # values from here on.
         if header_size(raw, settings.max_header_size) > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
         read = await self._read_off_loop(raw, mail_from, splits)
@@ -522,9 +531,9 @@ def _header_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-header")
 
 
-def _is_return_path(rcpt: str, domain: str) -> bool:
-    """Is `rcpt` shaped like the return path of one of our replies (`alias+bounce-...@domain`)?"""
-    split = tokens.split_recipient(rcpt, domain)
+def _is_return_path(split: tuple[str, str | None] | None) -> bool:
+    """Is this (alias, tag) of a recipient on our domain the return path of one of our replies
+    (`alias+bounce-...@domain`)?"""
     return split is not None and (split[1] or "").startswith(tokens.BOUNCE_PREFIX)
 
 
