@@ -17,8 +17,9 @@ DATA, called by `smtp/server.py`, which read the message.
 The walk is the sequence of visited modules; a *re-entry* is a visit to a module the message had already
 left for another one. Two counts are printed: over every module, and over the stage modules only (leaving
 out the shared pieces every stage uses: the store (rows, and the spool's files), models, errors, config,
-logs, loops, metrics, the owner-only file helpers and the API client with its download policy (`egress`,
-which only the client calls), whose calls are hand-offs rather than a return to an earlier stage). The
+logs, loops, metrics, the owner-only file helpers, the API client with its download policy (`egress`,
+which only the client calls) and the reply and return-path token formulas (`tokens`: the reply side makes
+them, admission verifies them), whose calls are hand-offs rather than a return to an earlier stage). The
 sandbox API and the test relay are outside the walk.
 
 It runs the real gateway in-process (SMTP on 127.0.0.1, the sandbox, a recording relay), lets serve's
@@ -56,6 +57,7 @@ SHARED = (
     "mailgate.private",
     "mailgate.api",
     "mailgate.egress",  # the API client's download policy: only api.py calls it
+    "mailgate.tokens",  # the token formulas two stages share: replies make them, admission verifies
 )
 OUTSIDE = "(outside)"
 

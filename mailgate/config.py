@@ -511,7 +511,7 @@ def _workers(value: str) -> dict[str, Worker]:
 
 def _senders(value: str) -> tuple[str, ...]:
     """Allowed senders; an internationalised domain (`@mächine.example`) is kept in its IDNA form."""
-    from mailgate.mail.headers import ascii_domain
+    from mailgate.models import ascii_domain
 
     senders = []
     for item in filter(None, (part.strip().lower() for part in value.split(","))):

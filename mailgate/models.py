@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import idna
 
 BUDGETS = ("low", "standard", "high", "unlimited")
 HELD_DAYS = 7  # a `held` message neither approved nor denied this long is dropped
@@ -50,6 +52,19 @@ class SmtpReply:
     @property
     def ok(self) -> bool:
         return self.code < 300
+
+
+def ascii_domain(domain: str) -> str:
+    """`domain` lower-cased, without a trailing dot, non-ASCII labels as IDNA A-labels
+    (`mächine.example` -> `xn--mchine-bua.example`), so both spellings compare equal; as it is when
+    it is no valid IDN. (Here, beside `Address`, because every stage compares domains.)"""
+    domain = domain.strip().lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    try:
+        return str(idna.encode(domain, uts46=True).decode("ascii"))
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return domain
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,20 @@ class HeaderFacts:
     from_: Address | None  # the first From mailbox (its display name goes into the turn input)
     to: tuple[Address, ...]
     cc: tuple[Address, ...]
+
+
+@dataclass(frozen=True)
+class HeaderSignals:
+    """What admission's decisions read of a message's header block, as plain values: read once
+    (`mail.headers.read_signals`), so `admission.policy` and `admission.authn` never read the header
+    themselves."""
+
+    fields: Mapping[str, list[str]]  # lower-cased name -> raw values, top to bottom (`Headers.index`)
+    from_text: str  # the From values joined by spaces, at most `mail.headers.MAX_TEXT` characters
+    subject: str  # the Subject decoded (`Headers.text`)
+    from_addresses: tuple[str, ...] | None  # the From addr-specs, lower-cased; None: one is unusable
+    trace: tuple[tuple[str, str], ...]  # (lower-cased name, raw value) of each Received and
+    # Authentication-Results field, top to bottom
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mailgate.admission import threads
+from mailgate import tokens
 from mailgate.admission.admit import BAD_TOKEN, Admission
 from mailgate.models import InboundState, SmtpReply
 from mailgate.smtp.handler import combine
@@ -85,7 +85,7 @@ async def start_task(admission: Admission, store: Store, **mail: Any) -> Inbound
 
 
 def token_address(task_id: str, owner: str = ALICE, alias: str = "research") -> str:
-    return f"{alias}+{threads.make_token(SECRET, task_id, owner)}@{DOMAIN}"
+    return f"{alias}+{tokens.reply_token(SECRET, task_id, owner)}@{DOMAIN}"
 
 
 def altered(address: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 from mailgate.admission import policy
 from mailgate.mail import bodies
 from mailgate.mail import parse as parsing
-from mailgate.mail.headers import Headers
+from mailgate.mail.headers import Headers, read_signals
 from mailgate.turns import turn_input
 from tests.conftest import CORPUS, needs_corpus
 from tests.mail import make_mail, smtp_send, until
@@ -332,8 +332,8 @@ def _corpus_with_files() -> list[Path]:
             continue  # CR-only or mbox lines do not survive SMTP as they are; keep the test quick
         if any(len(line) > 990 for line in raw.splitlines()):
             continue  # SMTP refuses lines over 1000 octets
-        headers = Headers.parse(raw)
-        if policy.automatic_reason(headers, "alice@example.org", own_domain="agents.example.com"):
+        signals = read_signals(Headers.parse(raw))
+        if policy.automatic_reason(signals, "alice@example.org", own_domain="agents.example.com"):
             continue
         mail = parsing.parse_message(raw)
         sent, _ = turn_input.pick_files(mail.attachments)

@@ -14,24 +14,24 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mailgate.admission.authn import (
     AuthVerdict,
     aligned,
-    from_addresses,
     parse_authentication_results,
     trust_from_header,
     verify_dkim,
     verify_dmarc_results,
 )
-from mailgate.mail.headers import Headers
+from mailgate.mail.headers import Headers, read_signals
+from mailgate.models import HeaderSignals
 
 DATA = Path(__file__).parent / "data"
 OURS = "mx.agents.example.com"
 
 
-def headers(text: str) -> Headers:
+def headers(text: str) -> HeaderSignals:
     raw = text.strip("\n").replace("\n", "\r\n").encode() + b"\r\n\r\nbody\r\n"
-    return Headers.parse(raw)
+    return read_signals(Headers.parse(raw))
 
 
-def with_ar(*results: str, from_: str = "Ann <ann@example.com>") -> Headers:
+def with_ar(*results: str, from_: str = "Ann <ann@example.com>") -> HeaderSignals:
     lines = [f"Authentication-Results: {r}" for r in results]
     return headers("\n".join([*lines, f"From: {from_}", "Subject: hi"]))
 
@@ -97,7 +97,7 @@ def test_forged_ours_below_real_pass() -> None:
 def test_spoofed_file() -> None:
     """The spoofed CEO mail (forged passes above and below a real dmarc=fail) is refused."""
     raw = (DATA / "policy-spoofed-dmarc.eml").read_bytes()
-    msg = Headers.parse(raw)
+    msg = read_signals(Headers.parse(raw))
     verdict = verify_dmarc_results(msg, authserv_id=OURS)
     assert verdict.sender is None
     assert verdict.reason == "DMARC did not pass for example.com"
@@ -185,7 +185,7 @@ def test_trust_from_header(from_: str, sender: str | None) -> None:
 
 def test_from_addresses_missing() -> None:
     """No From header at all gives None."""
-    assert from_addresses(headers("Subject: x")) is None
+    assert headers("Subject: x").from_addresses is None
 
 
 # --- DKIM ----------------------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def dns_for(records: dict[bytes, bytes]) -> Callable[[bytes], bytes | None]:
     return lambda name: records.get(name)
 
 
-def parse(raw: bytes) -> Headers:
-    return Headers.parse(raw)
+def parse(raw: bytes) -> HeaderSignals:
+    return read_signals(Headers.parse(raw))
 
 
 def test_dkim_pass(key: tuple[bytes, bytes]) -> None:
@@ -333,7 +333,7 @@ def test_dkim_garbage_signature() -> None:
 def test_a_from_is_judged_by_its_address(from_: str, sender: str | None) -> None:
     """A display-name defect is no reason to refuse; an unclear or malformed address is."""
     raw = f"From: {from_}\r\nSubject: x\r\n\r\nbody\r\n".encode()
-    assert trust_from_header(Headers.parse(raw)).sender == sender
+    assert trust_from_header(read_signals(Headers.parse(raw))).sender == sender
 
 
 def test_a_from_longer_than_max_text_is_unusable() -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from ulid import ULID
 
-from mailgate.admission import bounces, threads
+from mailgate import tokens
+from mailgate.admission import threads
 from mailgate.mail.dsn import read_report
 from mailgate.models import InboundState, OutboxState
-from mailgate.replies import addresses
 from mailgate.store import Admitted, NewBounce, NewMessage, NewReply, SqliteStore, Store
 from mailgate.store.sqlite import BOUNCE_WINDOW
 from tests.conftest import CORPUS, needs_corpus
@@ -31,26 +31,31 @@ BOB = "bob@example.org"
 
 
 def test_addresses_made_for_a_reply_verify_at_admission() -> None:
-    """The return path and the Reply-To that `replies.addresses` makes are the ones `admission.bounces`
-    and `admission.threads` accept (and make, byte for byte), and with another secret they do not verify."""
-    outbox_id, task_id = str(ULID()), threads.new_task_id()
-    path = addresses.return_path(SECRET, "research", "agents.example.com", outbox_id)
-    assert path == bounces.bounce_address(SECRET, "research", "agents.example.com", outbox_id)
-    split = threads.split_recipient(path, "agents.example.com")
+    """The return path and the Reply-To a reply goes out with (`tokens.return_path`, `tokens.reply_to`, as
+    `replies.compose` makes them) are the ones admission accepts (`tokens.token_of_tag`,
+    `verify_bounce_token`, `task_id_of_token`, `verify_token`), byte for byte the addresses earlier
+    versions made (so replies already out still verify), and with another secret or owner they do not."""
+    outbox_id, task_id = "01JDZ7Q4W8K3M5N6P7R8S9T0VX", "tsk_01JDZ7Q4W8K3M5N6P7R8S9T0VX"
+    path = tokens.return_path(SECRET, "research", "agents.example.com", outbox_id)
+    assert path == "research+bounce-q4syhgbjd6rcamv5qfmut6osyt@agents.example.com"
+    split = tokens.split_recipient(path, "agents.example.com")
     assert split is not None and split[0] == "research"
-    token = bounces.token_of_tag(str(split[1]))
-    assert token is not None and bounces.verify_bounce_token(SECRET, token, outbox_id)
-    assert not bounces.verify_bounce_token(b"another-secret-0123456789", token, outbox_id)
+    token = tokens.token_of_tag(str(split[1]))
+    assert token is not None and tokens.verify_bounce_token(SECRET, token, outbox_id)
+    assert not tokens.verify_bounce_token(b"another-secret-0123456789", token, outbox_id)
 
-    reply_to = addresses.reply_to(SECRET, "research", "agents.example.com", task_id, ALICE.upper())
-    assert reply_to == f"research+{threads.make_token(SECRET, task_id, ALICE)}@agents.example.com"
-    split = threads.split_recipient(reply_to, "agents.example.com")
-    assert split is not None and split[1] is not None and threads.looks_like_token(split[1])
-    assert threads.task_id_of_token(split[1]) == task_id
-    assert threads.verify_token(SECRET, split[1], task_id, ALICE)
-    assert not threads.verify_token(SECRET, split[1], task_id, BOB)
+    reply_to = tokens.reply_to(SECRET, "research", "agents.example.com", task_id, ALICE.upper())
+    assert reply_to == "research+01jdz7q4w8k3m5n6p7r8s9t0vxx24mpheluapws@agents.example.com"
+    split = tokens.split_recipient(reply_to, "agents.example.com")
+    assert split is not None and split[1] is not None and tokens.looks_like_token(split[1])
+    assert tokens.task_id_of_token(split[1]) == task_id
+    assert tokens.verify_token(SECRET, split[1], task_id, ALICE)
+    assert not tokens.verify_token(SECRET, split[1], task_id, BOB)
+    assert not tokens.verify_token(b"another-secret-0123456789", split[1], task_id, ALICE)
+    fresh = threads.new_task_id()
+    assert tokens.task_id_of_token(tokens.reply_token(SECRET, fresh, ALICE)) == fresh
     with pytest.raises(ValueError, match="not a mailgate task id"):
-        addresses.reply_token(SECRET, "not-a-task", ALICE)
+        tokens.reply_token(SECRET, "not-a-task", ALICE)
 
 
 def test_a_return_path_fits_a_local_part_and_verifies_only_for_its_reply() -> None:
@@ -58,18 +63,18 @@ def test_a_return_path_fits_a_local_part_and_verifies_only_for_its_reply() -> No
     outbox row only, case-folded or not, and never once altered."""
     outbox_id = str(ULID())
     alias = "a" * 24
-    address = bounces.bounce_address(SECRET, alias, "agents.example.com", outbox_id)
+    address = tokens.return_path(SECRET, alias, "agents.example.com", outbox_id)
     local = address.partition("@")[0]
     assert len(local.encode()) <= 64 and local == local.lower()
-    split = threads.split_recipient(address.upper(), "agents.example.com")
+    split = tokens.split_recipient(address.upper(), "agents.example.com")
     assert split is not None and split[0] == alias
-    token = bounces.token_of_tag(str(split[1]))
-    assert token is not None and bounces.verify_bounce_token(SECRET, token, outbox_id)
-    assert not bounces.verify_bounce_token(SECRET, token, str(ULID()))
-    assert not bounces.verify_bounce_token(b"another-secret-0123456789", token, outbox_id)
+    token = tokens.token_of_tag(str(split[1]))
+    assert token is not None and tokens.verify_bounce_token(SECRET, token, outbox_id)
+    assert not tokens.verify_bounce_token(SECRET, token, str(ULID()))
+    assert not tokens.verify_bounce_token(b"another-secret-0123456789", token, outbox_id)
     altered = token[:-1] + ("a" if token[-1] != "a" else "b")
-    assert not bounces.verify_bounce_token(SECRET, altered, outbox_id)
-    assert not threads.looks_like_token(str(split[1]))  # never read as a reply token
+    assert not tokens.verify_bounce_token(SECRET, altered, outbox_id)
+    assert not tokens.looks_like_token(str(split[1]))  # never read as a reply token
 
 
 @pytest.mark.parametrize(
@@ -77,7 +82,7 @@ def test_a_return_path_fits_a_local_part_and_verifies_only_for_its_reply() -> No
 )
 def test_tags_that_are_not_return_path_tokens(tag: str) -> None:
     """Short, long, non-base32 tokens, budget words and reply tokens are not return-path tokens."""
-    assert bounces.token_of_tag(tag) is None
+    assert tokens.token_of_tag(tag) is None
 
 
 # --- the delivery-report reader --------------------------------------------------------------------------

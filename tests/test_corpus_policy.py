@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.admission.policy import automatic_reason
-from mailgate.mail.headers import Headers
+from mailgate.mail.headers import Headers, read_signals
 from tests.conftest import CORPUS, needs_corpus
 
 SISIMAI = CORPUS / "sisimai+set-of-emails"
@@ -105,7 +105,7 @@ def classify(paths: list[Path], *, use_envelope: bool) -> dict[str, str | None]:
     for path in paths:
         msg, envelope = read_headers(path)
         sender = envelope if use_envelope and envelope is not None else UNKNOWN
-        out[path.name] = automatic_reason(msg, sender, own_domain=OWN)
+        out[path.name] = automatic_reason(read_signals(msg), sender, own_domain=OWN)
     return out
 
 

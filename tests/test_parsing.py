@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.mail.headers import Headers, msgid_list
-from mailgate.mail.parse import html_to_text, parse_message
+from mailgate.mail.parse import _safe_filename, html_to_text, parse_message
 from mailgate.models import Address
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -174,6 +174,29 @@ def test_filename_sanitising(disposition: str, expected: str) -> None:
     (att,) = parse_message(raw).attachments
     assert att.filename == expected
     assert len(att.filename.encode()) <= 150
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [(b"caf\xc3\xa9 r\xc3\xa9sum\xc3\xa9.pdf", "café résumé.pdf"), (b"caf\xe9.pdf", "café.pdf")],
+    ids=["utf-8", "cp1252"],
+)
+def test_raw_8bit_file_names_are_decoded(name: bytes, expected: str) -> None:
+    """A file name written as raw 8-bit bytes (no RFC 2231/2047) comes out as text, UTF-8 or cp1252."""
+    head = b"From: a@b.c\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n"
+    raw = head + (
+        b"--b\nContent-Type: text/plain\n\nhi\n--b\nContent-Type: application/pdf\n"
+        b'Content-Disposition: attachment; filename="' + name + b'"\n'
+        b"Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n--b--\n"
+    )
+    (att,) = parse_message(raw).attachments
+    assert att.filename == expected
+
+
+def test_a_lone_surrogate_in_a_file_name_is_replaced() -> None:
+    """A lone surrogate that reached the file-name cleaner anyway is U+FFFD: the name stays encodable."""
+    name = _safe_filename("caf\udce9.pdf", "application/pdf", 1)
+    assert name == "caf\ufffd.pdf" and name.encode() == "caf\ufffd.pdf".encode()
 
 
 def test_broken_base64_is_reported_unreadable() -> None:

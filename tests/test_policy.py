@@ -8,7 +8,7 @@ import pytest
 
 from mailgate.admission import policy
 from mailgate.admission.policy import LOOP_HEADER, automatic_reason, requested_budget, sender_allowed
-from mailgate.mail.headers import Headers
+from mailgate.mail.headers import Headers, read_signals
 
 DATA = Path(__file__).parent / "data"
 OWN = "agents.example.com"
@@ -24,7 +24,7 @@ def headers(*lines: str, subject: str = "Quarterly numbers") -> Headers:
 
 
 def reason(msg: Headers, envelope: str = HUMAN) -> str | None:
-    return automatic_reason(msg, envelope, own_domain=OWN)
+    return automatic_reason(read_signals(msg), envelope, own_domain=OWN)
 
 
 def data(name: str) -> Headers:
@@ -266,7 +266,7 @@ def test_auto_reply_files(name: str, expected: str) -> None:
 def test_own_domain_case_insensitive() -> None:
     """own_domain may be given in any case."""
     msg = headers("Message-ID: <x.mailgate@agents.example.com>")
-    assert automatic_reason(msg, HUMAN, own_domain="Agents.Example.COM.") is not None
+    assert automatic_reason(read_signals(msg), HUMAN, own_domain="Agents.Example.COM.") is not None
 
 
 # --- allow-list -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Admission: every decision that can refuse a message at RCPT or at the end of DATA, then the durable commit.
 
 A bounce of one of our replies comes to that reply's return path (`alias+bounce-<token>@domain`, see
-`admission.bounces`): its RCPT is refused unless the token names a reply we sent, and at DATA it is read
+`mailgate.tokens`): its RCPT is refused unless the token names a reply we sent, and at DATA it is read
 (`mail.dsn`) and recorded before anything else: the reply is marked `bounced`, the message `ignored`
 ("bounce of our reply <id>"), never answered, whoever sent it.
 
@@ -47,12 +47,13 @@ from typing import Any
 
 from ulid import ULID
 
-from mailgate.admission import authn, bounces, policy, threads
+from mailgate import tokens
+from mailgate.admission import authn, policy, threads
 from mailgate.config import Settings
 from mailgate.errors import BadToken, MessageRejected
 from mailgate.mail import dsn
-from mailgate.mail.headers import Headers, header_block, header_size, read_facts
-from mailgate.models import HeaderFacts, InboundState, SmtpReply
+from mailgate.mail.headers import Headers, header_block, header_size, read_facts, read_signals
+from mailgate.models import BUDGETS, HeaderFacts, HeaderSignals, InboundState, SmtpReply
 from mailgate.store import AdmissionFacts, Admitted, NewBounce, NewMessage, NewTask, OutboxRow, Store
 
 HOUR = 3600.0
@@ -66,11 +67,25 @@ IGNORED_BODY_KEPT = 64 * 1024  # bytes of an ignored message's body stored after
 class _Read:
     """What one message's DATA decision needs of its bytes, read in a worker thread (`Admission._read`)."""
 
-    headers: Headers
+    signals: HeaderSignals
     facts: HeaderFacts
+    head: (
+        int  # the length of the header block (`header_block`): what ignored mail keeps, with its body's start
+    )
     digest: str  # SHA-256 of the raw bytes, hex
-    automatic: str | None = None  # why the message must never be answered (policy.automatic_reason)
+    judged: _Judged | None = None  # the policy's decisions (None for a bounce of our reply)
     verdict: authn.AuthVerdict | None = None  # sender authentication (None for automatic mail)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """Every policy decision on one message, made in one place (`Admission._judge`) from plain values."""
+
+    automatic: str | None  # why the message must never be answered (automatic mail, a loop's chain)
+    from_allowed: bool  # its single From address is on MAILGATE_ALLOWED_SENDERS
+    people: frozenset[str]  # To/Cc addresses off our domain that are allowed senders
+    budgets: tuple[tuple[str, str | None] | None, ...]  # per recipient: (budget of a new task, the
+    # budget its tag asked), None for no worker
 
 
 @dataclass
@@ -102,7 +117,7 @@ class Admission:
 
     async def check_recipient(self, address: str) -> SmtpReply:
         """RCPT TO: a worker address (with a budget word or a valid reply token), or a refusal."""
-        split = threads.split_recipient(address, self.settings.domain)
+        split = tokens.split_recipient(address, self.settings.domain)
         if split is None:
             return SmtpReply(
                 550,
@@ -110,18 +125,18 @@ class Admission:
                 why="relay_denied",
             )
         alias, tag = split
-        if tag is not None and tag.startswith(bounces.BOUNCE_PREFIX):  # before the alias: it may be gone
+        if tag is not None and tag.startswith(tokens.BOUNCE_PREFIX):  # before the alias: it may be gone
             ok = await self._bounced_reply(address) is not None
             return SmtpReply(250, "2.1.5 Ok") if ok else SmtpReply(550, BAD_BOUNCE)
         if self.settings.worker_for(alias) is None:
             return SmtpReply(550, "5.1.1 No such worker here", why="unknown_worker")
-        if tag is not None and threads.looks_like_token(tag):
-            task_id = threads.task_id_of_token(tag)
+        if tag is not None and tokens.looks_like_token(tag):
+            task_id = tokens.task_id_of_token(tag)
             ref = await self.store.task(task_id) if task_id else None
             if (
                 ref is None
                 or ref.alias != alias
-                or not threads.verify_token(self.secret, tag, ref.task_id, ref.owner)
+                or not tokens.verify_token(self.secret, tag, ref.task_id, ref.owner)
             ):
                 return SmtpReply(550, BAD_TOKEN, why="bad_token")
         return SmtpReply(250, "2.1.5 Ok", why="accepted")
@@ -132,10 +147,12 @@ class Admission:
         Raises `StoreBusy` when the commit fails (the caller answers 451 4.3.0 and keeps nothing).
         Return paths of our replies (bounces) and worker addresses in one message are decided apart.
         """
-        returns = [r for r in rcpts if _is_return_path(r, self.settings.domain)]
+        split = {r: tokens.split_recipient(r, self.settings.domain) for r in rcpts}  # once per recipient
+        returns = [r for r in rcpts if _is_return_path(split[r])]
         others = [r for r in rcpts if r not in returns]
+        accept = functools.partial(self._accept, splits=[split[r] or ("", None) for r in others])
         replies: dict[str, SmtpReply] = {}
-        for group, decide in ((returns, self._accept_bounce), (others, self._accept)):
+        for group, decide in ((returns, self._accept_bounce), (others, accept)):
             if not group:
                 continue
             try:
@@ -148,30 +165,30 @@ class Admission:
 
     async def _bounced_reply(self, address: str) -> OutboxRow | None:
         """The reply whose return path `address` is, if its token verifies; else None."""
-        split = threads.split_recipient(address, self.settings.domain)
-        token = bounces.token_of_tag(split[1] or "") if split else None
+        split = tokens.split_recipient(address, self.settings.domain)
+        token = tokens.token_of_tag(split[1] or "") if split else None
         if split is None or token is None:
             return None
-        own = f"{split[0]}+{bounces.BOUNCE_PREFIX}{token}@{self.settings.domain}"
+        own = f"{split[0]}+{tokens.BOUNCE_PREFIX}{token}@{self.settings.domain}"
         row = await self.store.outbox_by_mail_from(own)
-        if row is None or not bounces.verify_bounce_token(self.secret, token, row.id):
+        if row is None or not tokens.verify_bounce_token(self.secret, token, row.id):
             return None
         return row
 
-    async def _read_off_loop(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
+    async def _read_off_loop(
+        self, raw: bytes, mail_from: str, splits: Sequence[tuple[str, str | None]] | None
+    ) -> _Read:
         """`_read` on the header thread, the digest meanwhile on the default pool (hashing lets go of the
         interpreter lock: a 40 MB message does not hold up the next one's header); then
         (MAILGATE_AUTH=dkim) DKIM on the default pool."""
         loop = asyncio.get_running_loop()
         read, digest = await asyncio.gather(
-            loop.run_in_executor(
-                _header_thread(), functools.partial(self._read, raw, mail_from, judge=judge)
-            ),
+            loop.run_in_executor(_header_thread(), functools.partial(self._read, raw, mail_from, splits)),
             asyncio.to_thread(_sha256, raw),
         )
         read = replace(read, digest=digest)
-        if judge and read.automatic is None and self.settings.auth == "dkim":
-            verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.headers, dnsfunc=self.dkim_dns)
+        if read.judged is not None and read.judged.automatic is None and self.settings.auth == "dkim":
+            verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.signals, dnsfunc=self.dkim_dns)
             read = replace(read, verdict=verdict)
         return read
 
@@ -183,7 +200,7 @@ class Admission:
         """
         if header_size(raw, self.settings.max_header_size) > self.settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large")
-        read = await self._read_off_loop(raw, mail_from, judge=False)
+        read = await self._read_off_loop(raw, mail_from, None)
         facts, digest = read.facts, read.digest
         now = self.clock()
         raw_id = str(ULID())
@@ -222,7 +239,7 @@ class Admission:
                 Admitted(
                     raw_id=raw_id,
                     sha256=digest,
-                    data=_ignored_head(raw),
+                    data=_ignored_head(raw, read.head),
                     size=len(raw),
                     messages=messages,
                     bounces=found,
@@ -232,12 +249,24 @@ class Admission:
             )
         return out
 
-    async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
+    async def _accept(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        raw: bytes,
+        *,
+        splits: Sequence[tuple[str, str | None]],
+    ) -> list[SmtpReply]:
+        """Mail to worker addresses; `splits` is each recipient's (alias, tag)."""
         settings = self.settings
+        # The header read once, the policy's decisions and who sent it, off the loop (`_read`): plain
+        # values from here on.
         if header_size(raw, settings.max_header_size) > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
-        read = await self._read_off_loop(raw, mail_from, judge=True)
-        facts, digest, reason = read.facts, read.digest, read.automatic
+        read = await self._read_off_loop(raw, mail_from, splits)
+        assert read.judged is not None
+        facts, digest, judged = read.facts, read.digest, read.judged
+        reason = judged.automatic
         now = self.clock()
         raw_id = str(ULID())
 
@@ -257,9 +286,8 @@ class Admission:
                 raise MessageRejected(
                     550, "5.7.1", f"Sender not authenticated: {verdict.reason}", why="not_authenticated"
                 )
-            if not policy.sender_allowed(
-                verdict.sender, settings.allowed_senders
-            ) and not await self.store.is_allowed_sender(verdict.sender):
+            # the verdict's sender is the single From address the policy judged
+            if not judged.from_allowed and not await self.store.is_allowed_sender(verdict.sender):
                 if settings.unknown_senders != "hold":
                     raise MessageRejected(
                         550,
@@ -272,7 +300,6 @@ class Admission:
             verified = authn.how_verified(settings.auth, verdict, authserv_id=settings.authserv_id)
 
         # Every read the decisions below make, in one hop to the reader's thread.
-        splits = [threads.split_recipient(rcpt, settings.domain) or ("", None) for rcpt in rcpts]
         keys, legacy, who = _keys(rcpts, sender, mail_from, facts.message_id, digest)
         known = await self.store.admission_facts(
             keys,
@@ -281,8 +308,8 @@ class Admission:
             token_task_ids=[
                 task_id
                 for _, tag in splits
-                if tag is not None and threads.looks_like_token(tag)
-                if (task_id := threads.task_id_of_token(tag))
+                if tag is not None and tokens.looks_like_token(tag)
+                if (task_id := tokens.task_id_of_token(tag))
             ],
             chain=_chain(facts),
             aliases=sorted({alias for alias, _ in splits}),
@@ -295,7 +322,7 @@ class Admission:
         plans: list[_Plan] = []
         new_tasks_here = 0
         continued: dict[str, str] = {}  # task id -> the queue id of this message's turn for it
-        for rcpt, (alias, tag), key in zip(rcpts, splits, keys, strict=True):
+        for rcpt, (alias, tag), key, budget in zip(rcpts, splits, keys, judged.budgets, strict=True):
             duplicate = known.duplicates.get(key)
             if duplicate is not None:
                 plans.append(
@@ -310,7 +337,17 @@ class Admission:
                 continue
             try:
                 plan = self._plan_task(
-                    known, rcpt, alias, tag, sender, facts, message, now, new_tasks_here, held=held
+                    known,
+                    rcpt,
+                    alias,
+                    tag,
+                    sender,
+                    judged.people,
+                    message,
+                    now,
+                    new_tasks_here,
+                    budget,
+                    held=held,
                 )
             except MessageRejected as exc:
                 plan = _Plan(rcpt, SmtpReply(exc.code, f"{exc.status} {exc.reason}", why=exc.why))
@@ -341,7 +378,7 @@ class Admission:
             Admitted(
                 raw_id=raw_id,
                 sha256=digest,
-                data=_ignored_head(raw) if all_ignored else raw,
+                data=_ignored_head(raw, read.head) if all_ignored else raw,
                 size=len(raw),
                 messages=messages,
                 tasks=[p.task for p in plans if p.task is not None],
@@ -355,25 +392,65 @@ class Admission:
         )
         return [p.reply for p in plans]
 
-    def _read(self, raw: bytes, mail_from: str, *, judge: bool) -> _Read:
-        """On the header thread: the header block read once, and (`judge`) what can be decided from the
-        message alone: is it automatic mail, and who sent it (but DKIM: see `_read_off_loop`)."""
+    def _read(self, raw: bytes, mail_from: str, splits: Sequence[tuple[str, str | None]] | None) -> _Read:
+        """On the header thread: the header block read once (`mail.headers`), then, for mail to worker
+        addresses (`splits`, one per recipient), what can be decided from the message alone, on those
+        plain values: every policy decision (`_judge`), then who sent it (but DKIM: see `_read_off_loop`)."""
         headers = Headers.parse(raw)
-        read = _Read(headers, read_facts(headers), digest="")
-        if not judge:
+        signals = read_signals(headers)
+        read = _Read(signals, read_facts(headers), len(header_block(raw)), digest="")
+        if splits is None:
             return read
-        automatic = policy.automatic_reason(headers, mail_from, own_domain=self.settings.domain)
-        automatic = automatic or policy.long_chain(read.facts.references)
-        if automatic is not None:
-            return replace(read, automatic=automatic)
+        judged = self._judge(signals, read.facts, mail_from, splits)
+        read = replace(read, judged=judged)
+        if judged.automatic is not None:
+            return read
         mode = self.settings.auth
         if mode == "none":
-            verdict = authn.trust_from_header(headers)
+            verdict = authn.trust_from_header(signals)
         elif mode == "dkim":
             return read  # verified on the default pool: its key look-ups wait on the network
         else:
-            verdict = authn.verify_dmarc_results(headers, authserv_id=self.settings.authserv_id or "")
+            verdict = authn.verify_dmarc_results(signals, authserv_id=self.settings.authserv_id or "")
         return replace(read, verdict=verdict)
+
+    def _judge(
+        self,
+        signals: HeaderSignals,
+        facts: HeaderFacts,
+        mail_from: str,
+        splits: Sequence[tuple[str, str | None]],
+    ) -> _Judged:
+        """Every policy decision on the message, in one place: automatic mail (and a loop's References
+        chain), whether its From address and which of its To/Cc addresses are allowed senders, and the
+        budget a new task would get at each recipient."""
+        settings = self.settings
+        automatic = policy.automatic_reason(signals, mail_from, own_domain=settings.domain)
+        automatic = automatic or policy.long_chain(facts.references)
+        from_ = signals.from_addresses
+        from_allowed = (
+            from_ is not None
+            and len(from_) == 1
+            and policy.sender_allowed(from_[0], settings.allowed_senders)
+        )
+        people = frozenset(
+            a.addr
+            for a in (*facts.to, *facts.cc)
+            if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
+        )
+        budgets: list[tuple[str, str | None] | None] = []
+        for alias, tag in splits:
+            worker = settings.worker_for(alias)
+            budget_tag = tag if tag in BUDGETS else None
+            budgets.append(
+                None
+                if worker is None
+                else (
+                    policy.requested_budget(budget_tag, worker.budget, settings.max_budget),
+                    policy.asked_budget(budget_tag),
+                )
+            )
+        return _Judged(automatic, from_allowed, people, tuple(budgets))
 
     def _plan_task(
         self,
@@ -382,10 +459,11 @@ class Admission:
         alias: str,
         tag: str | None,
         sender: str,
-        facts: HeaderFacts,
+        people: frozenset[str],
         message: NewMessage,
         now: float,
         new_tasks_here: int,
+        budgets: tuple[str, str | None] | None,
         *,
         held: bool = False,
     ) -> _Plan:
@@ -419,7 +497,8 @@ class Admission:
                     why="rate_limited",
                 )
             task_id = threads.new_task_id()
-            budget = policy.requested_budget(found.budget_tag, worker.budget, settings.max_budget)
+            assert budgets is not None  # a worker's address
+            budget, asked = budgets
             task = NewTask(
                 id=task_id,
                 alias=alias,
@@ -428,7 +507,7 @@ class Admission:
                 budget=budget,
                 subject=message.subject,
                 created_at=now,
-                budget_asked=policy.asked_budget(found.budget_tag),
+                budget_asked=asked,
             )
         message = replace(
             message,
@@ -437,17 +516,12 @@ class Admission:
             note=found.note,
             new_task=int(task is not None),
         )
-        people = {sender} | {
-            a.addr
-            for a in (*facts.to, *facts.cc)
-            if a.domain != settings.domain and policy.sender_allowed(a.addr, settings.allowed_senders)
-        }
         return _Plan(
             rcpt,
             SmtpReply(250, f"2.0.0 Ok: queued as {message.id}", why="held" if held else "accepted"),
             message,
             task,
-            [(task_id, p) for p in sorted(people)],
+            [(task_id, p) for p in sorted({sender} | people)],
         )
 
 
@@ -457,10 +531,10 @@ def _header_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-header")
 
 
-def _is_return_path(rcpt: str, domain: str) -> bool:
-    """Is `rcpt` shaped like the return path of one of our replies (`alias+bounce-...@domain`)?"""
-    split = threads.split_recipient(rcpt, domain)
-    return split is not None and (split[1] or "").startswith(bounces.BOUNCE_PREFIX)
+def _is_return_path(split: tuple[str, str | None] | None) -> bool:
+    """Is this (alias, tag) of a recipient on our domain the return path of one of our replies
+    (`alias+bounce-...@domain`)?"""
+    return split is not None and (split[1] or "").startswith(tokens.BOUNCE_PREFIX)
 
 
 def _keys(
@@ -484,9 +558,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _ignored_head(raw: bytes) -> bytes:
-    """What is kept of mail recorded as ignored: its header block and the start of its body."""
-    return raw[: len(header_block(raw)) + IGNORED_BODY_KEPT]
+def _ignored_head(raw: bytes, head: int) -> bytes:
+    """What is kept of mail recorded as ignored: its header block (`head` bytes) and the start of its body."""
+    return raw[: head + IGNORED_BODY_KEPT]
 
 
 def _chain(facts: HeaderFacts) -> list[str]:

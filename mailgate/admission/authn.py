@@ -10,9 +10,10 @@ Three modes, one verdict type:
 - `trust_from_header` (`none`): believe the From header (demos and trusted networks only).
 
 A message is authenticated for its single From address when an identifier that passed is *aligned* with
-the From domain. The From header is judged by its address (`mail.headers.from_mailboxes`): a broken
+the From domain. The From header is judged by its address (`mail.headers.from_addresses`): a broken
 display name is no reason to refuse; an RFC 6532 UTF-8 address is an address like any other, its domain
-compared in its IDNA form (`mail.headers.ascii_domain`).
+compared in its IDNA form (`models.ascii_domain`). The header is read before (`mail.headers.read_signals`,
+at DATA): these functions take its plain values and call back into nothing.
 
 Alignment is relaxed (RFC 7489 section 3.1), approximated without the public suffix list: the domains
 are equal, or one is a subdomain of the other and the shorter one is not a public suffix such as `com`
@@ -27,12 +28,11 @@ from dataclasses import dataclass, field
 
 import dkim
 
-from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, from_mailboxes
+from mailgate.models import HeaderSignals, ascii_domain
 
 __all__ = [
     "AuthVerdict",
     "aligned",
-    "from_addresses",
     "how_verified",
     "our_results",
     "parse_authentication_results",
@@ -73,25 +73,6 @@ class AuthVerdict:
         return self.sender is not None
 
 
-def from_addresses(headers: Headers) -> tuple[str, ...] | None:
-    """The addr-specs in the From header(s), lower-cased; None when any of them is unusable.
-
-    Unusable: no From header, a From longer than `MAX_TEXT` characters, or an address without a local
-    part or a well-formed domain (see `mail.headers.from_mailboxes`; a defect in the display name does
-    not count). Several From headers are returned together.
-    """
-    values = headers.values("From")
-    if not values:
-        return None
-    found: list[str] = []
-    for value in values:
-        mailboxes = from_mailboxes(value) if len(value) <= MAX_TEXT else None
-        if mailboxes is None:
-            return None
-        found += [f"{local}@{domain}".lower() for local, domain in mailboxes]
-    return tuple(found)
-
-
 def aligned(domain: str, other: str) -> bool:
     """Relaxed alignment: `domain` and `other` are equal or one is a subdomain of the other.
 
@@ -115,8 +96,8 @@ def _is_public_suffix(name: str) -> bool:
     return len(labels) == 2 and len(labels[1]) == 2 and labels[0] in _CC_SECOND_LEVEL
 
 
-def _single_sender(headers: Headers) -> tuple[str | None, str]:
-    addresses = from_addresses(headers)
+def _single_sender(signals: HeaderSignals) -> tuple[str | None, str]:
+    addresses = signals.from_addresses
     if addresses is None:
         return None, "no usable From address"
     if len(addresses) != 1:
@@ -223,7 +204,7 @@ def _domain_of(identifier: str) -> str:
     return ascii_domain(identifier.rpartition("@")[2].strip().strip("<>"))
 
 
-def our_results(headers: Headers, authserv_id: str) -> list[AuthResult] | None:
+def our_results(signals: HeaderSignals, authserv_id: str) -> list[AuthResult] | None:
     """The results of every `Authentication-Results` header our own MTA wrote, top to bottom; None
     when there is none.
 
@@ -234,8 +215,7 @@ def our_results(headers: Headers, authserv_id: str) -> list[AuthResult] | None:
     """
     wanted = authserv_id.strip().lower()
     found: list[AuthResult] | None = None
-    for name, value in headers:
-        lower = name.lower()
+    for lower, value in signals.trace:
         if lower == "received" and found is not None:
             break
         if lower != "authentication-results":
@@ -246,7 +226,7 @@ def our_results(headers: Headers, authserv_id: str) -> list[AuthResult] | None:
     return found
 
 
-def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
+def verify_dmarc_results(signals: HeaderSignals, *, authserv_id: str) -> AuthVerdict:
     """Authenticate the From address from our own MTA's Authentication-Results headers (`our_results`:
     OpenDMARC's and OpenDKIM's together; headers with any other authserv-id are ignored). In them:
 
@@ -260,11 +240,11 @@ def verify_dmarc_results(headers: Headers, *, authserv_id: str) -> AuthVerdict:
 
     A missing header, a missing or unusable From, or several From addresses: not authenticated.
     """
-    sender, problem = _single_sender(headers)
+    sender, problem = _single_sender(signals)
     if sender is None:
         return AuthVerdict(None, problem)
     from_domain = _domain_of(sender)
-    trusted = our_results(headers, authserv_id)
+    trusted = our_results(signals, authserv_id)
     if trusted is None:
         return AuthVerdict(None, f"no Authentication-Results from {authserv_id}")
 
@@ -322,7 +302,7 @@ class _Lookup:
             raise dkim.DnsTimeoutError(str(exc)) from exc
 
 
-def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None) -> AuthVerdict:
+def verify_dkim(raw: bytes, signals: HeaderSignals, *, dnsfunc: DnsFunc | None = None) -> AuthVerdict:
     """Authenticate the From address by verifying the message's DKIM signatures ourselves.
 
     The DKIM-Signatures are tried top to bottom (the first `MAX_DKIM_SIGNATURES`); the first that
@@ -332,7 +312,7 @@ def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None)
     None means dkimpy's own resolver. If a look-up failed and nothing else passed, the verdict is
     `temporary`. Synchronous and CPU-bound: run it in a worker thread.
     """
-    sender, problem = _single_sender(headers)
+    sender, problem = _single_sender(signals)
     if sender is None:
         return AuthVerdict(None, problem)
     from_domain = _domain_of(sender)
@@ -362,9 +342,9 @@ def verify_dkim(raw: bytes, headers: Headers, *, dnsfunc: DnsFunc | None = None)
     return AuthVerdict(None, f"DKIM did not pass for {from_domain}")
 
 
-def trust_from_header(headers: Headers) -> AuthVerdict:
+def trust_from_header(signals: HeaderSignals) -> AuthVerdict:
     """`MAILGATE_AUTH=none`: take the single, well-formed From address at its word."""
-    sender, problem = _single_sender(headers)
+    sender, problem = _single_sender(signals)
     if sender is None:
         return AuthVerdict(None, problem)
     return AuthVerdict(sender, "From header trusted (no authentication configured)", passed="none")

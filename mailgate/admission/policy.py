@@ -1,8 +1,8 @@
 """Pure decisions about senders: never answer automatic mail, who may write, which budget, rate limits.
 
-Nothing here does I/O. The input is the message's `mail.headers.Headers` (read once at DATA) and plain
-values the caller read elsewhere (envelope sender, counts). Header values can be malformed: every read
-goes through `Headers`, which never raises.
+Nothing here does I/O, and nothing here reads a header: the input is plain values admission read once at
+DATA (`models.HeaderSignals`, from `mail.headers.read_signals`, whose reads never raise) and values the
+caller read elsewhere (envelope sender, allow-list, counts).
 
 `automatic_reason` answers "must this message never be answered?" with a short reason string
 ("bounce: ...", "auto-reply: ...", "read receipt: ...", "complaint: ...", "bulk: ...", "loop: ...")
@@ -21,10 +21,9 @@ Sender authentication lives in `admission.authn`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from mailgate.mail.headers import MAX_TEXT, Headers, ascii_domain, cut
-from mailgate.models import BUDGETS
+from mailgate.models import BUDGETS, HeaderSignals, ascii_domain
 
 __all__ = [
     "LOOP_HEADER",
@@ -130,7 +129,7 @@ _RECEIPT_SUBJECT = re.compile(_OPEN + rf"(?:(?:{_RECEIPT_STRONG}){_END}|(?:{_REC
 _SUBJECT_NOISE = re.compile(r"^(?:[*!\s]+|\[postmaster\]\s*)+", re.I)
 
 
-def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> str | None:
+def automatic_reason(signals: HeaderSignals, envelope_from: str, *, own_domain: str) -> str | None:
     """Why this message must never be answered, or None for mail a person wrote.
 
     `envelope_from` is the SMTP MAIL FROM (with or without angle brackets; "" or "<>" is the null
@@ -138,9 +137,9 @@ def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> st
     `LOOP_HEADER`, or a Message-ID we minted (`is_own_message_id`), means our own mail came back.
     """
     envelope = envelope_from.strip().strip("<>").strip()
-    headers = _Headers(msg.index())  # one pass over the header block, not one per signal
-    from_value = cut(" ".join(headers("From")), MAX_TEXT)
-    subject = _subject(msg)
+    headers = _Headers(signals.fields)
+    from_value = signals.from_text
+    subject = _SUBJECT_NOISE.sub("", signals.subject.casefold())  # leading "**"/"[Postmaster]" dropped
     return (
         _own_mail(headers, own_domain)
         or _report(headers)
@@ -160,22 +159,11 @@ def automatic_reason(msg: Headers, envelope_from: str, *, own_domain: str) -> st
 class _Headers:
     """`Headers.values(name)` for one message, from its index."""
 
-    def __init__(self, index: dict[str, list[str]]) -> None:
+    def __init__(self, index: Mapping[str, list[str]]) -> None:
         self.index = index
 
     def __call__(self, name: str) -> list[str]:
         return self.index.get(name.lower(), [])
-
-
-def _first(headers: _Headers, name: str) -> str:
-    values = headers(name)
-    return values[0] if values else ""
-
-
-def _subject(msg: Headers) -> str:
-    """The decoded Subject (`Headers.text`: its first `MAX_TEXT` characters, decoded once for every
-    stage that asks), casefolded, leading "**"/"[Postmaster]" dropped."""
-    return _SUBJECT_NOISE.sub("", msg.text("subject").casefold())
 
 
 def is_own_message_id(message_id: str, own_domain: str) -> bool:

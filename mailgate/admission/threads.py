@@ -1,9 +1,7 @@
 """Which task a message belongs to: reply tokens, Message-ID chains, and who may continue a task.
 
-A reply from mailgate carries `Reply-To: alias+<token>@domain`. The token is the task's ULID (26
-characters) followed by 13 characters of an HMAC-SHA256 over the task id and its owner, all lower-case
-base32, so it survives MTAs that fold the case of local parts and fits a 64-octet local part with an
-alias of up to 24 characters. A token that does not verify is never trusted.
+A reply from mailgate carries `Reply-To: alias+<token>@domain` (the token's formula: `mailgate.tokens`,
+which the reply side uses to make it). A token that does not verify is never trusted.
 
 Resolution, strongest first: a token in the recipient address; `In-Reply-To`; `References` newest first
 (both matched against every Message-ID mailgate received or sent for a task of the same worker);
@@ -13,9 +11,6 @@ does a reply in the thread of a task that was archived (`/archive` in the thread
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,13 +19,7 @@ from ulid import ULID
 
 from mailgate.errors import BadToken
 from mailgate.models import BUDGETS, TaskRef
-
-TASK_PREFIX = "tsk_"
-_ULID_LEN = 26
-_MAC_LEN = 13
-TOKEN_LEN = _ULID_LEN + _MAC_LEN
-MAX_ALIAS_LEN = 64 - 1 - TOKEN_LEN  # "alias+token" must fit a 64-octet local part
-_CROCKFORD = set("0123456789abcdefghjkmnpqrstvwxyz")
+from mailgate.tokens import TASK_PREFIX, looks_like_token, task_id_of_token, verify_token
 
 NOT_PARTICIPANT_NOTE = (
     "You wrote in a conversation that you are not part of, so this message started a new task of its own."
@@ -40,48 +29,6 @@ NOT_PARTICIPANT_NOTE = (
 def new_task_id() -> str:
     """A caller-chosen task id: `tsk_` followed by a ULID (sorts by creation time)."""
     return TASK_PREFIX + str(ULID())
-
-
-def _mac(secret: bytes, task_id: str, owner: str) -> str:
-    digest = hmac.new(secret, f"{task_id}\x00{owner.lower()}".encode(), hashlib.sha256).digest()
-    return base64.b32encode(digest).decode("ascii").lower()[:_MAC_LEN]
-
-
-def make_token(secret: bytes, task_id: str, owner: str) -> str:
-    """The reply token for `task_id` owned by `owner`. Only for ids made by `new_task_id`."""
-    ulid = task_id.removeprefix(TASK_PREFIX).lower()
-    if len(ulid) != _ULID_LEN or not set(ulid) <= _CROCKFORD:
-        raise ValueError(f"not a mailgate task id: {task_id!r}")
-    return ulid + _mac(secret, task_id, owner)
-
-
-def looks_like_token(tag: str) -> bool:
-    """True when a `+tag` has the shape of a reply token (as opposed to a budget word)."""
-    return len(tag) == TOKEN_LEN and tag not in BUDGETS
-
-
-def task_id_of_token(tag: str) -> str | None:
-    """The task id a token names, without checking the MAC (for the look-up of the task's owner)."""
-    ulid = tag[:_ULID_LEN].lower()
-    if len(tag) != TOKEN_LEN or not set(ulid) <= _CROCKFORD:
-        return None
-    return TASK_PREFIX + ulid.upper()
-
-
-def verify_token(secret: bytes, tag: str, task_id: str, owner: str) -> bool:
-    """Constant-time check that `tag` is the token of `task_id` owned by `owner`."""
-    if len(tag) != TOKEN_LEN:
-        return False
-    return hmac.compare_digest(tag[_ULID_LEN:].lower().encode(), _mac(secret, task_id, owner).encode())
-
-
-def split_recipient(addr: str, domain: str) -> tuple[str, str | None] | None:
-    """`alias+tag@domain` -> (alias, tag); None when the address is not on `domain`."""
-    local, at, dom = addr.lower().rpartition("@")
-    if not at or dom.rstrip(".") != domain or not local:
-        return None
-    alias, plus, tag = local.partition("+")
-    return alias, (tag if plus else None)
 
 
 class Known(Protocol):

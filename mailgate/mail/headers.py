@@ -33,9 +33,7 @@ from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import Any
 
-import idna
-
-from mailgate.models import Address, HeaderFacts
+from mailgate.models import Address, HeaderFacts, HeaderSignals
 
 __all__ = [
     "BIDI",
@@ -43,15 +41,16 @@ __all__ = [
     "MAX_ADDRESS_LIST",
     "MAX_TEXT",
     "Headers",
-    "ascii_domain",
     "clean_text",
     "cut",
     "fix_surrogates",
+    "from_addresses",
     "from_mailboxes",
     "header_block",
     "header_text",
     "msgid_list",
     "read_facts",
+    "read_signals",
 ]
 
 MAX_TEXT = 8192  # characters of a header value worth decoding (subjects, names, one mailbox)
@@ -100,19 +99,6 @@ def cut(value: str, limit: int) -> str:
         return value
     space = max(value.rfind(" ", 0, limit + 1), value.rfind("\t", 0, limit + 1))
     return value[:space] if space > limit // 2 else value[:limit]
-
-
-def ascii_domain(domain: str) -> str:
-    """`domain` lower-cased, without a trailing dot, non-ASCII labels as IDNA A-labels
-    (`mächine.example` -> `xn--mchine-bua.example`), so both spellings compare equal; as it is when
-    it is no valid IDN."""
-    domain = domain.strip().lower().rstrip(".")
-    if domain.isascii():
-        return domain
-    try:
-        return str(idna.encode(domain, uts46=True).decode("ascii"))
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return domain
 
 
 @dataclass
@@ -416,4 +402,37 @@ def read_facts(headers: Headers) -> HeaderFacts:
         from_=from_[0] if from_ else None,
         to=headers.addresses("to"),
         cc=headers.addresses("cc"),
+    )
+
+
+def from_addresses(headers: Headers) -> tuple[str, ...] | None:
+    """The addr-specs in the From header(s), lower-cased; None when any of them is unusable.
+
+    Unusable: no From header, a From longer than `MAX_TEXT` characters, or an address without a local
+    part or a well-formed domain (see `from_mailboxes`; a defect in the display name does not count).
+    Several From headers are returned together.
+    """
+    values = headers.values("From")
+    if not values:
+        return None
+    found: list[str] = []
+    for value in values:
+        mailboxes = from_mailboxes(value) if len(value) <= MAX_TEXT else None
+        if mailboxes is None:
+            return None
+        found += [f"{local}@{domain}".lower() for local, domain in mailboxes]
+    return tuple(found)
+
+
+_TRACE = ("received", "authentication-results")
+
+
+def read_signals(headers: Headers) -> HeaderSignals:
+    """What admission decides on (automatic mail, who sent it), read from `headers` once, as plain values."""
+    return HeaderSignals(
+        fields=headers.index(),
+        from_text=cut(" ".join(headers.values("From")), MAX_TEXT),
+        subject=headers.text("subject"),
+        from_addresses=from_addresses(headers),
+        trace=tuple((lower, value) for lower, _, value in headers._items if lower in _TRACE),
     )

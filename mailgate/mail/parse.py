@@ -37,6 +37,7 @@ __all__ = ["html_to_text", "parse_body", "parse_message"]
 
 _HTML_CONFIG = ParserConfig(display_links=True)
 _MAX_FILENAME_BYTES = 150
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _FEED_CHUNK = 1 << 20
 
 _EXTENSIONS = {
@@ -147,7 +148,9 @@ def _decode_text(data: bytes, charset: str | None) -> str:
 
 
 def _safe_filename(name: str, content_type: str, index: int) -> str:
-    name = unicodedata.normalize("NFC", fix_surrogates(name))
+    """A file name safe to store and to show. `name` comes decoded (`_filename` turns raw 8-bit bytes
+    into text, TNEF and `Headers.text` decode theirs); a lone surrogate left in it anyway becomes U+FFFD."""
+    name = unicodedata.normalize("NFC", _SURROGATES.sub("\ufffd", name))
     name = BIDI.sub("", CONTROL.sub("", name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = re.sub(r'[<>:"|?*]', "_", name).strip().lstrip(".").rstrip(". ").strip()
     if not name:

@@ -5,7 +5,7 @@ A reply goes to the authenticated sender, with the other participants who were o
 and never to anyone who is not an allowed sender. Its threading comes from what admission stored on
 the row (In-Reply-To, References, To/Cc): the raw message is never read again. Its Message-ID is chosen
 here and stored with the outbox row in the same transaction that ends the message, so a resend after a
-crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `replies.addresses`),
+crash carries the same id. So is its return path (`alias+bounce-<token>@domain`, `tokens.return_path`),
 which names the outbox row when a bounce comes back; and, with MAILGATE_DKIM_SELECTOR and
 MAILGATE_DKIM_KEY, its DKIM signature (`replies.signing`): the stored bytes (and the links-only
 version) are signed once, off the loop, and SIGNATURE_RESERVE of the size limit is kept for it.
@@ -42,6 +42,7 @@ from email.policy import SMTP
 
 from ulid import ULID
 
+from mailgate import tokens
 from mailgate.admission import policy
 from mailgate.config import Settings
 from mailgate.models import (
@@ -52,7 +53,7 @@ from mailgate.models import (
     SkippedFile,
     TurnAnswer,
 )
-from mailgate.replies import addresses, wire
+from mailgate.replies import wire
 from mailgate.replies.limits import ReplyLimits
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
@@ -221,14 +222,14 @@ class Replies:
             from_name=f"{alias} (mailgate)",
             to=[row.sender],
             cc=cc,
-            reply_to=addresses.reply_to(self.secret, alias, settings.domain, row.task_id, owner),
+            reply_to=tokens.reply_to(self.secret, alias, settings.domain, row.task_id, owner),
             subject=row.subject,
             message_id=f"<{ULID()}.mailgate@{settings.domain}>",
             in_reply_to=row.message_id,
             references=references,
             loop_header_value=settings.domain,
             outbox_id=outbox_id,
-            return_path=addresses.return_path(self.secret, alias, settings.domain, outbox_id),
+            return_path=tokens.return_path(self.secret, alias, settings.domain, outbox_id),
         )
         return headers, [row.sender, *cc], task
 
