@@ -26,7 +26,7 @@ import stat
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import httpx
 
@@ -44,6 +44,7 @@ from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
+from mailgate.runner import RunnerProcess
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.server import protocol_factory
 from mailgate.store import InstanceLock, SqliteStore, Store
@@ -53,6 +54,7 @@ from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
 
+Role = Literal["all", "listener", "runner"]
 READY_WRITE_EVERY = 5.0  # seconds between the readiness probe's writes to the store
 
 
@@ -114,8 +116,13 @@ class Gateway:
         retry_base: float = 2.0,
         hold_seconds: float = 30.0,
         settle_seconds: float = 5.0,
+        role: Role = "all",
     ) -> None:
         self.settings = settings
+        # "all": one process does everything; "listener": SMTP, admission and /metrics here, the runner
+        # in a process of its own (`runner.RunnerProcess`); "runner": that process (no listeners)
+        self.role = role
+        self.runner: RunnerProcess | None = None
         self._api_transport = api_transport
         self._delivery = delivery
         self._dkim_dns = dkim_dns
@@ -150,15 +157,41 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         keep_big_buffers_out_of_the_heap()
-        if s.database_url is None:  # several gateways share a PostgreSQL store: that is its point
+        # one gateway per SQLite store: the runner process shares the listener's lock (it inherits it)
+        if s.database_url is None and self.role != "runner":
             self._lock = InstanceLock.acquire(s.database)
         try:
             self.store = await open_store(s)
         except BaseException:
             self._release()
             raise
-        self._warn_exposed()
+        if self.role != "runner":
+            self._warn_exposed()
         secret = (s.secret or await self.store.secret()).encode()
+        if self.role == "listener":
+            self.runner = RunnerProcess(
+                s, self._lock.fd if self._lock else None, shutdown_deadline=self.shutdown_deadline
+            )
+            try:
+                await self.runner.start()
+            except (OSError, RuntimeError) as exc:
+                await self.stop()
+                raise StartupError(f"cannot start the runner process: {exc}") from exc
+            on_accepted = self.runner.wake
+        else:
+            await self._start_runner(secret)
+            on_accepted = self.scheduler.wake
+        if self.role == "runner":
+            self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+            log.info("runner_ready", extra={"api": s.base_url, "concurrency": s.concurrency})
+            return
+        await self._start_listeners(secret, on_accepted)
+        if self.role == "all":
+            self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+
+    async def _start_runner(self, secret: bytes) -> None:
+        """The API client, the outbox and the turn scheduler, and their loops."""
+        s = self.settings
         metrics = self.metrics
         self.api = make_api_client(s, transport=self._api_transport, metrics=metrics)
         delivery = self._delivery or make_delivery(s)
@@ -190,14 +223,19 @@ class Gateway:
             hold_seconds=self._hold_seconds,
             metrics=metrics,
         )
-        admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         await self.store.reset_for_restart()
         await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
         await self.store.clear_api_hold()  # a hold recorded by an earlier run is no longer known
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
         ]
+
+    async def _start_listeners(self, secret: bytes, on_accepted: Callable[[], None]) -> None:
+        """Admission, the SMTP (and LMTP) listeners and the monitor."""
+        s = self.settings
+        metrics = self.metrics
+        admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         tls = self._tls_context()
         loop = asyncio.get_running_loop()
         try:
@@ -208,7 +246,7 @@ class Gateway:
                     admission,
                     max_recipients=s.max_recipients,
                     is_lmtp=lmtp,
-                    on_accepted=self.scheduler.wake,
+                    on_accepted=on_accepted,
                     metrics=metrics,
                 )
                 factory = protocol_factory(
@@ -236,6 +274,8 @@ class Gateway:
                 "metrics": f"{s.metrics_listen.host}:{self.metrics_port}" if s.metrics_listen else "off",
                 "api": s.base_url,
                 "auth": s.auth,
+                "runner": "process" if self.role == "listener" else "inline",
+                "event_loop": loop_name(),
             },
         )
         if s.auth == "none":
@@ -243,7 +283,6 @@ class Gateway:
                 "MAILGATE_AUTH=none: the From header is trusted as is; "
                 "use only for demos and trusted networks"
             )
-        self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""
@@ -296,8 +335,22 @@ class Gateway:
 
     # --- what /metrics and /readyz read (monitor.Probe) ----------------------------------------------
 
+    def runner_status(self) -> dict[str, Any]:
+        """What the listener asks the runner process for (`runner.STATUS`): the hold, the pauses and
+        the metrics, as JSON."""
+        paused = {
+            name: pause.reason
+            for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage))
+            if pause.tripped
+        }
+        return {"held": self.scheduler.held, "paused": paused, "metrics": self.metrics.snapshot()}
+
     async def refresh(self) -> None:
-        """Set the gauges that describe the store: rows per state, the oldest waiting message."""
+        """Set the gauges that describe the store: rows per state, the oldest waiting message (and, with
+        a runner process, fetch its metrics)."""
+        if self.runner is not None:
+            status = await self.runner.status()
+            self.metrics.remote = status["metrics"] if status else []
         counts = await self.store.count_by_state()
         for table, states in (("inbound", InboundState), ("outbox", OutboxState)):
             for state in states:
@@ -314,9 +367,19 @@ class Gateway:
         expected = 1 + (self.settings.lmtp_listen is not None)
         if len([srv for srv in self._servers if srv.is_serving()]) < expected:
             reasons.append("listeners: not all SMTP/LMTP listeners are up")
-        for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage)):
-            if pause.tripped:
-                reasons.append(f"storage: the {name} is paused: {pause.reason}")
+        held, paused = self.held, {}
+        if self.runner is not None:
+            status = await self.runner.status()
+            if status is None:
+                reasons.append("runner: the runner process is not running (being started again)")
+            else:
+                held, paused = status["held"], status["paused"]
+        else:
+            for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage)):
+                if pause.tripped:
+                    paused[name] = pause.reason
+        for name, reason in paused.items():
+            reasons.append(f"storage: the {name} is paused: {reason}")
         if time.monotonic() - self._writable_at > READY_WRITE_EVERY:
             try:
                 await self.store.check_writable()
@@ -324,9 +387,14 @@ class Gateway:
                 reasons.append(f"store: cannot write: {exc}")
             else:
                 self._writable_at = time.monotonic()
-        if (held := self.scheduler.held) is not None:
+        if held is not None:
             reasons.append(f"api_hold: the API refuses HANDINGER_API_KEY; every turn is held: {held}")
         return reasons
+
+    @property
+    def held(self) -> str | None:
+        """Why every turn is held (the API refuses the key), when this process runs the turns."""
+        return self.scheduler.held if hasattr(self, "scheduler") else None
 
     async def stop(self) -> None:
         self._stopping = True
@@ -338,6 +406,8 @@ class Gateway:
                 await asyncio.wait_for(server.wait_closed(), timeout=self.shutdown_deadline)
         self._servers.clear()
         cancelled = 0
+        if self.runner is not None:
+            await self.runner.stop()
         if hasattr(self, "scheduler"):
             cancelled += await self.scheduler.drain(self.shutdown_deadline)
             cancelled += await self.outbox.drain(self.shutdown_deadline)
@@ -367,6 +437,11 @@ class Gateway:
 
 MMAP_THRESHOLD = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def loop_name() -> str:
+    """Which event loop runs this gateway: `uvloop` or `asyncio`."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def keep_big_buffers_out_of_the_heap() -> None:

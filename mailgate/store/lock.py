@@ -55,6 +55,12 @@ class InstanceLock:
         os.ftruncate(fd, len(mine))
         return cls(path, fd)
 
+    @property
+    def fd(self) -> int | None:
+        """The lock file's descriptor: a child process that inherits it holds the lock too (the runner
+        process), until both have closed it."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
