@@ -441,7 +441,9 @@ def smtp_source(binary: str, port: int, *, sessions: int, messages: int, size: i
     return time.perf_counter() - t0
 
 
-def smtp_source_run(binary: str, port: int, *, sessions: int, messages: int, size: int) -> tuple[float, float]:
+def smtp_source_run(
+    binary: str, port: int, *, sessions: int, messages: int, size: int
+) -> tuple[float, float]:
     """Run smtp-source; (wall-clock seconds until every mail got 250, its own CPU seconds)."""
     lib = str(Path(binary).parents[1] / "lib" / "postfix")
     env = {**os.environ, "LD_LIBRARY_PATH": lib + ":" + os.environ.get("LD_LIBRARY_PATH", "")}
@@ -526,4 +528,3 @@ def start_slow_tasks(gate: Child, peers: Child, n: int, seconds: float, sessions
         print(f"   stuck at {peers.call('counts')} (gateway: {gate.call('stats')})")
         raise
     return time.perf_counter() - t0
-

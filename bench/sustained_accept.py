@@ -94,9 +94,7 @@ def round_gateway(args: argparse.Namespace, tool: str | None, r: int, last: bool
                 rate, client = send(gate.info, args, tool, f"g{r}")
             n = args.messages
             cpu = {name: (cpu_seconds(pid) - cpu0[name]) / n for name, pid in pids.items()}
-            threads = {
-                name: busiest(threads0[name], thread_cpu(pid), pid, n) for name, pid in pids.items()
-            }
+            threads = {name: busiest(threads0[name], thread_cpu(pid), pid, n) for name, pid in pids.items()}
             peers_cpu = (cpu_seconds(peers.pid) - peers0) / n
             counts1 = peers.call("counts")
             stats = gate.call("stats")
@@ -134,6 +132,10 @@ def main() -> int:
     for r in range(args.rounds):
         s = round_sink(args, tool, r)
         g = round_gateway(args, tool, r, r == args.rounds - 1)
+
+        def per(seconds: float) -> float:
+            return 1e3 * seconds / args.messages
+
         sinks.append(s["rate"])
         gates.append(g["rate"])
         procs = ", ".join(f"{name} {1e3 * c:.2f}" for name, c in g["cpu"].items())
@@ -143,8 +145,8 @@ def main() -> int:
             f"ratio {g['rate'] / s['rate']:.2f}x\n"
             f"            meanwhile: {g['posts']} turns posted, {g['relayed']} replies relayed, "
             f"{g['batches']} commits\n"
-            f"            CPU ms per mail: sink {1e3 * s['cpu']:.2f} (client {1e3 * s['client'] / args.messages:.2f}); "
-            f"{procs}, sandbox+relay {1e3 * g['peers']:.2f} (client {1e3 * g['client'] / args.messages:.2f})\n"
+            f"            CPU ms per mail: sink {1e3 * s['cpu']:.2f} (client {per(s['client']):.2f}); "
+            f"{procs}, sandbox+relay {1e3 * g['peers']:.2f} (client {per(g['client']):.2f})\n"
             f"            busiest threads, CPU ms per mail: {threads}"
         )
     sink, gate = max(sinks), max(gates)
