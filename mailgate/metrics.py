@@ -22,6 +22,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _QUEUE = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0)
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _TURN = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
@@ -112,6 +113,13 @@ class Metrics:
             "mailgate_turn_seconds",
             "From the API's 2xx to the turn's POST to the turn's end",
             buckets=_TURN,
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "mailgate_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms (a stall shows as one late wake-up)",
+            ["process"],  # gateway (one process), listener, runner
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.end_to_relay_seconds = Histogram(

@@ -37,6 +37,7 @@ from mailgate.config import Listen, OperatorSettings, Settings
 from mailgate.delivery.outbox import Outbox
 from mailgate.delivery.transports import Delivery, make_delivery
 from mailgate.errors import StartupError, StoreBusy
+from mailgate.loops import measure_loop_lag
 from mailgate.metrics import Metrics
 from mailgate.models import InboundState, OutboxState
 from mailgate.monitor import Monitor
@@ -167,6 +168,9 @@ class Gateway:
             raise
         if self.role != "runner":
             self._warn_exposed()
+        process = {"all": "gateway", "listener": "listener", "runner": "runner"}[self.role]
+        lag = self.metrics.loop_lag_seconds.labels(process)
+        self._tasks.append(asyncio.create_task(measure_loop_lag(lag.observe), name="loop-lag"))
         secret = (s.secret or await self.store.secret()).encode()
         if self.role == "listener":
             self.runner = RunnerProcess(
@@ -398,7 +402,10 @@ class Gateway:
 
     async def stop(self) -> None:
         self._stopping = True
-        log.info("stopping", extra={"listeners": len(self._servers), "deadline": self.shutdown_deadline})
+        prefix = "runner_" if self.role == "runner" else ""  # one `stopping` line per gateway
+        log.info(
+            f"{prefix}stopping", extra={"listeners": len(self._servers), "deadline": self.shutdown_deadline}
+        )
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -423,7 +430,7 @@ class Gateway:
         if hasattr(self, "store"):
             await self.store.close()
         self._release()
-        log.info("stopped", extra={"cancelled": cancelled})
+        log.info(f"{prefix}stopped", extra={"cancelled": cancelled})
 
     async def __aenter__(self) -> Self:
         await self.start()
