@@ -227,6 +227,11 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
                     return {"batches": gw.store.batches}
                 if cmd == "pids":  # the gateway's other processes, by name
                     return {"runner": gw.runner.pid} if gw.runner is not None else {}
+                if cmd == "lag":  # the loop-lag histograms of every process of the gateway
+                    families = gw.metrics.snapshot()
+                    if gw.runner is not None and (status := await gw.runner.status()) is not None:
+                        families += status["metrics"]
+                    return [f for f in families if f[0] == "mailgate_loop_lag_seconds"]
                 if cmd == "loop":
                     from mailgate.service import loop_name
 

@@ -36,6 +36,8 @@ from mailgate.models import HeaderFacts, InboundState, SmtpReply
 from mailgate.store import AdmissionFacts, Admitted, NewBounce, NewMessage, NewTask, OutboxRow, Store
 
 HOUR = 3600.0
+BIG_HEADER = 16 * 1024  # bytes of header read in a worker thread rather than on the loop
+BIG_BODY = 1024 * 1024  # bytes of message hashed in a worker thread
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
 BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
 BAD_BOUNCE = "5.1.1 This return path is not valid (altered or unknown)"
@@ -182,15 +184,23 @@ class Admission:
 
     async def _accept(self, mail_from: str, rcpts: Sequence[str], raw: bytes) -> list[SmtpReply]:
         settings = self.settings
-        if header_size(raw, settings.max_header_size) > settings.max_header_size:
+        size = header_size(raw, settings.max_header_size)
+        if size > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
-        headers = Headers.parse(raw)
-        facts = read_facts(headers)
+        # A big header (encoded words by the thousand) takes a while to read, and a big message to
+        # hash: in a worker thread, where the interpreter hands the loop a turn every few milliseconds
+        # (and hashlib lets go of it altogether), the other SMTP sessions are not held meanwhile.
+        if size > BIG_HEADER:
+            headers, facts, reason = await asyncio.to_thread(self._read_header, raw, mail_from)
+        else:
+            headers, facts, reason = self._read_header(raw, mail_from)
         now = self.clock()
         raw_id = str(ULID())
-        digest = hashlib.sha256(raw).hexdigest()
+        if len(raw) > BIG_BODY:
+            digest = await asyncio.to_thread(_sha256, raw)
+        else:
+            digest = _sha256(raw)
 
-        reason = policy.automatic_reason(headers, mail_from, own_domain=settings.domain)
         sender: str | None = None
         if reason is None:
             verdict = await self._authenticate(raw, headers)
@@ -288,6 +298,12 @@ class Admission:
             )
         )
         return [p.reply for p in plans]
+
+    def _read_header(self, raw: bytes, mail_from: str) -> tuple[Headers, HeaderFacts, str | None]:
+        """The header block, what later stages keep of it, and why it is automatic mail (or None)."""
+        headers = Headers.parse(raw)
+        reason = policy.automatic_reason(headers, mail_from, own_domain=self.settings.domain)
+        return headers, read_facts(headers), reason
 
     async def _authenticate(self, raw: bytes, headers: Headers) -> authn.AuthVerdict:
         mode = self.settings.auth
@@ -414,3 +430,7 @@ def _new_message(
         to_cc=json.dumps(on_message) if on_message else None,
         sender_name=(facts.from_.name if facts.from_ else "") or None,
     )
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
