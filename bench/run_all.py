@@ -11,8 +11,8 @@ from pathlib import Path
 from _common import header, run_py
 
 SCRIPTS = [
-    "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py",
-    "huge_answer.py", "store_compare.py",
+    "sustained_accept.py", "loop_stall.py", "turn_overhead.py", "accept_latency.py", "task_cost.py",
+    "trimming_cost.py", "smtp_accept.py", "big_mail.py", "huge_answer.py", "store_compare.py",
 ]  # fmt: skip
 
 
