@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/task_cost.py [--tasks 1000] [--window 10]
 
-mailgate (MAILGATE_CONCURRENCY = --tasks) and the sandbox + relay run in their own processes. RSS (of every
-gateway process: the listener and the runner with MAILGATE_RUNNER=process) is measured after a warm-up of 20 answered tasks (baseline) and again with every turn streaming; CPU per
-event is mailgate's CPU time over a window divided by the stream events the sandbox emitted meanwhile.
+mailgate (MAILGATE_CONCURRENCY = --tasks) and the sandbox + relay run in their own processes. RSS (of
+every gateway process: the listener and the runner with MAILGATE_RUNNER=process) is measured after a
+warm-up of 20 answered tasks (baseline) and again with every turn streaming; CPU per event is the
+gateway's CPU time over a window divided by the stream events the sandbox emitted meanwhile.
 """
 
 from __future__ import annotations
