@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import platform
@@ -107,6 +108,9 @@ def gateway_env(tmp: Path, api_url: str, relay_port: int | None, **extra: str) -
         "MAILGATE_MAX_CONNECTIONS_PER_CLIENT": "2000",  # every benchmark client comes from 127.0.0.1
         "MAILGATE_LOG_LEVEL": "INFO",
     }
+    for name in ("MAILGATE_RUNNER", "MAILGATE_EVENT_LOOP"):  # how `serve` runs, from the environment
+        if name in os.environ:
+            env[name] = os.environ[name]
     if relay_port is not None:
         env["MAILGATE_SMTP_RELAY"] = f"smtp://127.0.0.1:{relay_port}"
     env.update(extra)
@@ -198,9 +202,11 @@ def _quiet_stderr(path: Path) -> None:
 
 
 def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runner: bool) -> None:
-    """The gateway as `mailgate serve` runs it (logfmt INFO logs, to `log_path`), driven by the parent."""
+    """The gateway as `mailgate serve` runs it (logfmt INFO logs, to `log_path`; MAILGATE_RUNNER and
+    MAILGATE_EVENT_LOOP as `serve` reads them), driven by the parent."""
     _quiet_stderr(Path(log_path))
     from mailgate import logs
+    from mailgate.cli import run_loop
     from mailgate.config import load_settings
     from mailgate.service import Gateway
     from mailgate.turns.scheduler import Scheduler
@@ -213,19 +219,32 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
             await asyncio.Event().wait()
 
         Scheduler.run = parked  # type: ignore[method-assign]
+        settings = dataclasses.replace(settings, runner="inline")  # parked here, in this process
 
     async def main() -> None:
-        async with Gateway(settings) as gw:  # the defaults `mailgate serve` uses
+        role = "listener" if settings.runner_process else "all"
+        async with Gateway(settings, role=role) as gw:  # the defaults `mailgate serve` uses
 
             async def handle(cmd: str, *args: Any) -> Any:
                 if cmd == "stats":
-                    return {"batches": gw.store.batches, "in_flight": gw.scheduler.in_flight}
+                    return {"batches": gw.store.batches}
+                if cmd == "pids":  # the gateway's other processes, by name
+                    return {"runner": gw.runner.pid} if gw.runner is not None else {}
+                if cmd == "lag":  # the loop-lag histograms of every process of the gateway
+                    families = gw.metrics.snapshot()
+                    if gw.runner is not None and (status := await gw.runner.status()) is not None:
+                        families += status["metrics"]
+                    return [f for f in families if f[0] == "mailgate_loop_lag_seconds"]
+                if cmd == "loop":
+                    from mailgate.service import loop_name
+
+                    return loop_name()
                 raise ValueError(cmd)
 
             conn.send(gw.smtp_port)
             await _serve_commands(conn, handle)
 
-    asyncio.run(main())
+    run_loop(main(), settings.event_loop)
 
 
 def sink_main(conn: Connection) -> None:
@@ -430,6 +449,23 @@ def smtp_source(binary: str, port: int, *, sessions: int, messages: int, size: i
     return time.perf_counter() - t0
 
 
+def smtp_source_run(
+    binary: str, port: int, *, sessions: int, messages: int, size: int
+) -> tuple[float, float]:
+    """Run smtp-source; (wall-clock seconds until every mail got 250, its own CPU seconds)."""
+    lib = str(Path(binary).parents[1] / "lib" / "postfix")
+    env = {**os.environ, "LD_LIBRARY_PATH": lib + ":" + os.environ.get("LD_LIBRARY_PATH", "")}
+    args = [binary, "-s", str(sessions), "-m", str(messages), "-l", str(size), "-f", SENDER, "-t", RCPT]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*args, f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"smtp-source exited with {proc.returncode}")
+    return seconds, usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -466,7 +502,7 @@ def profiled(pid: int, out: str | None, *, idle: bool = False) -> Iterator[None]
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    args = [spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", out, "--nonblocking"]
+    args = [spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", out, "--nonblocking", "--threads"]
     proc = subprocess.Popen([*args, *(["--idle"] if idle else [])], stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     try:

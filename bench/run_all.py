@@ -11,8 +11,9 @@ from pathlib import Path
 from _common import header, run_py
 
 SCRIPTS = [
-    "smtp_accept.py", "accept_latency.py", "task_cost.py", "turn_overhead.py", "big_mail.py",
-    "huge_answer.py", "hostile_input.py", "store_compare.py", "header_cost.py",
+    "sustained_accept.py", "loop_stall.py", "turn_overhead.py", "accept_latency.py", "task_cost.py",
+    "trimming_cost.py", "smtp_accept.py", "big_mail.py", "huge_answer.py", "hostile_input.py",
+    "store_compare.py", "header_cost.py",
 ]  # fmt: skip
 
 

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/task_cost.py [--tasks 1000] [--window 10]
 
-mailgate (MAILGATE_CONCURRENCY = --tasks) and the sandbox + relay run in their own processes. RSS is
-measured after a warm-up of 20 answered tasks (baseline) and again with every turn streaming; CPU per
-event is mailgate's CPU time over a window divided by the stream events the sandbox emitted meanwhile.
+mailgate (MAILGATE_CONCURRENCY = --tasks) and the sandbox + relay run in their own processes. RSS (of
+every gateway process: the listener and the runner with MAILGATE_RUNNER=process) is measured after a
+warm-up of 20 answered tasks (baseline) and again with every turn streaming; CPU per event is the
+gateway's CPU time over a window divided by the stream events the sandbox emitted meanwhile.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def main() -> int:
             smtp_load(gate.info, warm, 4)
             wait_until(lambda: peers.call("counts")["relayed"] >= 20, 60, "20 warm-up replies")
             time.sleep(1.0)
-            base = rss(gate.pid)
+            pids = [gate.pid, *gate.call("pids").values()]  # with MAILGATE_RUNNER=process: two
+            base = sum(rss(pid) for pid in pids)
             ramp = start_slow_tasks(gate, peers, args.tasks, args.turn_seconds)
             time.sleep(1.0)
-            loaded = rss(gate.pid)
-            e0, c0, t0 = peers.call("counts")["events"], cpu_seconds(gate.pid), time.perf_counter()
+            loaded = sum(rss(pid) for pid in pids)
+            e0, c0, t0 = peers.call("counts")["events"], sum(map(cpu_seconds, pids)), time.perf_counter()
             with profiled(gate.pid, args.profile):
                 time.sleep(args.window)
-            e1, c1, t1 = peers.call("counts")["events"], cpu_seconds(gate.pid), time.perf_counter()
+            e1, c1, t1 = peers.call("counts")["events"], sum(map(cpu_seconds, pids)), time.perf_counter()
             running = peers.call("counts")["running"]
     per_task = (loaded - base) / args.tasks / 1024
     events = e1 - e0

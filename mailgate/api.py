@@ -347,17 +347,25 @@ async def _read_run(response: httpx.Response, on_progress: Progress) -> RunResul
 
 
 async def _read_events(response: httpx.Response, result: RunResult, on_progress: Progress) -> None:
+    # The text's deltas are kept in a list and joined when needed: `result.text += delta` copies the
+    # whole text at every delta (an attribute gets no in-place concatenation), which for a 10 MB
+    # answer held the loop for a long time (bench/loop_stall.py).
     last = time.monotonic()
-    async with aclosing(EventSource(response).aiter_sse()) as events:
-        async for sse in events:
-            if _apply_event(sse, result):
-                return
-            if on_progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
-                last = time.monotonic()
-                _notify(on_progress, result)
+    parts: list[str] = []
+    try:
+        async with aclosing(EventSource(response).aiter_sse()) as events:
+            async for sse in events:
+                if _apply_event(sse, result, parts):
+                    return
+                if on_progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
+                    last = time.monotonic()
+                    result.text = "".join(parts)
+                    _notify(on_progress, result)
+    finally:
+        result.text = "".join(parts)
 
 
-def _apply_event(sse: ServerSentEvent, result: RunResult) -> bool:
+def _apply_event(sse: ServerSentEvent, result: RunResult, parts: list[str]) -> bool:
     """Fold one event into `result`; True at the done marker. Unknown events and bad JSON are skipped."""
     if sse.data.strip() == "[DONE]":
         result.done = True
@@ -367,7 +375,7 @@ def _apply_event(sse: ServerSentEvent, result: RunResult) -> bool:
         return False
     kind = event.get("type") or sse.event
     if kind == "text-delta":
-        result.text += _str(event.get("delta")) or _str(event.get("textDelta")) or ""
+        parts.append(_str(event.get("delta")) or _str(event.get("textDelta")) or "")
     elif kind == "source-url" and _str(event.get("url")):
         result.sources.append(Source(url=event["url"], title=_str(event.get("title"))))
     elif kind == "file" and _str(event.get("url")):

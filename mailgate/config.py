@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import grp
+import importlib.util
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -25,6 +27,8 @@ from mailgate.models import BUDGETS
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("logfmt", "json")
+RUNNER_MODES = ("auto", "inline", "process")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 AuthMode = Literal["dmarc", "dkim", "none"]
 T = TypeVar("T")
 
@@ -157,6 +161,17 @@ class Settings:
     dkim_key: Path | None = None  # the PEM file of the RSA private key
     log_format: str = "logfmt"  # or "json"
     metrics_listen: Listen | None = None  # /metrics, /healthz, /readyz; None: off
+    # how `serve` runs: the turn scheduler and the outbox in the listener's process ("inline"), in a
+    # process of their own ("process"), or "auto" (a process of their own with two CPUs or more)
+    runner: str = "auto"
+    event_loop: str = "auto"  # "asyncio", "uvloop", or "auto" (uvloop when it is installed)
+
+    @property
+    def runner_process(self) -> bool:
+        """Does `serve` run the turns in a process of their own?"""
+        if self.runner == "auto":
+            return (os.cpu_count() or 1) >= 2
+        return self.runner == "process"
 
     def worker_for(self, alias: str) -> Worker | None:
         return self.workers.get(alias.lower())
@@ -300,7 +315,11 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         dkim_key=dkim_key if dkim_selector is not None else None,
         log_format=p.get("MAILGATE_LOG_FORMAT", _choice(*LOG_FORMATS), "logfmt") or "logfmt",
         metrics_listen=p.get("MAILGATE_METRICS_LISTEN", _listen, None),
+        runner=p.get("MAILGATE_RUNNER", _choice(*RUNNER_MODES), "auto") or "auto",
+        event_loop=p.get("MAILGATE_EVENT_LOOP", _choice(*EVENT_LOOPS), "auto") or "auto",
     )
+    if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.append("MAILGATE_EVENT_LOOP=uvloop: uvloop is not installed (pip install 'mailgate[fast]')")
     if problems:
         raise ConfigError(problems)
     return settings

@@ -125,3 +125,17 @@ class Pause:
         self._delay = 0.0
         self.trips = 0
         self._last_log = float("-inf")
+
+
+LAG_EVERY = 0.01  # seconds between the loop-lag probe's wake-ups
+
+
+async def measure_loop_lag(observe: Callable[[float], None], every: float = LAG_EVERY) -> None:
+    """Until cancelled: a timer due every `every` seconds; `observe` how late each wake-up came. A
+    callback that holds the loop for 200 ms shows as one wake-up 200 ms late (the next one is due
+    `every` after the late one, so a stall counts once)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        observe(max(0.0, loop.time() - due))

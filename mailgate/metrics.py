@@ -16,11 +16,13 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _QUEUE = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0)
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _TURN = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
@@ -29,6 +31,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.remote: list[Family] = []  # the runner process's metrics, when it has its own (`snapshot`)
         self.smtp_replies = Counter(
             "mailgate_smtp_replies",
             "SMTP/LMTP replies that decide on mail, by stage (connect, mail, rcpt, data, session), "
@@ -113,6 +116,13 @@ class Metrics:
             buckets=_TURN,
             registry=r,
         )
+        self.loop_lag_seconds = Histogram(
+            "mailgate_loop_lag_seconds",
+            "How late the event loop ran a timer due every 10 ms (a stall shows as one late wake-up)",
+            ["process"],  # gateway (one process), listener, runner
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.end_to_relay_seconds = Histogram(
             "mailgate_end_to_relay_seconds",
             "From the turn's end (the reply queued) to the relay taking the reply",
@@ -124,6 +134,53 @@ class Metrics:
         """Read `gauge` (a child with its labels, or a plain gauge) from `read()` at each scrape."""
         gauge.set_function(read)
 
+    def snapshot(self) -> list[Family]:
+        """Every metric's samples as plain data (JSON): what the runner process hands the listener."""
+        return [
+            (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+            for m in self.registry.collect()
+        ]
+
     def exposition(self) -> bytes:
-        """The text format of every metric (what `/metrics` serves)."""
-        return generate_latest(self.registry)
+        """The text format of every metric (what `/metrics` serves), with `remote` (the runner
+        process's `snapshot()`) added in: the same series of both processes are summed (a `_created`
+        time: the earlier one), so each name appears once."""
+        if not self.remote:
+            return generate_latest(self.registry)
+        return generate_latest(_Merged(self.registry, self.remote))  # type: ignore[arg-type, unused-ignore]
+
+
+Family = tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]
+
+
+class _Merged:
+    """A collector with the families of a registry and of a snapshot, series summed by name and labels."""
+
+    def __init__(self, registry: CollectorRegistry, remote: list[Family]) -> None:
+        self.registry = registry
+        self.remote = remote
+
+    def collect(self) -> list[Metric]:
+        families: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        local = [
+            (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+            for m in self.registry.collect()
+        ]
+        for name, doc, typ, unit, samples in [*local, *self.remote]:
+            if name not in families:
+                families[name] = (Metric(name, doc, typ, unit), {})
+            values = families[name][1]
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
+                if key not in values:
+                    values[key] = value
+                elif sample.endswith("_created"):
+                    values[key] = min(values[key], value)
+                else:
+                    values[key] += value
+        out = []
+        for metric, values in families.values():
+            for (sample, pairs), value in values.items():
+                metric.add_sample(sample, dict(pairs), value)
+            out.append(metric)
+        return out

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import httpx
 
@@ -39,6 +39,7 @@ from mailgate.config import Listen, OperatorSettings, Settings
 from mailgate.delivery.outbox import Outbox
 from mailgate.delivery.transports import Delivery, make_delivery
 from mailgate.errors import StartupError, StoreBusy
+from mailgate.loops import measure_loop_lag
 from mailgate.metrics import Metrics
 from mailgate.models import InboundState, OutboxState
 from mailgate.monitor import Monitor
@@ -46,6 +47,7 @@ from mailgate.replies.compose import Replies
 from mailgate.replies.output_files import OutputFiles
 from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
+from mailgate.runner import RunnerProcess
 from mailgate.smtp import data
 from mailgate.smtp.handler import Handler
 from mailgate.smtp.limits import FreeSpace, Limits
@@ -58,6 +60,7 @@ from mailgate.turns.steps import Timing, TurnSteps
 
 log = logging.getLogger("mailgate.service")
 
+Role = Literal["all", "listener", "runner"]
 READY_WRITE_EVERY = 5.0  # seconds between the readiness probe's writes to the store
 
 
@@ -131,8 +134,13 @@ class Gateway:
         settle_seconds: float = 5.0,
         prune_after: float = retention.FIRST,
         prune_every: float = retention.EVERY,
+        role: Role = "all",
     ) -> None:
         self.settings = settings
+        # "all": one process does everything; "listener": SMTP, admission and /metrics here, the runner
+        # in a process of its own (`runner.RunnerProcess`); "runner": that process (no listeners)
+        self.role = role
+        self.runner: RunnerProcess | None = None
         self._api_transport = api_transport
         self._delivery = delivery
         self._dkim_dns = dkim_dns
@@ -150,7 +158,7 @@ class Gateway:
         self.store: Store
         self.scheduler: Scheduler
         self.outbox: Outbox
-        self.held: HeldMail
+        self.held_mail: HeldMail
         self.api: HandingerClient
 
     @property
@@ -169,15 +177,44 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         keep_big_buffers_out_of_the_heap()
-        if s.database_url is None:  # several gateways share a PostgreSQL store: that is its point
+        # one gateway per SQLite store: the runner process shares the listener's lock (it inherits it)
+        if s.database_url is None and self.role != "runner":
             self._lock = InstanceLock.acquire(s.database)
         try:
             self.store = await open_store(s)
         except BaseException:
             self._release()
             raise
-        self._warn_exposed()
+        if self.role != "runner":
+            self._warn_exposed()
+        process = {"all": "gateway", "listener": "listener", "runner": "runner"}[self.role]
+        lag = self.metrics.loop_lag_seconds.labels(process)
+        self._tasks.append(asyncio.create_task(measure_loop_lag(lag.observe), name="loop-lag"))
         secret = (s.secret or await self.store.secret()).encode()
+        if self.role == "listener":
+            self.runner = RunnerProcess(
+                s, self._lock.fd if self._lock else None, shutdown_deadline=self.shutdown_deadline
+            )
+            try:
+                await self.runner.start()
+            except (OSError, RuntimeError) as exc:
+                await self.stop()
+                raise StartupError(f"cannot start the runner process: {exc}") from exc
+            on_accepted = self.runner.wake
+        else:
+            await self._start_runner(secret)
+            on_accepted = self.wake_workers
+        if self.role == "runner":
+            self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+            log.info("runner_ready", extra={"api": s.base_url, "concurrency": s.concurrency})
+            return
+        await self._start_listeners(secret, on_accepted)
+        if self.role == "all":
+            self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
+
+    async def _start_runner(self, secret: bytes) -> None:
+        """The API client, the outbox and the turn scheduler, and their loops."""
+        s = self.settings
         metrics = self.metrics
         self.api = make_api_client(s, transport=self._api_transport, metrics=metrics)
         delivery = self._delivery or make_delivery(s)
@@ -209,16 +246,23 @@ class Gateway:
             hold_seconds=self._hold_seconds,
             metrics=metrics,
         )
-        self.held = HeldMail(s, self.store, replies, on_outbox=self.outbox.wake)
-        admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
+        self.held_mail = HeldMail(s, self.store, replies, on_outbox=self.outbox.wake)
         await self.store.reset_for_restart()
         await self.store.watch(on_inbound=self.scheduler.wake, on_outbox=self.outbox.wake)
         await self.store.clear_api_hold()  # a hold recorded by an earlier run is no longer known
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._supervise(self.scheduler.run, "scheduler"), name="scheduler"),
             asyncio.create_task(self._supervise(self.outbox.run, "outbox"), name="outbox"),
-            asyncio.create_task(self._supervise(self.held.run, "held"), name="held"),
+            asyncio.create_task(self._supervise(self.held_mail.run, "held"), name="held"),
         ]
+        if s.retention_days > 0:  # MAILGATE_RETENTION_DAYS=0: raw bytes are kept
+            self._tasks.append(asyncio.create_task(self._supervise(self._pruning, "prune"), name="prune"))
+
+    async def _start_listeners(self, secret: bytes, on_accepted: Callable[[], None]) -> None:
+        """Admission, the SMTP (and LMTP) listeners and the monitor."""
+        s = self.settings
+        metrics = self.metrics
+        admission = Admission(s, self.store, secret, dkim_dns=self._dkim_dns)
         tls = self._tls_context()
         loop = asyncio.get_running_loop()
         if swept := await asyncio.to_thread(data.sweep, data.incoming_dir(s.spool_dir)):
@@ -233,7 +277,7 @@ class Gateway:
                     admission,
                     max_recipients=s.max_recipients,
                     is_lmtp=lmtp,
-                    on_accepted=self._accepted,
+                    on_accepted=on_accepted,
                     metrics=metrics,
                 )
                 factory = protocol_factory(
@@ -261,6 +305,8 @@ class Gateway:
                 "metrics": f"{s.metrics_listen.host}:{self.metrics_port}" if s.metrics_listen else "off",
                 "api": s.base_url,
                 "auth": s.auth,
+                "runner": "process" if self.role == "listener" else "inline",
+                "event_loop": loop_name(),
             },
         )
         if s.auth == "none":
@@ -268,19 +314,16 @@ class Gateway:
                 "MAILGATE_AUTH=none: the From header is trusted as is; "
                 "use only for demos and trusted networks"
             )
-        self._tasks.append(asyncio.create_task(self._check_api(), name="api-check"))
-        if s.retention_days > 0:  # MAILGATE_RETENTION_DAYS=0: raw bytes are kept
-            self._tasks.append(asyncio.create_task(self._supervise(self._pruning, "prune"), name="prune"))
 
     async def _pruning(self) -> None:
         """Retention, in the background: see `retention.run`."""
         days = self.settings.retention_days
         await retention.run(self.store, days, every=self._prune_every, first=self._prune_after)
 
-    def _accepted(self) -> None:
+    def wake_workers(self) -> None:
         """New mail was committed: the scheduler and the held-mail loop look at once."""
         self.scheduler.wake()
-        self.held.wake()
+        self.held_mail.wake()
 
     async def _check_api(self) -> None:
         """At start, without delaying the listeners: is the key accepted, does every worker id exist?"""
@@ -333,8 +376,22 @@ class Gateway:
 
     # --- what /metrics and /readyz read (monitor.Probe) ----------------------------------------------
 
+    def runner_status(self) -> dict[str, Any]:
+        """What the listener asks the runner process for (`runner.STATUS`): the hold, the pauses and
+        the metrics, as JSON."""
+        paused = {
+            name: pause.reason
+            for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage))
+            if pause.tripped
+        }
+        return {"held": self.scheduler.held, "paused": paused, "metrics": self.metrics.snapshot()}
+
     async def refresh(self) -> None:
-        """Set the gauges that describe the store: rows per state, the oldest waiting message."""
+        """Set the gauges that describe the store: rows per state, the oldest waiting message (and, with
+        a runner process, fetch its metrics)."""
+        if self.runner is not None:
+            status = await self.runner.status()
+            self.metrics.remote = status["metrics"] if status else []
         counts = await self.store.count_by_state()
         for table, states in (("inbound", InboundState), ("outbox", OutboxState)):
             for state in states:
@@ -351,9 +408,19 @@ class Gateway:
         expected = 1 + (self.settings.lmtp_listen is not None)
         if len([srv for srv in self._servers if srv.is_serving()]) < expected:
             reasons.append("listeners: not all SMTP/LMTP listeners are up")
-        for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage)):
-            if pause.tripped:
-                reasons.append(f"storage: the {name} is paused: {pause.reason}")
+        held, paused = self.held, {}
+        if self.runner is not None:
+            status = await self.runner.status()
+            if status is None:
+                reasons.append("runner: the runner process is not running (being started again)")
+            else:
+                held, paused = status["held"], status["paused"]
+        else:
+            for name, pause in (("scheduler", self.scheduler.storage), ("outbox", self.outbox.storage)):
+                if pause.tripped:
+                    paused[name] = pause.reason
+        for name, reason in paused.items():
+            reasons.append(f"storage: the {name} is paused: {reason}")
         if time.monotonic() - self._writable_at > READY_WRITE_EVERY:
             try:
                 await self.store.check_writable()
@@ -361,13 +428,21 @@ class Gateway:
                 reasons.append(f"store: cannot write: {exc}")
             else:
                 self._writable_at = time.monotonic()
-        if (held := self.scheduler.held) is not None:
+        if held is not None:
             reasons.append(f"api_hold: the API refuses HANDINGER_API_KEY; every turn is held: {held}")
         return reasons
 
+    @property
+    def held(self) -> str | None:
+        """Why every turn is held (the API refuses the key), when this process runs the turns."""
+        return self.scheduler.held if hasattr(self, "scheduler") else None
+
     async def stop(self) -> None:
         self._stopping = True
-        log.info("stopping", extra={"listeners": len(self._servers), "deadline": self.shutdown_deadline})
+        prefix = "runner_" if self.role == "runner" else ""  # one `stopping` line per gateway
+        log.info(
+            f"{prefix}stopping", extra={"listeners": len(self._servers), "deadline": self.shutdown_deadline}
+        )
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -375,6 +450,8 @@ class Gateway:
                 await asyncio.wait_for(server.wait_closed(), timeout=self.shutdown_deadline)
         self._servers.clear()
         cancelled = 0
+        if self.runner is not None:
+            await self.runner.stop()
         if hasattr(self, "scheduler"):
             cancelled += await self.scheduler.drain(self.shutdown_deadline)
             cancelled += await self.outbox.drain(self.shutdown_deadline)
@@ -390,7 +467,7 @@ class Gateway:
         if hasattr(self, "store"):
             await self.store.close()
         self._release()
-        log.info("stopped", extra={"cancelled": cancelled})
+        log.info(f"{prefix}stopped", extra={"cancelled": cancelled})
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -416,6 +493,11 @@ def smtp_limits(s: Settings) -> Limits:
         max_per_client=s.max_connections_per_client,
         max_header=max(1024 * 1024, s.max_header_size + 4),
     )
+
+
+def loop_name() -> str:
+    """Which event loop runs this gateway: `uvloop` or `asyncio`."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def keep_big_buffers_out_of_the_heap() -> None:

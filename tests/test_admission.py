@@ -420,3 +420,24 @@ NO = SmtpReply(550, "5.7.1 No")
 def test_combine_picks_the_reply_for_all_recipients(replies: list[SmtpReply], combined: SmtpReply) -> None:
     """A temporary failure wins (the MTA retries), then a permanent one, else the first success."""
     assert combine(replies) == combined
+
+
+async def test_a_big_header_of_encoded_words_is_read_off_the_loop_with_the_same_result(
+    admission: Admission, store: Store
+) -> None:
+    """A 100 KB Subject of encoded words (read in a worker thread) is decided and recorded like a small
+    one: accepted, its subject decoded on the row, and an auto-reply among such mail still ignored."""
+    word = "=?utf-8?q?caf=C3=A9?="
+    subject = "\r\n ".join(" ".join([word] * 4) for _ in range(1300))
+    raw = (
+        f"From: {ALICE}\r\nTo: {RESEARCH}\r\nSubject: {subject}\r\nMessage-ID: <big-head@example.org>\r\n"
+        "\r\nHello.\r\n"
+    ).encode()
+    assert len(raw) > 100_000
+    [reply] = await accept(admission, raw)
+    row = await row_of(store, reply)
+    assert row.state == InboundState.RECEIVED
+    assert row.subject.startswith("cafécafé") and "=?utf-8" not in row.subject
+    auto = raw.replace(b"Message-ID: <big-head", b"Auto-Submitted: auto-replied\r\nMessage-ID: <big-auto")
+    [ignored] = await accept(admission, auto)
+    assert ignored.why == "ignored" and (await row_of(store, ignored)).state == InboundState.IGNORED

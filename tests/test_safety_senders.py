@@ -152,9 +152,9 @@ async def test_held_mail_is_dropped_after_seven_days_with_a_log_line(
     async with make_gateway(**HOLD) as gw:
         seen = await smtp_send(gw.smtp_port, from_stranger("Forgotten"), mail_from=STRANGER)
         await relay.wait_for(1, timeout=15)  # told it waits
-        gw.held.clock = lambda: time.time() + 8 * 86400
-        gw.held._swept = float("-inf")
-        gw.held.wake()
+        gw.held_mail.clock = lambda: time.time() + 8 * 86400
+        gw.held_mail._swept = float("-inf")
+        gw.held_mail.wake()
         await reaches(gw, queue_id(seen), "ignored")
         row = await gw.store.inbound(queue_id(seen))
     assert row is not None and "7 days" in (row.reason or "")

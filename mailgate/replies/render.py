@@ -336,6 +336,9 @@ class Renderer:
             loader=jinja2.ChoiceLoader(loaders), autoescape=jinja2.select_autoescape(["html"]),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
             trim_blocks=True, lstrip_blocks=True,  # so {% if %} lines leave no blank lines in text parts
+            # templates are read once per process: no stat() of every template file at every reply
+            # (a few % of the runner's samples in bench/sustained_accept.py); a restart picks up edits
+            auto_reload=False,
         )  # fmt: skip
         for name in _TEMPLATES:
             try:  # fail at start-up (exit 78), not after a task has run

@@ -5,6 +5,8 @@ The lock file holds the pid of the process that has the lock, for the message a 
 included), so a stale file never blocks a start; the file itself is never removed (removing a locked
 file lets two processes lock two different files). The operator verbs (`messages`, `replay`, ...) take
 no lock: they may run beside `serve`. `holder` finds a running gateway without creating anything.
+The runner process (`mailgate.runner`) inherits the open lock file, so the lock lasts until both of a
+gateway's processes have ended.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from mailgate import private
 from mailgate.errors import StartupError
+
+ORPHAN_WAIT = 5.0  # seconds a start waits for the runner process of a gateway that died
 
 
 def lock_path(database: Path) -> Path:
@@ -42,18 +47,33 @@ class InstanceLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, private.FILE_MODE)
         except OSError as exc:
             raise StartupError(f"cannot create the lock file {path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            pid = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(f"already running (pid {pid or '?'})") from None
-            raise StartupError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                pid = _read_pid(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    # the gateway named in the file is gone, but its runner process (which shares the
+                    # lock) is still on its way out: it dies with its listener, so wait a moment
+                    if pid and not _alive(pid) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    os.close(fd)
+                    raise StartupError(f"already running (pid {pid or '?'})") from None
+                os.close(fd)
+                raise StartupError(f"cannot lock {path}: {exc.strerror or exc}") from exc
         mine = f"{os.getpid()}\n".encode()
         os.pwrite(fd, mine, 0)  # then truncate: a reader never sees the file empty
         os.ftruncate(fd, len(mine))
         return cls(path, fd)
+
+    @property
+    def fd(self) -> int | None:
+        """The lock file's descriptor: a child process that inherits it holds the lock too (the runner
+        process), until both have closed it."""
+        return self._fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -79,6 +99,16 @@ def holder(database: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as someone else
+        return True
+    return True
 
 
 def _read_pid(fd: int) -> int | None:

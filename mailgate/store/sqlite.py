@@ -14,6 +14,7 @@ sqlite3 errors are translated to `StoreBusy` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -58,6 +59,7 @@ from mailgate.store.schema import (
 )
 
 MAX_BATCH = 256
+CHECKPOINT_EVERY = 1.0  # seconds between the background WAL checkpoints
 BOUNCE_WINDOW = 30 * 86400.0  # hard bounces counted towards MAILGATE_BOUNCE_LIMIT over this long
 HOUR = 3600.0  # the window of MAILGATE_MAX_REPLIES_PER_ADDRESS_PER_HOUR
 T = TypeVar("T")
@@ -86,9 +88,16 @@ def _run_transaction(db: sqlite3.Connection, statements: list[Statement]) -> Non
 class SqliteStore:
     """The SQLite store (`base.Store`). Open with `await SqliteStore.open(path)`, close with `close()`."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        checkpointer: aiosqlite.Connection | None = None,
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._checkpointer = checkpointer
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[tuple[list[Statement], asyncio.Future[None]]] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self.batches = 0  # how many transactions the writer committed (for benchmarks and tests)
@@ -112,10 +121,14 @@ class SqliteStore:
                     "synchronous=FULL",
                     "busy_timeout=10000",
                     "foreign_keys=ON",
+                    # no checkpoint inside a commit (it would hold that batch's 250 for the copy and
+                    # its fsyncs): `_checkpoint_loop` does them on a connection of its own
+                    "wal_autocheckpoint=0",
                 ):
                     await writer.execute(f"PRAGMA {pragma}")
                 found = await _migrate(writer)
                 reader = await aiosqlite.connect(path, isolation_level=None)
+                checkpointer = await aiosqlite.connect(path, isolation_level=None)
             except BaseException:
                 await writer.close()
                 raise
@@ -123,9 +136,11 @@ class SqliteStore:
             await reader.execute("PRAGMA busy_timeout=10000")
         except (sqlite3.Error, OSError) as exc:
             raise StoreBusy(f"cannot open the store at {path}: {exc}") from exc
-        store = cls(writer, reader)
+        store = cls(writer, reader, checkpointer)
         store.migrated_from = found
-        store._writer_task = asyncio.get_running_loop().create_task(store._write_loop(), name="store-writer")
+        loop = asyncio.get_running_loop()
+        store._writer_task = loop.create_task(store._write_loop(), name="store-writer")
+        store._checkpoint_task = loop.create_task(store._checkpoint_loop(), name="store-checkpoint")
         return store
 
     async def close(self) -> None:
@@ -133,8 +148,24 @@ class SqliteStore:
             await self._queue.join()
             self._writer_task.cancel()
             await asyncio.gather(self._writer_task, return_exceptions=True)
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
         await self._reader.close()
         await self._writer.close()
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database every CHECKPOINT_EVERY seconds, on a connection (and a
+        thread) of its own. PASSIVE: it never waits for a writer or a reader, and commits go on
+        meanwhile; what it cannot copy yet, the next one does. (SQLite's own checkpoint runs inside
+        the commit that crosses 1,000 pages, and the SMTP sessions of that batch wait for it.)"""
+        assert self._checkpointer is not None
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            with contextlib.suppress(sqlite3.Error):
+                await self._checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
     # --- writing ---------------------------------------------------------------------------------
 

@@ -1,0 +1,246 @@
+"""The runner (turn scheduler and outbox) in a process of its own, beside the SMTP listener's.
+
+With MAILGATE_RUNNER=process (or `auto` on a machine with two or more CPUs), `serve` is two processes:
+the first keeps the SMTP/LMTP listeners, admission and `/metrics`; the second (`python -m
+mailgate.runner`, started and watched by the first) runs the turns and delivers the replies. Python runs
+one thread at a time per process, so in one process every turn's rendering, stream and HTTP parsing
+competes with the SMTP sessions for the same interpreter; in two, acceptance keeps a core to itself
+(bench/sustained_accept.py). The store is the hand-off, as it is between stages in one process: the
+listener commits each accepted message before its 250, the runner claims it from there.
+
+What the two share, and how:
+
+- **The instance lock** (`store/lock.py`). The listener takes it; the runner inherits the same open file
+  (`pass_fds`), so the `flock` is held until *both* have exited: a second `serve` cannot start while a
+  runner of the first still works (two runners on one SQLite store would post a turn twice).
+- **The SQLite file.** Each process has its own connections (WAL: one writer at a time, the other waits
+  in SQLite's busy handler, up to `busy_timeout`). Only the runner claims messages and replies, so the
+  claims stay each loop's own busy set, as in one process.
+- **A control socket** (a socketpair; the runner's end is passed by number in MAILGATE_RUNNER_FD). The
+  listener writes `w` after each accepted message (the runner's scheduler wakes at once; a wake already
+  on its way is not repeated), `s` to ask for the runner's status (one JSON line back: the API hold,
+  storage pauses, its metrics for `/metrics`) and `q` to stop (the runner drains its jobs, as `serve`
+  does on SIGTERM, and exits). The settings go first, as one pickled frame.
+- **Its life.** The runner dies with the listener (`PR_SET_PDEATHSIG`, and the control socket's end):
+  a killed gateway is a killed gateway, whatever process was hit. A runner that exits on its own is
+  logged (ERROR `runner_exited`) and started again with back-off; meanwhile `/readyz` says so and
+  accepted mail waits in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from mailgate.config import Settings
+
+log = logging.getLogger("mailgate.runner")
+
+FD_ENV = "MAILGATE_RUNNER_FD"
+WAKE, STATUS, QUIT = b"w", b"s", b"q"
+STATUS_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+class RunnerProcess:
+    """The listener's handle on the runner process: start it, wake it, ask its status, stop it."""
+
+    def __init__(self, settings: Settings, lock_fd: int | None, *, shutdown_deadline: float) -> None:
+        self.settings = settings
+        self.lock_fd = lock_fd
+        self.shutdown_deadline = shutdown_deadline
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._status_lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._started = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self._writer is not None and not self._writer.is_closing()
+
+    async def start(self) -> None:
+        """Start the runner and wait until it says it runs (`RuntimeError` when it cannot start)."""
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise(), name="runner-process")
+
+    async def _spawn(self) -> None:
+        mine, theirs = socket.socketpair()
+        try:
+            fds = [theirs.fileno(), *([self.lock_fd] if self.lock_fd is not None else [])]
+            env = {**os.environ, FD_ENV: str(theirs.fileno())}
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mailgate.runner",
+                pass_fds=fds,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=mine)
+        frame = pickle.dumps(self.settings)
+        self._writer.write(struct.pack("!I", len(frame)) + frame)
+        line = await self._reader.readline()
+        if line.strip() != b"ready":
+            code = await self._proc.wait()
+            said = line.decode(errors="replace").strip()
+            raise RuntimeError(f"the runner process did not start (exit {code}): {said}")
+        log.info("runner_started", extra={"pid": self._proc.pid})
+
+    async def _supervise(self) -> None:
+        """Start the runner again whenever it exits while the listener runs."""
+        delay = 1.0
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._writer is not None:
+                self._writer.close()
+            if self._stopping:
+                return
+            log.error("runner_exited: started again; accepted mail waits in the store", extra={"code": code})
+            await asyncio.sleep(delay)
+            delay = min(60.0, delay * 2)
+            try:
+                await self._spawn()
+                self.restarts += 1
+            except (OSError, RuntimeError) as exc:
+                log.error("runner_start_failed", extra={"error": str(exc)})
+
+    def wake(self) -> None:
+        """New work is committed: wake the runner's scheduler (a wake still on its way is enough)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing() and writer.transport.get_write_buffer_size() == 0:
+            writer.write(WAKE)
+
+    async def status(self) -> dict[str, Any] | None:
+        """The runner's status (`held`, `paused`, `metrics`), or None when it does not answer."""
+        async with self._status_lock:
+            writer, reader = self._writer, self._reader
+            if writer is None or reader is None or writer.is_closing():
+                return None
+            try:
+                writer.write(STATUS)
+                async with asyncio.timeout(STATUS_TIMEOUT):
+                    line = await reader.readline()
+                answer: dict[str, Any] = json.loads(line)
+            except (OSError, ValueError, TimeoutError):
+                return None
+            return answer
+
+    async def stop(self) -> None:
+        """Ask the runner to drain and exit; kill it when it outlasts the deadline."""
+        self._stopping = True
+        proc, writer = self._proc, self._writer
+        if proc is not None and proc.returncode is None:
+            if writer is not None and not writer.is_closing():
+                with contextlib.suppress(OSError):
+                    writer.write(QUIT)
+            try:
+                async with asyncio.timeout(self.shutdown_deadline + 5.0):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning("runner_killed: it did not stop in time", extra={"pid": proc.pid})
+                proc.kill()
+                await proc.wait()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if writer is not None:
+            writer.close()
+
+
+# --- the runner's side -------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the listener dies (any other system: the socket's end)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _read_settings(sock: socket.socket) -> Settings:
+    head = _read_exactly(sock, 4)
+    settings: Settings = pickle.loads(_read_exactly(sock, struct.unpack("!I", head)[0]))  # noqa: S301 (our parent)
+    return settings
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the listener went away")
+        data += chunk
+    return data
+
+
+async def _serve(sock: socket.socket, settings: Settings) -> None:
+    from mailgate.service import Gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    gateway = Gateway(settings, role="runner")
+    try:
+        await gateway.start()
+    except Exception as exc:
+        writer.write(f"failed: {exc}\n".encode())
+        await writer.drain()
+        raise
+    writer.write(b"ready\n")
+
+    async def control() -> None:
+        while data := await reader.read(4096):
+            if WAKE in data:
+                gateway.wake_workers()
+            if STATUS in data:
+                writer.write(json.dumps(gateway.runner_status()).encode() + b"\n")
+            if QUIT in data:
+                stop.set()
+                return
+        os._exit(0)  # the listener is gone: so is the gateway (the rows say where to resume)
+
+    commands = asyncio.create_task(control(), name="runner-control")
+    try:
+        await stop.wait()
+    finally:
+        commands.cancel()
+        await gateway.stop()
+        writer.close()
+
+
+def main() -> int:
+    _die_with_parent()
+    sock = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
+    settings = _read_settings(sock)
+    from mailgate import logs
+    from mailgate.cli import run_loop
+
+    logs.setup(settings.log_level, settings.log_format)
+    run_loop(_serve(sock, settings), settings.event_loop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
