@@ -108,13 +108,23 @@ async def sandbox_turns() -> AsyncIterator[RunningSandbox]:
         yield sb
 
 
-async def held_by(conn: Any, pid: int) -> dict[str, set[str]]:
-    """The inbound and outbox rows whose lease the gateway with process id `pid` holds."""
+def gateway_pids(pid: int) -> set[int]:
+    """`mailgate serve`'s process id and its children's (the runner process, MAILGATE_RUNNER=process)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {pid, *map(int, f.read().split())}
+    except OSError:
+        return {pid}
+
+
+async def held_by(conn: Any, pids: set[int]) -> dict[str, set[str]]:
+    """The inbound and outbox rows whose lease a gateway process (one of `pids`) holds."""
     held: dict[str, set[str]] = {}
     for table in ("inbound", "outbox"):
         cur = await conn.execute(
-            f"SELECT id FROM {table} WHERE lease_owner LIKE %s AND lease_until IS NOT NULL",  # noqa: S608
-            [f"%:{pid}:%"],
+            f"SELECT id FROM {table} WHERE lease_until IS NOT NULL "  # noqa: S608
+            "AND split_part(lease_owner, ':', 2)::int = ANY(%s)",
+            [sorted(pids)],
         )
         held[table] = {r[0] for r in await cur.fetchall()}
     return held
@@ -215,23 +225,23 @@ async def test_two_gateways_one_killed_every_mail_answered_once(
             if len(accepted) < KILL_AFTER:
                 return False
             assert victim.proc is not None
-            return len((await held_by(db, victim.proc.pid))["inbound"]) >= KILL_HOLDING
+            return len((await held_by(db, gateway_pids(victim.proc.pid)))["inbound"]) >= KILL_HOLDING
 
         t_up = time.monotonic() - started
         await until(victim_busy, timeout=40, what="the victim to hold work")
         t_kill = time.monotonic() - started
         assert victim.proc is not None
-        victim_pid = victim.proc.pid
+        victim_pids = gateway_pids(victim.proc.pid)  # the runner process dies with its listener
         await victim.signal(signal.SIGKILL)
         killed_at = time.time()
         dead.add(ports[1])
-        held = await held_by(db, victim_pid)  # the dead gateway's leases, as it left them
+        held = await held_by(db, victim_pids)  # the dead gateway's leases, as it left them
         assert len(held["inbound"]) >= KILL_HOLDING
 
         taken_over: dict[str, float] = {}
 
         async def all_taken_over() -> bool:
-            still = await held_by(db, victim_pid)
+            still = await held_by(db, victim_pids)
             for row_id in held["inbound"] - still["inbound"]:
                 taken_over.setdefault(row_id, time.time() - killed_at)
             return not still["inbound"] and not still["outbox"]
