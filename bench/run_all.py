@@ -13,7 +13,7 @@ from _common import header, run_py
 SCRIPTS = [
     "sustained_accept.py", "loop_stall.py", "turn_overhead.py", "accept_latency.py", "task_cost.py",
     "trimming_cost.py", "smtp_accept.py", "big_mail.py", "huge_answer.py", "hostile_input.py",
-    "store_compare.py", "header_cost.py",
+    "store_compare.py", "header_cost.py", "module_walk.py",
 ]  # fmt: skip
 
 
