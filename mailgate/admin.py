@@ -341,14 +341,16 @@ def _text(value: Any) -> str:
 async def status(store: Store, settings: OperatorSettings, *, problems: int = 5) -> dict[str, Any]:
     """What `mailgate status` shows, as data: like Postfix's `postqueue -p`, in one screen."""
     now = time.time()
-    pid = holder(settings.database)
+    # one gateway per SQLite store holds its lock file; gateways sharing PostgreSQL hold no such file
+    shared = settings.database_url is not None
+    pid = None if shared else holder(settings.database)
     counts = await store.count_by_state()
     oldest = await store.oldest_waiting()
     running = await store.list_inbound(InboundState.RUNNING, 5)
     hold = await store.api_hold()
     return {
-        "database": str(settings.database),
-        "gateway": {"running": pid is not None, "pid": pid or None},
+        "database": settings.store_label,
+        "gateway": {"running": None if shared else pid is not None, "pid": pid or None},
         "inbound": {s: counts["inbound"].get(s, 0) for s in INBOUND_STATES},
         "outbox": {s: counts["outbox"].get(s, 0) for s in OUTBOX_STATES},
         "oldest_waiting": {
@@ -382,7 +384,13 @@ async def status(store: Store, settings: OperatorSettings, *, problems: int = 5)
 
 def _print_status(found: dict[str, Any]) -> None:
     gateway = found["gateway"]
-    running = f"running (pid {gateway['pid']})" if gateway["running"] else "not running"
+    running = (
+        "(a shared store: see each host)"
+        if gateway["running"] is None
+        else f"running (pid {gateway['pid']})"
+        if gateway["running"]
+        else "not running"
+    )
     print(f"database  {found['database']}   gateway {running}")
     for table in ("inbound", "outbox"):
         print(f"{table:<9} " + "  ".join(f"{state} {n}" for state, n in found[table].items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -144,6 +145,26 @@ async def test_migrate_brings_a_new_store_to_the_current_version_once(
     code, out, _ = await mailgate(capsys, "migrate", "--env-file", str(env))
     assert code == 0 and "already at version" in out
     assert "postgresql://" in out or f"already at version {SQLITE_VERSION}" in out
+
+
+@both_stores
+async def test_status_names_the_store_without_its_password(
+    tmp_path: Path, database: str, sandbox: RunningSandbox, relay: RecordingRelay, capsys: Any
+) -> None:
+    """`mailgate status` on either store: the store named as `check` names it (a PostgreSQL URL without
+    its password), and on a shared store no lock-file guess at whether "the" gateway runs."""
+    env = env_file(tmp_path, sandbox, relay, database)
+    assert (await mailgate(capsys, "migrate", "--env-file", str(env)))[0] == 0
+    code, out, _ = await mailgate(capsys, "status", "--json", "--env-file", str(env))
+    assert code == 0
+    found = json.loads(out)
+    if database.startswith("postgresql://"):
+        assert found["database"].startswith("postgresql://")
+        assert found["gateway"] == {"running": None, "pid": None}
+        code, out, _ = await mailgate(capsys, "status", "--env-file", str(env))
+        assert "gateway (a shared store: see each host)" in out
+    else:
+        assert found["gateway"] == {"running": False, "pid": None}
 
 
 async def test_migrate_against_an_unreachable_database_exits_3(

@@ -251,6 +251,40 @@ def test_the_nesting_scan_counts_levels_as_the_parser_sees_them() -> None:
         assert (scan.depth, scan.too_deep) == (depth, too_deep)
 
 
+def many_parts(n: int) -> bytes:
+    """A message whose multipart/mixed holds `n` one-line text parts (n + 1 header sections in all)."""
+    head = HEAD + b"Message-ID: <parts-%d@example.org>\r\nMIME-Version: 1.0\r\n" % n
+    head += b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+    body = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i for i in range(n))
+    return head + body + b"--b--\r\n"
+
+
+async def test_more_than_1000_mime_parts_are_refused_554(make_gateway: Any, sandbox: RunningSandbox) -> None:
+    """1,001 MIME parts (each an object in the turn stage's parse tree) get 554 5.6.0 at DATA with
+    nothing stored; 999 are accepted."""
+    async with make_gateway() as gw:
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        reply = await client.say(many_parts(1000) + b".\r\n")  # 1,000 parts + the message: 1,001
+        assert reply.startswith("554 5.6.0") and "MIME parts" in reply, reply
+        await client.close()
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        assert (await client.say(many_parts(999) + b".\r\n")).startswith("250")
+        await client.close()
+        assert len(await gw.store.list_inbound(limit=10)) == 1
+
+
+def test_the_scan_counts_every_header_section_as_a_part() -> None:
+    """MimeScan's parts: the message's own header and each part's, fed a few bytes at a time."""
+    for n, too_many in ((999, False), (1000, True)):
+        scan, raw = MimeScan(), many_parts(n)
+        for start in range(0, len(raw), 7):
+            scan.feed(raw[start : start + 7])
+        scan.close()
+        assert (scan.parts, scan.too_many_parts) == (n + 1, too_many)
+
+
 @needs_corpus
 def test_the_scan_gives_the_same_answer_whatever_the_blocks() -> None:
     """MimeScan's depth and bare-CR verdict over each corpus message are the same fed whole or in

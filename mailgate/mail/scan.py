@@ -9,6 +9,8 @@ only a few flags, a stack of the open multiparts and at most one header section 
 - `depth`: the deepest MIME nesting seen: each multipart and each `message/*` part inside it is one
   level, as Postfix's `mime_nesting_limit` counts them. Python's email parser recurses once per level
   (1,000 levels end in RecursionError), so deeper mail is refused before anything parses it.
+- `parts`: the header sections seen (the message's own, each part's, each enclosed message's): the
+  parser builds an object for each, so mail with more than `max_parts` is refused too.
 
 The work per block is a few C-level searches (`bytes.find`) and Python code per MIME part and per
 body line that starts with `--`, never per line: a 40 MB base64 attachment costs one search per
@@ -31,13 +33,16 @@ _FOLD = re.compile(rb"\r\n[ \t]")
 
 
 class MimeScan:
-    """Feed normalized blocks with `feed`, then `close()`; read `bare_cr`, `depth` and `too_deep`."""
+    """Feed normalized blocks with `feed`, then `close()`; read `bare_cr`, `depth`, `too_deep`, `parts`
+    and `too_many_parts`."""
 
-    def __init__(self, *, max_depth: int = 100, max_header: int = 1024 * 1024) -> None:
+    def __init__(self, *, max_depth: int = 100, max_parts: int = 1000, max_header: int = 1024 * 1024) -> None:
         self.max_depth = max_depth
+        self.max_parts = max_parts
         self.max_header = max_header
         self.bare_cr = False
         self.depth = 0
+        self.parts = 0
         self._stack: list[tuple[bytes | None, bool]] = []  # (boundary, is digest); None: a message/*
         self._in_header = True
         self._top = True  # the header section being read is the message's own
@@ -50,9 +55,13 @@ class MimeScan:
     def too_deep(self) -> bool:
         return self.depth > self.max_depth
 
+    @property
+    def too_many_parts(self) -> bool:
+        return self.parts > self.max_parts
+
     def feed(self, data: bytes) -> None:
         pos = 0
-        while pos < len(data) and not self.too_deep:
+        while pos < len(data) and not self.too_deep and not self.too_many_parts:
             pos = self._header(data, pos) if self._in_header else self._body(data, pos)
 
     def close(self) -> None:
@@ -99,6 +108,7 @@ class MimeScan:
 
     def _end_section(self, section: bytes) -> None:
         self._section = bytearray()
+        self.parts += 1
         if self._top:
             self._top = False
             self.bare_cr = _BARE_CR.search(section) is not None

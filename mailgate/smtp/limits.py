@@ -1,7 +1,9 @@
 """What one listener allows its sessions, and the checks shared across them: connections, disk.
 
 - `Limits`: the numbers from the settings, plus those fixed as Postfix fixes them (`smtpd_junk_command_limit`
-  100, `smtpd_hard_error_limit` 20, `smtpd_min_data_rate` 500 bytes/s, `mime_nesting_limit` 100).
+  100, `smtpd_hard_error_limit` 20, `smtpd_min_data_rate` 500 bytes/s, `mime_nesting_limit` 100), and
+  at most 1,000 MIME parts: Postfix builds no tree, but the turn stage parses one (Python's email package,
+  ~1-2 KB and ~40 us a part), so a 40 MB message of tiny parts would cost gigabytes and a minute of CPU.
 - `Connections`: sessions open on one listener, in all and per client address, so one address that
   floods the listener fills only its own share (a unix socket's peers have no address: the total only).
 - `FreeSpace`: is there room under the store and the spool for another message? `statvfs` is one
@@ -35,6 +37,7 @@ class Limits:
     hard_errors: int = 20  # 5xx replies per session
     min_data_rate: float = 500.0  # bytes/s a DATA must keep up, once past the timeout
     mime_depth: int = 100
+    mime_parts: int = 1000
 
 
 class Connections:

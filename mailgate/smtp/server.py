@@ -46,6 +46,7 @@ RUN_FOR = 0.002  # seconds of DATA work in a row before letting the other sessio
 SCAN_SLICE = 16 * 1024  # bytes given to the MIME scan at a time (its cost grows with tiny parts)
 BARE_CR = SmtpReply(554, "5.6.0 Message header contains a bare CR (CR without LF)", why="bare_cr")
 TOO_DEEP = SmtpReply(554, "5.6.0 MIME nesting too deep", why="mime_too_deep")
+TOO_MANY_PARTS = SmtpReply(554, "5.6.0 Too many MIME parts", why="mime_too_many_parts")
 TOO_LARGE = SmtpReply(552, "5.3.4 Message too big for system", why="too_large")
 NO_SPACE = SmtpReply(452, "4.3.1 Insufficient system storage", why="disk_full")
 
@@ -230,7 +231,9 @@ class GatewaySMTP(SMTP):
         """Read one DATA to its end into `incoming`; the refusal to give once it is read, or None."""
         limits = self.limits
         reader, normalizer = DotReader(self._reader), Normalizer()
-        scan = MimeScan(max_depth=limits.mime_depth, max_header=limits.max_header)
+        scan = MimeScan(
+            max_depth=limits.mime_depth, max_parts=limits.mime_parts, max_header=limits.max_header
+        )
         size, problem = 0, None
         now = self.loop.time()
         deadline = scheduled = now + limits.timeout
@@ -253,7 +256,15 @@ class GatewaySMTP(SMTP):
                     if time.perf_counter() - ran_since > RUN_FOR:
                         await asyncio.sleep(0)
                         ran_since = time.perf_counter()
-                problem = BARE_CR if scan.bare_cr else TOO_DEEP if scan.too_deep else None
+                problem = (
+                    BARE_CR
+                    if scan.bare_cr
+                    else TOO_DEEP
+                    if scan.too_deep
+                    else TOO_MANY_PARTS
+                    if scan.too_many_parts
+                    else None
+                )
                 try:
                     if problem is None:
                         await incoming.write(normalized)
