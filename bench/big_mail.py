@@ -5,13 +5,15 @@ replies going to a Maildir, then sends one ~40 MB message (5 attachments of ~6 M
 prints:
 
 - mailgate's peak RSS growth (the kernel's high-water mark, VmHWM, minus the idle RSS just before the
-  message), as a multiple of the message size, up to the upload and up to the reply;
+  message), as a multiple of the message size, up to the 250, the upload and the reply: for the SMTP
+  listener, and for the runner process that reads, parses, spools and uploads the message when there is
+  one (MAILGATE_RUNNER=process; `auto` with two CPUs or more; `--runner inline` measures one process);
 - the seconds from the 250 reply to the sandbox having received the whole upload;
 - then `--sessions` (8) sessions that each send `--unfinished` (39 MB) into DATA and stop there: the
   gateway's RSS growth while they hang (DATA past 1 MiB is spooled to `spool/incoming`), the bytes in
   the spool, and the RSS and spool once they hang up.
 
-    .venv/bin/python bench/big_mail.py [--files 5] [--size 6000000] [--keep]
+    .venv/bin/python bench/big_mail.py [--files 5] [--size 6000000] [--keep] [--runner auto]
                                        [--sessions 8] [--unfinished 39000000]
 
 Needs `psutil` (the `bench` extra) and Linux (/proc for the high-water mark).
@@ -161,7 +163,25 @@ async def unfinished(port: int, pid: int, sessions: int, size: int, spool: Path)
     print(f"after they hung up: RSS {after / MB:.1f} MB, spool/incoming empty")
 
 
-async def bench(count: int, size: int, sessions: int, unfinished_size: int, workdir: Path) -> None:
+async def runner_of(pid: int, mode: str) -> int | None:
+    """The pid of the runner process `serve` starts (None when it runs inline)."""
+    if mode == "inline":
+        return None
+    deadline = time.monotonic() + 20
+    while not (children := psutil.Process(pid).children()):
+        if mode == "process" and time.monotonic() > deadline:
+            raise SystemExit("no runner process")
+        if mode == "auto" and time.monotonic() > deadline - 15:
+            return None  # one CPU: inline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # let it settle into its idle size
+    child: int = children[0].pid
+    return child
+
+
+async def bench(
+    count: int, size: int, sessions: int, unfinished_size: int, workdir: Path, runner: str
+) -> None:
     raw, digests = build_message(count, size)
     print(f"message: {len(raw) / MB:.1f} MB ({count} attachments of {size / MB:.1f} MB, base64)")
     async with run_sandbox(SandboxOptions(api_key="bench-key")) as sandbox:
@@ -180,6 +200,7 @@ async def bench(count: int, size: int, sessions: int, unfinished_size: int, work
             "MAILGATE_SPOOL_DIR": str(workdir / "spool"),
             "MAILGATE_SECRET": "bench-secret-0123456789abcdef",
             "MAILGATE_LOG_LEVEL": "WARNING",
+            "MAILGATE_RUNNER": runner,
         }
         env.pop("MAILGATE_SMTP_RELAY", None)
         proc = await asyncio.create_subprocess_exec(
@@ -188,22 +209,28 @@ async def bench(count: int, size: int, sessions: int, unfinished_size: int, work
         try:
             await wait_for_port(port, proc)
             pid = proc.pid
-            idle = psutil.Process(pid).memory_info().rss
-            reset = reset_high_water_mark(pid)
-            print(f"mailgate idle RSS: {idle / MB:.1f} MB (high-water mark reset: {reset})")
+            runner_pid = await runner_of(pid, runner)
+            pids = {"listener": pid} if runner_pid is None else {"listener": pid, "runner": runner_pid}
+            idles = {name: psutil.Process(p).memory_info().rss for name, p in pids.items()}
+            reset = all(reset_high_water_mark(p) for p in pids.values())
+            print(
+                "mailgate idle RSS: "
+                + ", ".join(f"{name} {idle / MB:.1f} MB" for name, idle in idles.items())
+                + f" (high-water marks reset: {reset})"
+            )
 
             client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120, start_tls=False)
             await client.connect()
             started = time.monotonic()
             await client.sendmail("alice@example.org", ["research@agents.example.com"], raw)
             accepted = time.monotonic()
-            peak_accept = high_water_mark(pid)
+            peak_accept = {name: high_water_mark(p) for name, p in pids.items()}
             await client.quit()
             print(f"SMTP DATA -> 250: {accepted - started:.2f} s")
 
             await wait_until(lambda: sandbox.state.requests, 120, "the upload to reach the sandbox")
             uploaded = time.monotonic()
-            peak_upload = high_water_mark(pid)
+            peak_upload = {name: high_water_mark(p) for name, p in pids.items()}
             [request] = sandbox.state.requests
             received = [f.sha256 for f in request.files]
             same = "identical" if received == digests else f"DIFFERENT ({len(received)} files)"
@@ -211,18 +238,19 @@ async def bench(count: int, size: int, sessions: int, unfinished_size: int, work
 
             box = mailbox.Maildir(workdir / "outbox", create=True)
             await wait_until(lambda: len(box.keys()) > 0, 120, "the reply in the Maildir")
-            peak_reply = high_water_mark(pid)
+            peak_reply = {name: high_water_mark(p) for name, p in pids.items()}
             peaks = (
                 ("to the 250", peak_accept),
                 ("to the upload", peak_upload),
                 ("to the reply", peak_reply),
             )
-            for label, peak in peaks:
-                growth = peak - idle
-                print(
-                    f"peak RSS growth {label}: {growth / MB:.1f} MB = "
-                    f"{growth / len(raw):.2f}x the message size"
-                )
+            for name, idle in idles.items():
+                for label, peak in peaks:
+                    growth = peak[name] - idle
+                    print(
+                        f"peak RSS growth of the {name} {label}: {growth / MB:.1f} MB = "
+                        f"{growth / len(raw):.2f}x the message size"
+                    )
             if sessions:
                 await unfinished(port, pid, sessions, unfinished_size, workdir / "spool")
         finally:
@@ -240,15 +268,18 @@ def main() -> None:
     )
     parser.add_argument("--unfinished", type=int, default=39 * MB, help="bytes each sends (default 39 MB)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument(
+        "--runner", choices=("auto", "inline", "process"), default="auto", help="MAILGATE_RUNNER (auto)"
+    )
     args = parser.parse_args()
     figures = (args.files, args.size, args.sessions, args.unfinished)
     if args.keep:
         tmp = tempfile.mkdtemp(prefix="mailgate-bench-")
         print(f"working directory: {tmp}")
-        asyncio.run(bench(*figures, Path(tmp)))
+        asyncio.run(bench(*figures, Path(tmp), args.runner))
         return
     with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmp:
-        asyncio.run(bench(*figures, Path(tmp)))
+        asyncio.run(bench(*figures, Path(tmp), args.runner))
 
 
 if __name__ == "__main__":

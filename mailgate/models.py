@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import idna
 
@@ -89,18 +91,53 @@ class TaskRef:
     archived: bool = False  # archived at the API: a reply in its thread starts a new task
 
 
+class FileContent(Protocol):
+    """A file's bytes kept where they are (a big base64 body of the raw message, `mail.bodies`) and
+    decoded a chunk at a time when read, so the whole file never has to be in memory."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+
 @dataclass(frozen=True)
 class Attachment:
-    """A file a mail client would show. `filename` is already decoded and made safe."""
+    """A file a mail client would show. `filename` is already decoded and made safe. Its bytes are
+    `content`: bytes, or a `FileContent` read a chunk at a time (`chunks`); `data` joins them."""
 
     filename: str
     content_type: str
-    data: bytes
+    content: bytes | FileContent = field(repr=False, compare=False)
     inline_signature: bool = False  # a small inline image shown only in the sender's signature (a logo)
+    # the same bytes compare equal however they are held
+    size: int = field(init=False)
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        content = self.content
+        if isinstance(content, bytes):
+            size, digest = len(content), hashlib.sha256(content).hexdigest()
+        else:
+            size, digest = content.size, content.sha256
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "sha256", digest)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes, a chunk at a time."""
+        if isinstance(self.content, bytes):
+            yield self.content
+        else:
+            yield from self.content.chunks()
 
     @property
-    def size(self) -> int:
-        return len(self.data)
+    def data(self) -> bytes:
+        """The whole file in memory (for small files and tests: the spool streams `chunks`)."""
+        content = self.content
+        return content if isinstance(content, bytes) else b"".join(content.chunks())
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,14 @@ def create_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` (created or truncated) as a 0600 file."""
+def write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `data` (bytes, or chunks of them) to `path` (created or truncated) as a 0600 file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb", closefd=False) as file:
-            file.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                file.write(chunk)
     finally:
         os.close(fd)
 

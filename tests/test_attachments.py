@@ -6,6 +6,7 @@ part it receives) and a recording relay. Corpus mail is read in place from `../s
 
 from __future__ import annotations
 
+import base64
 import email
 import hashlib
 import json
@@ -395,3 +396,40 @@ def test_big_bodies_parse_exactly_as_small_ones(monkeypatch: pytest.MonkeyPatch)
     assert cut > 100
     for path, before in zip(paths, normal, strict=True):
         assert parsing.parse_message(path.read_bytes()) == before, path.name
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 299, 300, 301, 302])
+@pytest.mark.parametrize("width", [1, 3, 76, 77])
+@pytest.mark.parametrize("padding", ["kept", "dropped", "doubled"])
+def test_streamed_runs_decode_as_the_whole(
+    monkeypatch: pytest.MonkeyPatch, size: int, width: int, padding: str
+) -> None:
+    """A big base64 body read a chunk at a time gives exactly the bytes, size and hash of decoding it
+    whole, whatever its line width, padding and where the chunks fall."""
+    monkeypatch.setattr(bodies, "CHUNK", 7)
+    data = bytes(range(256)) * 2
+    encoded = base64.b64encode(data[:size]).decode()
+    if padding == "dropped":
+        encoded = encoded.rstrip("=")
+    elif padding == "doubled":
+        encoded += "=="
+    lines = "\r\n".join(encoded[i : i + width] for i in range(0, len(encoded), width)) or "===="
+    raw = f"Content-Type: text/plain\r\n\r\n{lines}\r\n".encode()
+    found = bodies.LargeBodies(raw, large=1)
+    [_] = found.spans
+    content = found.content(0)
+    assert isinstance(content, bodies.DecodedRun)
+    whole = found.decode(0)
+    assert whole == data[:size]
+    assert b"".join(content.chunks()) == whole
+    assert (content.size, content.sha256) == (len(whole), hashlib.sha256(whole).hexdigest())
+
+
+def test_odd_runs_decode_as_the_whole() -> None:
+    """A run with padding inside it is decoded whole, as before; one of a broken length is broken."""
+    raw = b"Content-Type: text/plain\r\n\r\nQUJDRA=\r\nRUZH\r\n"
+    inside = bodies.LargeBodies(raw, large=1)
+    assert inside.content(0) == inside.decode(0) == b"ABCD\x04Td"  # binascii goes on past a lone "="
+    broken = bodies.LargeBodies(b"Content-Type: text/plain\r\n\r\nQUJDR\r\n", large=1)
+    assert broken.content(0) is None
+    assert broken.decode(0) is None

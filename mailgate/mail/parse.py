@@ -12,7 +12,6 @@ cannot be decoded is listed in `MailBody.unreadable` instead of failing the mess
 from __future__ import annotations
 
 import codecs
-import hashlib
 import re
 import unicodedata
 from dataclasses import replace
@@ -31,7 +30,7 @@ from mailgate.mail.headers import BIDI, CONTROL, Headers, fix_surrogates, guess_
 from mailgate.mail.html_quotes import split_html_reply
 from mailgate.mail.signatures import SignatureRefs, content_id, signature_references
 from mailgate.mail.trimming import trim_reply
-from mailgate.models import Attachment, InboundMail, MailBody
+from mailgate.models import Attachment, FileContent, InboundMail, MailBody
 
 __all__ = ["html_to_text", "parse_body", "parse_message"]
 
@@ -240,9 +239,27 @@ class _Walker:
 
     def _decoded(self, part: Message) -> bytes | None:
         """The part's decoded body; None when it cannot be decoded."""
+        index = self._run(part)
+        if index is not None:
+            return self.bodies.decode(index)
+        return self._payload(part)
+
+    def _content(self, part: Message) -> bytes | FileContent | None:
+        """The decoded body of a file part: a big base64 body stays in the raw message, decoded a chunk
+        at a time whenever it is read; None when it cannot be decoded."""
+        index = self._run(part)
+        if index is not None:
+            return self.bodies.content(index)
+        return self._payload(part)
+
+    def _run(self, part: Message) -> int | None:
+        """The big base64 run (`mail.bodies`) that is the whole body of `part`, if it is one."""
         index = self.bodies.index(part)
         if index is not None and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
-            return self.bodies.decode(index)
+            return index
+        return None
+
+    def _payload(self, part: Message) -> bytes | None:
         self.bodies.restore(part)
         try:
             data = part.get_payload(decode=True)
@@ -289,13 +306,15 @@ class _Walker:
 
     def _file(self, part: Message, ctype: str, filename: str) -> None:
         index = len(self.files) + 1
-        data = self._decoded(part)
+        data = self._content(part)
         if data is None or any(isinstance(d, _BROKEN_PAYLOAD) for d in part.defects):
             self.unreadable.append((_safe_filename(filename, ctype, index), "the encoded content is broken"))
             return
         is_tnef = ctype == "application/ms-tnef" or filename.lower() == "winmail.dat"
-        if is_tnef and self._tnef(data):
-            return
+        if is_tnef:
+            data = data if isinstance(data, bytes) else b"".join(data.chunks())
+            if self._tnef(data):
+                return
         added = self._add(filename, ctype, data)
         cid = content_id(str(part.get("content-id") or ""))
         if added is not None and cid and disposition_of(part) != "attachment":
@@ -319,16 +338,14 @@ class _Walker:
             self._add(name, "application/octet-stream", content)
         return True
 
-    def _add(self, filename: str, ctype: str, data: bytes) -> int | None:
+    def _add(self, filename: str, ctype: str, data: bytes | FileContent) -> int | None:
         """Add a file (not an empty one, nor one seen already); its index in `files`, or None."""
-        if not data:
-            return None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in self._seen:
-            return None
-        self._seen.add(digest)
         index = len(self.files) + 1
-        self.files.append(Attachment(_safe_filename(filename, ctype, index), ctype.lower(), data))
+        att = Attachment(_safe_filename(filename, ctype, index), ctype.lower(), data)
+        if not att.size or att.sha256 in self._seen:
+            return None
+        self._seen.add(att.sha256)
+        self.files.append(att)
         return index - 1
 
 

@@ -13,7 +13,6 @@ are 0700 and the files 0600 whatever the umask (they are mail).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -41,12 +40,8 @@ class Spool:
         out = []
         for n, att in enumerate(files, 1):
             path = folder / f"{n:02d}.bin"
-            private.write_file(path, att.data)
-            out.append(
-                UploadFile(
-                    att.filename, att.content_type, path, att.size, hashlib.sha256(att.data).hexdigest()
-                )
-            )
+            private.write_file(path, att.chunks())  # a big file is decoded into it a chunk at a time
+            out.append(UploadFile(att.filename, att.content_type, path, att.size, att.sha256))
         return out
 
     def remove(self, message_id: str) -> None:

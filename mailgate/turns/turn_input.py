@@ -18,7 +18,6 @@ task already has from an earlier message of the thread (same SHA-256).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import secrets
@@ -55,7 +54,7 @@ def pick_files(
     for att in attachments:
         if att.inline_signature:
             skipped.append(SkippedFile(att.filename, SIGNATURE_IMAGE))
-        elif hashlib.sha256(att.data).hexdigest() in already_sent:
+        elif att.sha256 in already_sent:
             skipped.append(SkippedFile(att.filename, ALREADY_SENT))
         elif att.size > MAX_FILE_BYTES:
             skipped.append(
