@@ -145,6 +145,15 @@ def _msg_id(value: str | None) -> str | None:
     return value if _MSG_ID.fullmatch(value) else None
 
 
+def _copy_headers(head: EmailMessage) -> EmailMessage:
+    """A new message with the header fields of `head` (made by `_headers`), not parsed again: each
+    layout `Renderer.answer_plan` tries, and the fallback, has the same fields (Date included)."""
+    msg = EmailMessage()
+    for name, value in head.raw_items():
+        msg.set_raw(name, value)
+    return msg
+
+
 def _references(chain: Sequence[str], in_reply_to: str | None, own_id: str) -> list[str]:
     ids = list(dict.fromkeys(i for i in map(_msg_id, chain) if i and i != own_id))
     if in_reply_to:
@@ -360,6 +369,7 @@ class Renderer:
         whole_answer: str | None = None,
         budget: str | None = None,
         budget_asked: str | None = None,
+        head: EmailMessage | None = None,
     ) -> EmailMessage:
         """The reply carrying a turn's answer, its sources, and files attached, linked or skipped.
 
@@ -367,7 +377,8 @@ class Renderer:
         `whole_answer` names the attachment (among `attached`) that holds all of it, or is None when
         the whole answer is only on the task page. An `EncodedPart` is laid out with its marker as
         payload, for `wire.flatten`. `budget` (named in the footer) is the task's; `budget_asked` the
-        one its address asked for when the task got less (the reply says so, and why).
+        one its address asked for when the task got less (the reply says so, and why). `head`: the
+        header fields of `headers` made already (`_headers`), when several layouts of one reply are tried.
         """
         inline = (
             answer_markdown if isinstance(answer_markdown, InlineAnswer) else inline_answer(answer_markdown)
@@ -390,7 +401,7 @@ class Renderer:
             ],
             "note": _header_text(note or "", 1000) or None,
         }
-        msg = self._message(headers, "answer", context)
+        msg = self._message(headers, "answer", context, head)
         for f in attached:
             maintype, _, subtype = _content_type(f.content_type).partition("/")
             if isinstance(f, AttachedFile):
@@ -430,6 +441,7 @@ class Renderer:
         those kept are encoded, by `wire.build`.
         """
         inline = inline_answer(answer.text, max_inline)
+        head = _headers(headers)  # made once: every layout tried below, and the fallback, copy it
         whole = None
         if inline.cut:
             cte, chunks = wire.encode_text(answer.text, eight_bit=eight_bit)
@@ -463,6 +475,7 @@ class Renderer:
                 whole_answer=WHOLE_ANSWER if whole else None,
                 budget=budget,
                 budget_asked=budget_asked,
+                head=head,
             )
             skeleton = msg.as_bytes(policy=SMTP)
             size = wire.wire_size(skeleton, [whole] if whole else []) + sum(
@@ -470,16 +483,20 @@ class Renderer:
             )
             return size, AnswerPlan(skeleton, parts, None)
 
-        size, best = layout(whole, [])
-        if whole is not None and size > limit:  # the body points to the task page instead
-            whole = None
+        best: AnswerPlan | None = None  # the layout with no file attached, made when it is needed
+        if whole is not None:
             size, best = layout(whole, [])
+            if size > limit:  # the body points to the task page instead
+                whole = None
+                best = None
         kept: list[AttachedFile] = []
         for f in sorted(attached, key=lambda f: len(f.data)):
             size, trial = layout(whole, [*kept, f])
             if size <= limit:
                 kept.append(f)
                 best = trial
+        if best is None:  # no file fitted (or there is none): the body alone
+            _, best = layout(whole, [])
         if whole or kept:
             why = "not attached: the mail server refused an email this large"
             msg = self.answer(
@@ -492,6 +509,7 @@ class Renderer:
                 note=note,
                 budget=budget,
                 budget_asked=budget_asked,
+                head=head,
             )
             best.fallback = msg.as_bytes(policy=SMTP)
         return best
@@ -522,10 +540,12 @@ class Renderer:
         context["held_days"] = HELD_DAYS
         return self._message(headers, f"notice_{kind}", context)
 
-    def _message(self, headers: ReplyHeaders, name: str, context: dict[str, Any]) -> EmailMessage:
+    def _message(
+        self, headers: ReplyHeaders, name: str, context: dict[str, Any], head: EmailMessage | None = None
+    ) -> EmailMessage:
         text = self._env.get_template(f"{name}.txt").render(context)
         html = self._env.get_template(f"{name}.html").render(context)
-        msg = _headers(headers)
+        msg = _headers(headers) if head is None else _copy_headers(head)
         msg.set_content(_tidy(text) + "\n")
         msg.add_alternative(_unsurrogate(html), subtype="html")
         return msg
