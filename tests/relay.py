@@ -17,7 +17,6 @@ name (`tls`, `users`, `helo_names`, parallel to `messages`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -126,10 +125,10 @@ class RecordingRelay:
             if protocol.transport is not None and not protocol.transport.is_closing():
                 protocol.transport.close()
         handlers = [p._handler_coroutine for p in self._protocols if p._handler_coroutine is not None]
-        for task in handlers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                async with asyncio.timeout(5):
-                    await task
+        if handlers:  # asyncio.wait: a handler that ignores its cancellation cannot hold the close
+            _, pending = await asyncio.wait(handlers, timeout=5)
+            for task in pending:
+                task.cancel()
 
     def _fault(self, stage: Stage) -> str | None:
         for fault in self._faults:
