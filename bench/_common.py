@@ -206,8 +206,8 @@ def gateway_main(conn: Connection, env: dict[str, str], log_path: str, park_runn
     MAILGATE_EVENT_LOOP as `serve` reads them), driven by the parent."""
     _quiet_stderr(Path(log_path))
     from mailgate import logs
-    from mailgate.cli import run_loop
     from mailgate.config import load_settings
+    from mailgate.loops import run_loop
     from mailgate.service import Gateway
     from mailgate.turns.scheduler import Scheduler
 

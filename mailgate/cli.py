@@ -195,6 +195,8 @@ def _main(args: argparse.Namespace) -> int:
     settings = load_settings(args.env_file, os.environ)
     logs.setup(settings.log_level, settings.log_format)
     if args.verb == "serve":
+        from mailgate.loops import run_loop
+
         return int(run_loop(serve(settings), settings.event_loop))
     return _run(_check(settings))
 
@@ -210,21 +212,6 @@ def _stdout_to_devnull() -> None:
 
 def _run(coro: Any) -> int:
     return int(asyncio.run(coro))
-
-
-def run_loop(coro: Any, event_loop: str = "auto") -> Any:
-    """Run `coro` on uvloop when MAILGATE_EVENT_LOOP says so (`auto`: when it is installed), else on
-    asyncio's own loop. uvloop's sockets, timers and thread wake-ups are C: the SMTP sessions cost the
-    loop less (bench/sustained_accept.py)."""
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":  # checked at load already; only a broken install gets here
-                raise
-        else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:

@@ -2,7 +2,8 @@
 
 With MAILGATE_RUNNER=process (or `auto` on a machine with two or more CPUs), `serve` is two processes:
 the first keeps the SMTP/LMTP listeners, admission and `/metrics`; the second (`python -m
-mailgate.runner`, started and watched by the first) runs the turns and delivers the replies. Python runs
+mailgate.runner_main`, an entry point like `cli`, started and watched by the first) runs the turns
+and delivers the replies. Python runs
 one thread at a time per process, so in one process every turn's rendering, stream and HTTP parsing
 competes with the SMTP sessions for the same interpreter; in two, acceptance keeps a core to itself
 (bench/sustained_accept.py). The store is the hand-off, as it is between stages in one process: the
@@ -31,12 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import struct
 import sys
@@ -49,7 +48,6 @@ log = logging.getLogger("mailgate.runner")
 FD_ENV = "MAILGATE_RUNNER_FD"
 WAKE, STATUS, QUIT = b"w", b"s", b"q"
 STATUS_TIMEOUT = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 class RunnerProcess:
@@ -89,7 +87,7 @@ class RunnerProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mailgate.runner",
+                "mailgate.runner_main",
                 pass_fds=fds,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -166,81 +164,3 @@ class RunnerProcess:
             await asyncio.gather(self._watch, return_exceptions=True)
         if writer is not None:
             writer.close()
-
-
-# --- the runner's side -------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the listener dies (any other system: the socket's end)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _read_settings(sock: socket.socket) -> Settings:
-    head = _read_exactly(sock, 4)
-    settings: Settings = pickle.loads(_read_exactly(sock, struct.unpack("!I", head)[0]))  # noqa: S301 (our parent)
-    return settings
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError("the listener went away")
-        data += chunk
-    return data
-
-
-async def _serve(sock: socket.socket, settings: Settings) -> None:
-    from mailgate.service import Gateway
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    gateway = Gateway(settings, role="runner")
-    try:
-        await gateway.start()
-    except Exception as exc:
-        writer.write(f"failed: {exc}\n".encode())
-        await writer.drain()
-        raise
-    writer.write(b"ready\n")
-
-    async def control() -> None:
-        while data := await reader.read(4096):
-            if WAKE in data:
-                gateway.wake_workers()
-            if STATUS in data:
-                writer.write(json.dumps(gateway.runner_status()).encode() + b"\n")
-            if QUIT in data:
-                stop.set()
-                return
-        os._exit(0)  # the listener is gone: so is the gateway (the rows say where to resume)
-
-    commands = asyncio.create_task(control(), name="runner-control")
-    try:
-        await stop.wait()
-    finally:
-        commands.cancel()
-        await gateway.stop()
-        writer.close()
-
-
-def main() -> int:
-    _die_with_parent()
-    sock = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
-    settings = _read_settings(sock)
-    from mailgate import logs
-    from mailgate.cli import run_loop
-
-    logs.setup(settings.log_level, settings.log_format)
-    run_loop(_serve(sock, settings), settings.event_loop)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

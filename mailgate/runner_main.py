@@ -1,0 +1,95 @@
+"""The runner process's own entry point (`python -m mailgate.runner_main`): the other end of
+`runner.RunnerProcess`, which starts it. It reads its settings from the control socket, runs a `Gateway`
+in the runner role and answers the listener's wake, status and stop requests (see `runner`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+
+from mailgate import logs
+from mailgate.config import Settings
+from mailgate.loops import run_loop
+from mailgate.runner import FD_ENV, QUIT, STATUS, WAKE
+from mailgate.service import Gateway
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the listener dies (any other system: the socket's end)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _read_settings(sock: socket.socket) -> Settings:
+    head = _read_exactly(sock, 4)
+    settings: Settings = pickle.loads(_read_exactly(sock, struct.unpack("!I", head)[0]))  # noqa: S301 (our parent)
+    return settings
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the listener went away")
+        data += chunk
+    return data
+
+
+async def _serve(sock: socket.socket, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    gateway = Gateway(settings, role="runner")
+    try:
+        await gateway.start()
+    except Exception as exc:
+        writer.write(f"failed: {exc}\n".encode())
+        await writer.drain()
+        raise
+    writer.write(b"ready\n")
+
+    async def control() -> None:
+        while data := await reader.read(4096):
+            if WAKE in data:
+                gateway.wake_workers()
+            if STATUS in data:
+                writer.write(json.dumps(gateway.runner_status()).encode() + b"\n")
+            if QUIT in data:
+                stop.set()
+                return
+        os._exit(0)  # the listener is gone: so is the gateway (the rows say where to resume)
+
+    commands = asyncio.create_task(control(), name="runner-control")
+    try:
+        await stop.wait()
+    finally:
+        commands.cancel()
+        await gateway.stop()
+        writer.close()
+
+
+def main() -> int:
+    _die_with_parent()
+    sock = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
+    settings = _read_settings(sock)
+    logs.setup(settings.log_level, settings.log_format)
+    run_loop(_serve(sock, settings), settings.event_loop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
