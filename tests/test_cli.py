@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ from tests.mail import make_mail, smtp_send, until
 from tests.relay import RecordingRelay
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`main` points the mailgate logger at stderr; put it back for the tests that follow."""
-    logger = logging.getLogger("mailgate")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def env_file_for(tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay) -> Path:

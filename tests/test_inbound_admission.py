@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -400,15 +400,6 @@ async def run_cli(env: Path, *argv: str, capsys: Any) -> tuple[int, str, str]:
     code = await anyio.to_thread.run_sync(cli.main, [*argv, "--env-file", str(env)])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`cli.main` points the mailgate logger at stderr; put it back for the tests that follow."""
-    logger = logging.getLogger("mailgate")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 async def test_ignored_mail_keeps_its_header_and_the_start_of_its_body(

@@ -8,7 +8,6 @@ import email
 import json
 import logging
 import time
-from collections.abc import Iterator
 from email.policy import default
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,6 @@ def body_text(msg: Any) -> str:
 def queue_id(seen: Any) -> str:
     assert seen.data is not None and seen.data[0] == 250, seen
     return str(seen.data[1]).rsplit(" ", 1)[1]
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`cli.main` points the mailgate logger at stderr; put it back for the tests that follow."""
-    logger = logging.getLogger("mailgate")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 async def operator(

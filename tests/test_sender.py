@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import email
 import json
-import logging
 import re
-from collections.abc import Iterator
 from email.message import EmailMessage
 from email.policy import default
 from email.utils import make_msgid
@@ -36,15 +34,6 @@ from tests.relay import RecordingRelay
 pytestmark = pytest.mark.anyio
 
 ALICE = "alice@example.org"
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`cli.main` points the mailgate logger at stderr; put it back for the tests that follow."""
-    logger = logging.getLogger("mailgate")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def parse(data: bytes) -> Any:

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from email.policy import default
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,6 @@ from tests.mail import make_mail, smtp_send, until
 from tests.relay import RecordingRelay
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`main` points the mailgate logger at stderr; put it back for the tests that follow."""
-    logger = logging.getLogger("mailgate")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def gateway(tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay, name: str, **env: str) -> Gateway:
