@@ -328,6 +328,10 @@ def test_dkim_garbage_signature() -> None:
         ("Foo <foo@[192.0.2.1]>", None),
         ('"x" <a b@example.org>', None),
         ("undisclosed-recipients:;", None),
+        ('"a\x01\x1b[31mb"@example.org', None),
+        ('"a\u202eb"@example.org', None),
+        ("<a@x\u202eevil.example>", None),
+        ('"a\x9b2J"@example.org', None),
     ],
 )
 def test_a_from_is_judged_by_its_address(from_: str, sender: str | None) -> None:

@@ -396,9 +396,11 @@ class Admission:
         """On the header thread: the header block read once (`mail.headers`), then, for mail to worker
         addresses (`splits`, one per recipient), what can be decided from the message alone, on those
         plain values: every policy decision (`_judge`), then who sent it (but DKIM: see `_read_off_loop`)."""
-        headers = Headers.parse(raw)
+        # the header block is at most max_header_size (checked before): no need to search the body for its end
+        head = header_block(raw[: self.settings.max_header_size + 4])
+        headers = Headers.parse(head)
         signals = read_signals(headers)
-        read = _Read(signals, read_facts(headers), len(header_block(raw)), digest="")
+        read = _Read(signals, read_facts(headers), len(head), digest="")
         if splits is None:
             return read
         judged = self._judge(signals, read.facts, mail_from, splits)

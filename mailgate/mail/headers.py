@@ -162,11 +162,14 @@ def _pieces(value: str) -> list[_Piece]:
 
 def _addr_spec(addr: str) -> tuple[str, str] | None:
     """(local part, domain) of an addr-spec when it has both and the domain is well-formed, else None.
-    UTF-8 (RFC 6532) is allowed in both; a domain literal (`[192.0.2.1]`) is not a usable domain.
+    UTF-8 (RFC 6532) is allowed in both, control and bidi characters in neither; a domain literal
+    (`[192.0.2.1]`) is not a usable domain.
     Folding whitespace (or a comment, left as a space) beside the "@" is the obsolete syntax's, dropped:
     `<pete(his account)@silly.test>`."""
     local, at, domain = _AT_SPACE.sub("@", addr.strip()).rpartition("@")
     domain = domain.rstrip(".")
+    if CONTROL.search(local + domain) or BIDI.search(local + domain):
+        return None  # a control or bidi character (even quoted) would reach replies, rows and RCPT TO
     if not at or not _LOCAL_PART.fullmatch(local) or not _MAIL_DOMAIN.fullmatch(domain):
         return None
     return local, domain
