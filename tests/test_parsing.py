@@ -45,10 +45,12 @@ def test_msgid_list(value: str | None, expected: tuple[str, ...]) -> None:
         ("To: undisclosed-recipients:;", ()),
         ("To: garbage, <ok@x.org>", (Address("ok@x.org"),)),
         ('To: "Smith, J" <j@x.org>, j@x.org', (Address("j@x.org", "Smith, J"),)),
+        ("To: <a\u202eb@example.org>, ok@example.org", (Address("ok@example.org"),)),
     ],
 )
 def test_address_list(header: str, expected: tuple[Address, ...]) -> None:
-    """Addresses are lower-cased and deduplicated, names decoded, garbage skipped."""
+    """Addresses are lower-cased and deduplicated, names decoded, garbage (and an address with a bidi
+    control, which would reach a reply's Cc) skipped."""
     assert Headers.parse(_mail(header)).addresses("to") == expected
 
 

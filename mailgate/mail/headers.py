@@ -362,8 +362,8 @@ class Headers:
                 seen += 1
                 for display, addr in _read_mailbox(name, value[piece.start : piece.end].strip(), piece):
                     addr = CONTROL.sub("", addr).strip().strip("<>").lower()
-                    if "@" not in addr or " " in addr:
-                        continue
+                    if "@" not in addr or " " in addr or BIDI.search(addr):
+                        continue  # a bidi control would reach a reply's Cc and the participants
                     result.setdefault(addr, Address(addr, clean_text(display).strip('"')))
         return tuple(result.values())
 
