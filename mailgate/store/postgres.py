@@ -57,6 +57,7 @@ from mailgate.store.schema import (
     BLOCKS,
     DENIED,
     DROPPED,
+    FINISHED_SQL,
     PRUNE_WINDOW,
     Admitted,
     AllowedSenderRow,
@@ -124,7 +125,7 @@ WITH c AS (
     SELECT r.id, octet_length(r.data) AS stored, substring(r.data FROM 1 FOR %(window)s) AS win
     FROM raw_message r
     WHERE r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
-        AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= %(before)s))
+        AND (i.state NOT IN ({FINISHED_SQL}) OR i.updated_at >= %(before)s))
     ORDER BY r.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), h AS (
     SELECT id, stored, LEAST(stored,

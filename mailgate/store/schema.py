@@ -14,6 +14,9 @@ from mailgate.models import HELD_DAYS, InboundState
 Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
 ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
+# A message is done with its raw bytes only here (a `held` one is neither active nor done: approved, it runs)
+FINISHED = (InboundState.ANSWERED, InboundState.IGNORED, InboundState.FAILED)
+FINISHED_SQL = ",".join(f"'{s.value}'" for s in FINISHED)
 # Which earlier active message `j` of a task holds back message `i`: every one, for a turn (the turns of
 # a task run in order); only one not yet read, for a message still to be read (`received`: reading it
 # changes nothing at the API, and a command such as `/status` is answered while a turn runs)
