@@ -397,3 +397,19 @@ def update(table: str, key: str, **values: Any) -> Statement:
 
 def insert_row(table: str, row: Any) -> Statement:
     return insert(table, asdict(row))
+
+
+def api_hold_value(since: float, reason: str) -> str:
+    """The `meta` value recording an API hold (`Store.set_api_hold`)."""
+    return json.dumps({"since": since, "reason": reason[:500]})
+
+
+def api_hold_of(value: str | None) -> dict[str, Any] | None:
+    """An API hold read back from `meta` (`Store.api_hold`); None when there is none or it is garbled."""
+    if value is None:
+        return None
+    try:
+        hold = json.loads(value)
+    except ValueError:
+        return None
+    return hold if isinstance(hold, dict) else None
