@@ -31,6 +31,7 @@ pytestmark = pytest.mark.anyio
 OWNER = "alice@example.org"
 NEW_COLUMNS = ("in_reply_to", "refs", "to_cc", "sender_name")
 TERMINAL = tuple(s for s in InboundState if s not in ACTIVE)
+FINISHED = (InboundState.ANSWERED, InboundState.IGNORED, InboundState.FAILED)
 
 
 async def task_by_chain(store: Store, message_ids: list[str], alias: str) -> TaskRef | None:
@@ -943,7 +944,7 @@ async def test_prune_cuts_only_raw_messages_whose_messages_all_finished_long_ago
     """Answered, ignored and failed rows older than the cut lose their body and keep their header
     block; a raw message with one active row, or one changed since the cut, stays whole."""
     now = time.time()
-    old = [await admit_at(store, state, at=now - 40 * DAY) for state in TERMINAL]
+    old = [await admit_at(store, state, at=now - 40 * DAY) for state in FINISHED]
     lf = await admit_at(
         store, InboundState.ANSWERED, at=now - 40 * DAY, data=(HEAD + BODY).replace(b"\r\n", b"\n")
     )
@@ -963,6 +964,15 @@ async def test_prune_cuts_only_raw_messages_whose_messages_all_finished_long_ago
     for batch in (mixed, active, recent):
         assert await store.raw(batch.raw_id) == HEAD + BODY
     assert await store.prune_raw(now - 30 * DAY) == type(done)()  # nothing left to do
+
+
+async def test_prune_keeps_a_held_message_whole(store: Store) -> None:
+    """A `held` message is not finished (approved, it runs on its raw bytes): however long it has
+    waited, retention leaves them whole."""
+    held = await admit_at(store, InboundState.HELD, at=time.time() - 40 * DAY)
+    assert (await store.prune_raw(time.time() - 30 * DAY)).messages == 0
+    assert await store.approve_held(held.messages[0].id) is not None
+    assert await store.raw(held.raw_id) == HEAD + BODY
 
 
 async def test_prune_goes_a_batch_at_a_time(store: Store) -> None:

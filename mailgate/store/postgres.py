@@ -57,6 +57,7 @@ from mailgate.store.schema import (
     BLOCKS,
     DENIED,
     DROPPED,
+    FINISHED_SQL,
     PRUNE_WINDOW,
     Admitted,
     AllowedSenderRow,
@@ -70,6 +71,8 @@ from mailgate.store.schema import (
     SuppressionRow,
     TaskListing,
     TaskRow,
+    api_hold_of,
+    api_hold_value,
 )
 
 log = logging.getLogger("mailgate.store")
@@ -124,7 +127,7 @@ WITH c AS (
     SELECT r.id, octet_length(r.data) AS stored, substring(r.data FROM 1 FOR %(window)s) AS win
     FROM raw_message r
     WHERE r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
-        AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= %(before)s))
+        AND (i.state NOT IN ({FINISHED_SQL}) OR i.updated_at >= %(before)s))
     ORDER BY r.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), h AS (
     SELECT id, stored, LEAST(stored,
@@ -498,16 +501,10 @@ class PostgresStore:
 
     async def api_hold(self) -> dict[str, Any] | None:
         row = await self._one("SELECT value FROM meta WHERE key = 'api_hold'")
-        if row is None:
-            return None
-        try:
-            value = json.loads(row["value"])
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return api_hold_of(None if row is None else row["value"])
 
     async def set_api_hold(self, since: float, reason: str) -> None:
-        value = json.dumps({"since": since, "reason": reason[:500]})
+        value = api_hold_value(since, reason)
         await self._write([_put_meta("api_hold", value)])
 
     async def clear_api_hold(self) -> None:

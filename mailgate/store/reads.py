@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mailgate.models import TaskRef
-from mailgate.store.schema import ACTIVE_SQL
+from mailgate.store.schema import FINISHED_SQL
 
 # --- reads, run on the reader's thread (each steps its statement to the end: see Store._one) ------------
 
@@ -73,7 +73,7 @@ def count_turns(db: sqlite3.Connection, task_id: str, since: float, limit: int |
 # A raw message may be pruned when every message of it is finished and none changed since `before`.
 PRUNABLE = f"""
 r.pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM inbound i WHERE i.raw_id = r.id
-    AND (i.state IN ({ACTIVE_SQL}) OR i.updated_at >= ?))"""  # noqa: S608 (constants); ? is `before`
+    AND (i.state NOT IN ({FINISHED_SQL}) OR i.updated_at >= ?))"""  # noqa: S608 (constants); ? is `before`
 
 
 def prune_candidates(

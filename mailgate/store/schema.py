@@ -14,6 +14,9 @@ from mailgate.models import HELD_DAYS, InboundState
 Statement = tuple[str, Sequence[Any]]
 ACTIVE = (InboundState.RECEIVED, InboundState.QUEUED, InboundState.SUBMITTING, InboundState.RUNNING)
 ACTIVE_SQL = ",".join(f"'{s.value}'" for s in ACTIVE)
+# A message is done with its raw bytes only here (a `held` one is neither active nor done: approved, it runs)
+FINISHED = (InboundState.ANSWERED, InboundState.IGNORED, InboundState.FAILED)
+FINISHED_SQL = ",".join(f"'{s.value}'" for s in FINISHED)
 # Which earlier active message `j` of a task holds back message `i`: every one, for a turn (the turns of
 # a task run in order); only one not yet read, for a message still to be read (`received`: reading it
 # changes nothing at the API, and a command such as `/status` is answered while a turn runs)
@@ -394,3 +397,19 @@ def update(table: str, key: str, **values: Any) -> Statement:
 
 def insert_row(table: str, row: Any) -> Statement:
     return insert(table, asdict(row))
+
+
+def api_hold_value(since: float, reason: str) -> str:
+    """The `meta` value recording an API hold (`Store.set_api_hold`)."""
+    return json.dumps({"since": since, "reason": reason[:500]})
+
+
+def api_hold_of(value: str | None) -> dict[str, Any] | None:
+    """An API hold read back from `meta` (`Store.api_hold`); None when there is none or it is garbled."""
+    if value is None:
+        return None
+    try:
+        hold = json.loads(value)
+    except ValueError:
+        return None
+    return hold if isinstance(hold, dict) else None

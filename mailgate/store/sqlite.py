@@ -52,6 +52,8 @@ from mailgate.store.schema import (
     SuppressionRow,
     TaskListing,
     TaskRow,
+    api_hold_of,
+    api_hold_value,
     insert,
     insert_row,
     row_of,
@@ -487,17 +489,11 @@ class SqliteStore:
     async def api_hold(self) -> dict[str, Any] | None:
         """The hold a running gateway recorded while the API refuses its key: `{"since", "reason"}`."""
         row = await self._one("SELECT value FROM meta WHERE key='api_hold'")
-        if row is None:
-            return None
-        try:
-            value = json.loads(row["value"])
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return api_hold_of(None if row is None else row["value"])
 
     async def set_api_hold(self, since: float, reason: str) -> None:
         """Record that the API refuses the key (for `mailgate status`; the gateway holds in memory)."""
-        value = json.dumps({"since": since, "reason": reason[:500]})
+        value = api_hold_value(since, reason)
         await self.write([("INSERT OR REPLACE INTO meta (key, value) VALUES ('api_hold', ?)", (value,))])
 
     async def clear_api_hold(self) -> None:
