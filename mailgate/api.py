@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import ssl
 import time
@@ -437,8 +438,9 @@ def _output_file(raw: dict[str, Any]) -> OutputFile:
 
 
 def _number(value: object) -> float | None:
-    """A count or amount the API gave (not negative), or None."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+    """A count or amount the API gave (finite, not negative), or None: `1e400` parses as infinity, which
+    `int()` refuses (the answer to `/status` would crash)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
         return float(value)
     return None
 

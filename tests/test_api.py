@@ -503,6 +503,21 @@ async def test_get_task_in_both_eras(era: str) -> None:
     assert all(headers["authorization"] == "Bearer hk_test" for headers, _ in seen)
 
 
+async def test_get_task_totals_out_of_range_are_not_reported() -> None:
+    """Totals that are infinite (`1e400`), negative or not numbers are None, not a crash."""
+    task = TASK | {"totals": {"credits": -1, "durationMs": 1e400}}
+    body = json.dumps({"task": task, "turns": TURNS}).replace("Infinity", "1e400")
+    async with (
+        serve(
+            ("/api/tasks/{id}", answer([], lambda: Response(body, media_type="application/json")), ["GET"])
+        ) as url,
+        client_for(url) as client,
+    ):
+        snapshot = await client.get_task("tsk_1")
+    assert snapshot is not None
+    assert (snapshot.credits, snapshot.duration_ms) == (None, None)
+
+
 async def test_get_task_unknown_is_none() -> None:
     """404 on GET /api/tasks/{id} means no such task: None."""
     async with (

@@ -222,6 +222,10 @@ async def test_help_lists_the_commands_and_counts_against_the_notice_limit(
         two = await smtp_send(gw.smtp_port, make_mail(body="/help"))
         await reaches(gw, queue_id(two), "answered")
         assert await gw.store.outbox_for(queue_id(two)) == []
+        second = await gw.store.inbound(queue_id(two))
+        assert second is not None and "no reply sent" in (second.reason or "")
+        first = await gw.store.inbound(queue_id(one))
+        assert first is not None and "no reply sent" not in (first.reason or "")
     text = body_text(parse(data))
     assert "/status" in text and "/archive" in text and "/help" in text
     assert sandbox.state.requests == []

@@ -357,6 +357,8 @@ class Scheduler:
         reason = f"{command.command}: answered by the gateway" + (
             f" ({command.detail})" if command.detail else ""
         )
+        if not replies:  # the row, not only a notice_suppressed line, says the sender got nothing
+            reason += "; no reply sent (held back by the notice limits)"
         await self._finish(row, InboundState.ANSWERED, reason, replies, notice=command.kind)
 
     async def _finish(
