@@ -7,6 +7,7 @@ from __future__ import annotations
 import email
 import json
 import logging
+import shutil
 import time
 from email.policy import default
 from pathlib import Path
@@ -131,6 +132,30 @@ async def test_hold_approve_always_deny_and_the_allow_list_survives_a_restart(
         third = await smtp_send(gw.smtp_port, from_stranger("Third"), mail_from=STRANGER)
         await reaches(gw, queue_id(third), "answered")
     assert len(sandbox.state.requests) == 2
+
+
+async def test_a_held_notice_that_cannot_be_made_does_not_stop_the_loop(
+    make_gateway: Any, relay: RecordingRelay, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the "held" notice cannot be rendered, the message is logged, marked told and still waits for
+    the operator; the loop goes on (it is not tried again on every pass)."""
+    templates = tmp_path / "templates"
+    shutil.copytree(Path(__file__).parents[1] / "templates", templates)
+    (templates / "notice_held.txt").write_text("{{ 1 // 0 }}\n")  # fails when rendered
+    caplog.set_level(logging.WARNING, logger="mailgate")
+    async with make_gateway(**HOLD, MAILGATE_TEMPLATES_DIR=str(templates)) as gw:
+        reply = await smtp_send(gw.smtp_port, from_stranger("Broken"), mail_from=STRANGER)
+        held = queue_id(reply)
+
+        async def told() -> bool:
+            row = await gw.store.inbound(held)
+            return row is not None and row.told_at is not None
+
+        await until(told, what="the held message marked told")
+        assert await state_of(gw, held) == "held"
+        assert [r.inbound for r in caplog.records if r.getMessage() == "held_notice_failed"] == [held]  # type: ignore[attr-defined]
+        assert not any(r.getMessage() == "held_mail_failed" for r in caplog.records)
+    assert relay.messages == []
 
 
 @both_stores

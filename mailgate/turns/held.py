@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from mailgate.config import Settings
-from mailgate.loops import wait_event
+from mailgate.loops import storage_trouble, wait_event
 from mailgate.models import HELD_DAYS
 from mailgate.replies.compose import Replies
 from mailgate.store import Store
@@ -84,7 +84,17 @@ class HeldMail:
         for row in await self.store.held_untold():
             assert row.sender is not None
             told = await self.store.count_notices(row.sender, now - HELD_DAYS * DAY, HELD)
-            replies = [] if told else await self.replies.notice(row, HELD)
+            try:
+                replies = [] if told else await self.replies.notice(row, HELD)
+            except Exception as exc:
+                if storage_trouble(exc):
+                    raise  # the store's trouble, nobody's message: the whole pass is tried again later
+                # this message's notice cannot be made: marked told all the same (or it would fail on
+                # every pass and hold up the senders after it)
+                log.warning(
+                    "held_notice_failed", extra={"inbound": row.id, "error": f"{type(exc).__name__}: {exc}"}
+                )
+                replies = []
             if await self.store.tell_held(row.id, replies) and replies:
                 self.on_outbox()
             log.info(
