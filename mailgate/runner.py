@@ -66,7 +66,7 @@ class RunnerProcess:
         self._status_lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
-        self._started = asyncio.Event()
+        self._late = 0  # status answers still owed by the runner after a timeout (read and dropped)
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +97,7 @@ class RunnerProcess:
         finally:
             theirs.close()
         self._reader, self._writer = await asyncio.open_connection(sock=mine)
+        self._late = 0
         frame = pickle.dumps(self.settings)
         self._writer.write(struct.pack("!I", len(frame)) + frame)
         line = await self._reader.readline()
@@ -140,9 +141,16 @@ class RunnerProcess:
             try:
                 writer.write(STATUS)
                 async with asyncio.timeout(STATUS_TIMEOUT):
-                    line = await reader.readline()
+                    while True:  # an answer that came too late for its request is not this one's
+                        line = await reader.readline()
+                        if not self._late:
+                            break
+                        self._late -= 1
                 answer: dict[str, Any] = json.loads(line)
-            except (OSError, ValueError, TimeoutError):
+            except TimeoutError:
+                self._late += 1
+                return None
+            except (OSError, ValueError):
                 return None
             return answer
 
@@ -214,7 +222,7 @@ async def _serve(sock: socket.socket, settings: Settings) -> None:
         while data := await reader.read(4096):
             if WAKE in data:
                 gateway.wake_workers()
-            if STATUS in data:
+            for _ in range(data.count(STATUS)):  # one answer per request: the listener counts them
                 writer.write(json.dumps(gateway.runner_status()).encode() + b"\n")
             if QUIT in data:
                 stop.set()
