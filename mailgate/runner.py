@@ -102,6 +102,7 @@ class RunnerProcess:
         self._writer.write(struct.pack("!I", len(frame)) + frame)
         line = await self._reader.readline()
         if line.strip() != b"ready":
+            self._writer.close()
             code = await self._proc.wait()
             said = line.decode(errors="replace").strip()
             raise RuntimeError(f"the runner process did not start (exit {code}): {said}")
@@ -109,10 +110,13 @@ class RunnerProcess:
 
     async def _supervise(self) -> None:
         """Start the runner again whenever it exits while the listener runs."""
-        delay = 1.0
+        loop = asyncio.get_running_loop()
+        delay, since = 1.0, loop.time()
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
+            if loop.time() - since > 60.0:  # it ran a while: this exit is not part of a crash loop
+                delay = 1.0
             if self._writer is not None:
                 self._writer.close()
             if self._stopping:
@@ -125,6 +129,7 @@ class RunnerProcess:
                 self.restarts += 1
             except (OSError, RuntimeError) as exc:
                 log.error("runner_start_failed", extra={"error": str(exc)})
+            since = loop.time()  # a start that failed does not reset the back-off either
 
     def wake(self) -> None:
         """New work is committed: wake the runner's scheduler (a wake still on its way is enough)."""
