@@ -26,15 +26,23 @@ import base64
 import os
 import re
 import sys
-import threading
 import time
 from email.message import EmailMessage
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import psutil  # type: ignore[import-untyped, unused-ignore]
-from _common import _quiet_stderr, _serve_commands, child, gateway_env, header, make_mail, peers_main, workdir
+from _common import (
+    RssSampler,
+    _quiet_stderr,
+    _serve_commands,
+    child,
+    gateway_env,
+    header,
+    make_mail,
+    peers_main,
+    workdir,
+)
 from _loopprobe import SmtpNoopProbe
 
 MB = 1_000_000
@@ -76,32 +84,6 @@ def gateway_probed_main(conn: Connection, env: dict[str, str], log_path: str) ->
             sampler.cancel()
 
     asyncio.run(main())
-
-
-class RssSampler:
-    """The peak RSS of `pid`, sampled every 5 ms in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def now(self) -> int:
-        return int(self.process.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> RssSampler:
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- the messages --------------------------------------------------------------------------------------

@@ -17,15 +17,14 @@ import argparse
 import asyncio
 import logging
 import sys
-import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import psutil  # type: ignore[import-untyped, unused-ignore]
 from _common import (
     API_KEY,
+    RssSampler,
     _quiet_stderr,
     _serve_commands,
     child,
@@ -123,32 +122,6 @@ def peers_main(conn: Connection, log_path: str) -> None:
             relay.close()
 
     asyncio.run(main())
-
-
-class RssSampler:
-    """The peak RSS of `pid`, sampled every 5 ms in a thread (the probing loop is never held)."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def now(self) -> int:
-        return int(self.process.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> RssSampler:
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def one_answer(gateway: Any, peers: Any, port: int, size: int, tag: str) -> dict[str, Any]:

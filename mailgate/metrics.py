@@ -136,10 +136,7 @@ class Metrics:
 
     def snapshot(self) -> list[Family]:
         """Every metric's samples as plain data (JSON): what the runner process hands the listener."""
-        return [
-            (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
-            for m in self.registry.collect()
-        ]
+        return _families(self.registry)
 
     def exposition(self) -> bytes:
         """The text format of every metric (what `/metrics` serves), with `remote` (the runner
@@ -153,6 +150,14 @@ class Metrics:
 Family = tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]
 
 
+def _families(registry: CollectorRegistry) -> list[Family]:
+    """Every metric of `registry` with its samples, as plain data."""
+    return [
+        (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in registry.collect()
+    ]
+
+
 class _Merged:
     """A collector with the families of a registry and of a snapshot, series summed by name and labels."""
 
@@ -162,11 +167,7 @@ class _Merged:
 
     def collect(self) -> list[Metric]:
         families: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
-        local = [
-            (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
-            for m in self.registry.collect()
-        ]
-        for name, doc, typ, unit, samples in [*local, *self.remote]:
+        for name, doc, typ, unit, samples in [*_families(self.registry), *self.remote]:
             if name not in families:
                 families[name] = (Metric(name, doc, typ, unit), {})
             values = families[name][1]

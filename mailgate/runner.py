@@ -64,7 +64,7 @@ class RunnerProcess:
         self._status_lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
-        self._started = asyncio.Event()
+        self._late = 0  # status answers still owed by the runner after a timeout (read and dropped)
 
     @property
     def pid(self) -> int | None:
@@ -95,10 +95,12 @@ class RunnerProcess:
         finally:
             theirs.close()
         self._reader, self._writer = await asyncio.open_connection(sock=mine)
+        self._late = 0
         frame = pickle.dumps(self.settings)
         self._writer.write(struct.pack("!I", len(frame)) + frame)
         line = await self._reader.readline()
         if line.strip() != b"ready":
+            self._writer.close()
             code = await self._proc.wait()
             said = line.decode(errors="replace").strip()
             raise RuntimeError(f"the runner process did not start (exit {code}): {said}")
@@ -106,10 +108,13 @@ class RunnerProcess:
 
     async def _supervise(self) -> None:
         """Start the runner again whenever it exits while the listener runs."""
-        delay = 1.0
+        loop = asyncio.get_running_loop()
+        delay, since = 1.0, loop.time()
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
+            if loop.time() - since > 60.0:  # it ran a while: this exit is not part of a crash loop
+                delay = 1.0
             if self._writer is not None:
                 self._writer.close()
             if self._stopping:
@@ -122,6 +127,7 @@ class RunnerProcess:
                 self.restarts += 1
             except (OSError, RuntimeError) as exc:
                 log.error("runner_start_failed", extra={"error": str(exc)})
+            since = loop.time()  # a start that failed does not reset the back-off either
 
     def wake(self) -> None:
         """New work is committed: wake the runner's scheduler (a wake still on its way is enough)."""
@@ -138,9 +144,16 @@ class RunnerProcess:
             try:
                 writer.write(STATUS)
                 async with asyncio.timeout(STATUS_TIMEOUT):
-                    line = await reader.readline()
+                    while True:  # an answer that came too late for its request is not this one's
+                        line = await reader.readline()
+                        if not self._late:
+                            break
+                        self._late -= 1
                 answer: dict[str, Any] = json.loads(line)
-            except (OSError, ValueError, TimeoutError):
+            except TimeoutError:
+                self._late += 1
+                return None
+            except (OSError, ValueError):
                 return None
             return answer
 

@@ -66,7 +66,7 @@ async def _serve(sock: socket.socket, settings: Settings) -> None:
         while data := await reader.read(4096):
             if WAKE in data:
                 gateway.wake_workers()
-            if STATUS in data:
+            for _ in range(data.count(STATUS)):  # one answer per request: the listener counts them
                 writer.write(json.dumps(gateway.runner_status()).encode() + b"\n")
             if QUIT in data:
                 stop.set()
