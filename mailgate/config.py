@@ -170,7 +170,7 @@ class Settings:
     def runner_process(self) -> bool:
         """Does `serve` run the turns in a process of their own?"""
         if self.runner == "auto":
-            return (os.cpu_count() or 1) >= 2
+            return usable_cpus() >= 2
         return self.runner == "process"
 
     def worker_for(self, alias: str) -> Worker | None:
@@ -323,6 +323,14 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

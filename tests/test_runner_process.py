@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.config import load_settings
+from mailgate.config import load_settings, usable_cpus
 from mailgate.errors import ConfigError
 from mailgate.metrics import Metrics
 from mailgate.sandbox import RunningSandbox
@@ -191,7 +191,7 @@ def test_runner_and_event_loop_settings() -> None:
     assert load_settings(environ={**base, "MAILGATE_RUNNER": "process"}).runner_process
     assert not load_settings(environ={**base, "MAILGATE_RUNNER": "inline"}).runner_process
     auto = load_settings(environ=base)
-    assert auto.runner == "auto" and auto.runner_process == ((os.cpu_count() or 1) >= 2)
+    assert auto.runner == "auto" and auto.runner_process == (usable_cpus() >= 2)
     assert load_settings(environ={**base, "MAILGATE_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
     for name, value in (("MAILGATE_RUNNER", "thread"), ("MAILGATE_EVENT_LOOP", "trio")):
         with pytest.raises(ConfigError, match=name):
