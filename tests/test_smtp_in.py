@@ -147,6 +147,19 @@ async def test_commands_and_data_with_bare_lf_are_stored_with_crlf(make_gateway:
     assert raw.count(b"\n") == raw.count(b"\r\n")
 
 
+async def test_the_size_limit_counts_bare_lf_as_the_crlf_it_is_stored_as(make_gateway: Any) -> None:
+    """600 KB of bare LF under a 1 MB MAILGATE_MAX_MESSAGE_SIZE is 1.2 MB stored: 552; 400 KB goes through."""
+    async with make_gateway(MAILGATE_MAX_MESSAGE_SIZE=str(10**6)) as gw:
+        replies = []
+        for lines in (600_000, 400_000):
+            client = await Raw.open(gw.smtp_port)
+            await client.to_data()
+            replies.append(await client.say(HEAD + b"\n" * lines + b"\r\n.\r\n"))
+            await client.close()
+    assert replies[0].startswith("552 5.3.4"), replies[0]
+    assert replies[1].startswith("250"), replies[1]
+
+
 @pytest.mark.parametrize(
     "fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n"], ids=["lf-dot-lf", "crlf-dot-lf", "lf-dot-crlf"]
 )
