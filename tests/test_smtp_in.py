@@ -384,6 +384,35 @@ async def test_a_spool_file_left_by_a_killed_run_is_removed_at_start(
         assert list(incoming.iterdir()) == []
 
 
+async def test_a_spool_write_failing_mid_data_gets_452_and_frees_everything(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    """The spool file cannot be made (disk full): 452 4.3.1 after the drain and the session goes on; a
+    client hanging up mid-DATA leaves no spool file and frees its slot (1 per client here)."""
+    incoming = tmp_path / "spool" / "incoming"
+    big = HEAD + b"\r\n" + (b"a" * 998 + b"\r\n") * 3000  # 3 MB: past the 1 MiB spool threshold
+    async with make_gateway(MAILGATE_MAX_CONNECTIONS_PER_CLIENT="1") as gw:
+        incoming.parent.mkdir(parents=True, exist_ok=True)
+        incoming.write_bytes(b"a file where the folder should be")
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        client.writer.write(big)
+        assert (await client.say(b".\r\n")).startswith("452 4.3.1")
+        assert (await client.say(b"MAIL FROM:<alice@example.org>\r\n")).startswith("250")
+        await client.close()
+        incoming.unlink()
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        client.writer.write(big)
+        await client.writer.drain()
+        await until(lambda: incoming.is_dir() and any(incoming.iterdir()), timeout=30, what="a spool file")
+        await client.close()
+        await until(lambda: not any(incoming.iterdir()), timeout=30, what="the spool file removed")
+        again = await Raw.open(gw.smtp_port)
+        assert (await again.reply()).startswith("220")
+        await again.close()
+
+
 # --- 6. the disk floor --------------------------------------------------------------------------------
 
 
