@@ -147,6 +147,19 @@ async def test_commands_and_data_with_bare_lf_are_stored_with_crlf(make_gateway:
     assert raw.count(b"\n") == raw.count(b"\r\n")
 
 
+async def test_the_size_limit_counts_bare_lf_as_the_crlf_it_is_stored_as(make_gateway: Any) -> None:
+    """600 KB of bare LF under a 1 MB MAILGATE_MAX_MESSAGE_SIZE is 1.2 MB stored: 552; 400 KB goes through."""
+    async with make_gateway(MAILGATE_MAX_MESSAGE_SIZE=str(10**6)) as gw:
+        replies = []
+        for lines in (600_000, 400_000):
+            client = await Raw.open(gw.smtp_port)
+            await client.to_data()
+            replies.append(await client.say(HEAD + b"\n" * lines + b"\r\n.\r\n"))
+            await client.close()
+    assert replies[0].startswith("552 5.3.4"), replies[0]
+    assert replies[1].startswith("250"), replies[1]
+
+
 @pytest.mark.parametrize(
     "fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n"], ids=["lf-dot-lf", "crlf-dot-lf", "lf-dot-crlf"]
 )
@@ -369,6 +382,35 @@ async def test_a_spool_file_left_by_a_killed_run_is_removed_at_start(
     (incoming / "data-abandoned.eml").write_bytes(b"half a message")
     async with make_gateway():
         assert list(incoming.iterdir()) == []
+
+
+async def test_a_spool_write_failing_mid_data_gets_452_and_frees_everything(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    """The spool file cannot be made (disk full): 452 4.3.1 after the drain and the session goes on; a
+    client hanging up mid-DATA leaves no spool file and frees its slot (1 per client here)."""
+    incoming = tmp_path / "spool" / "incoming"
+    big = HEAD + b"\r\n" + (b"a" * 998 + b"\r\n") * 3000  # 3 MB: past the 1 MiB spool threshold
+    async with make_gateway(MAILGATE_MAX_CONNECTIONS_PER_CLIENT="1") as gw:
+        incoming.parent.mkdir(parents=True, exist_ok=True)
+        incoming.write_bytes(b"a file where the folder should be")
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        client.writer.write(big)
+        assert (await client.say(b".\r\n")).startswith("452 4.3.1")
+        assert (await client.say(b"MAIL FROM:<alice@example.org>\r\n")).startswith("250")
+        await client.close()
+        incoming.unlink()
+        client = await Raw.open(gw.smtp_port)
+        await client.to_data()
+        client.writer.write(big)
+        await client.writer.drain()
+        await until(lambda: incoming.is_dir() and any(incoming.iterdir()), timeout=30, what="a spool file")
+        await client.close()
+        await until(lambda: not any(incoming.iterdir()), timeout=30, what="the spool file removed")
+        again = await Raw.open(gw.smtp_port)
+        assert (await again.reply()).startswith("220")
+        await again.close()
 
 
 # --- 6. the disk floor --------------------------------------------------------------------------------

@@ -234,42 +234,42 @@ class GatewaySMTP(SMTP):
         scan = MimeScan(
             max_depth=limits.mime_depth, max_parts=limits.mime_parts, max_header=limits.max_header
         )
-        size, problem = 0, None
+        problem = None
         now = self.loop.time()
         deadline = scheduled = now + limits.timeout
         step = min(1.0, limits.timeout / 10)
         ran_since = time.perf_counter()  # when this session last let the others run
         while (block := await reader.block()) is not None:
-            size += len(block)
             now = self.loop.time()
             deadline = min(now + limits.timeout, deadline + len(block) / limits.min_data_rate)
             if deadline - scheduled >= step:
                 self._reset_timeout(max(deadline - now, 0.001))
                 scheduled = deadline
-            if problem is None and self.data_size_limit and size > self.data_size_limit:
-                problem = TOO_LARGE
-                incoming.discard()
             if problem is None:
                 normalized = normalizer.feed(block)
-                for start in range(0, len(normalized), SCAN_SLICE):  # the scan's cost grows with parts
-                    scan.feed(normalized[start : start + SCAN_SLICE])
-                    if time.perf_counter() - ran_since > RUN_FOR:
-                        await asyncio.sleep(0)
-                        ran_since = time.perf_counter()
-                problem = (
-                    BARE_CR
-                    if scan.bare_cr
-                    else TOO_DEEP
-                    if scan.too_deep
-                    else TOO_MANY_PARTS
-                    if scan.too_many_parts
-                    else None
-                )
-                try:
-                    if problem is None:
-                        await incoming.write(normalized)
-                except OSError:
-                    problem = NO_SPACE
+                # the size as stored (each bare LF made CRLF), not as sent: "\n" * limit is twice the limit
+                if self.data_size_limit and incoming.size + len(normalized) > self.data_size_limit:
+                    problem = TOO_LARGE
+                else:
+                    for start in range(0, len(normalized), SCAN_SLICE):  # the scan's cost grows with parts
+                        scan.feed(normalized[start : start + SCAN_SLICE])
+                        if time.perf_counter() - ran_since > RUN_FOR:
+                            await asyncio.sleep(0)
+                            ran_since = time.perf_counter()
+                    problem = (
+                        BARE_CR
+                        if scan.bare_cr
+                        else TOO_DEEP
+                        if scan.too_deep
+                        else TOO_MANY_PARTS
+                        if scan.too_many_parts
+                        else None
+                    )
+                    try:
+                        if problem is None:
+                            await incoming.write(normalized)
+                    except OSError:
+                        problem = NO_SPACE
                 if problem is not None:
                     incoming.discard()  # and drain to the end, keeping nothing
             if time.perf_counter() - ran_since > RUN_FOR:  # blocks already buffered come without a wait
