@@ -15,8 +15,10 @@ verified is kept on the row: the worker's input says so.
 
 The header block is read here once (`mail.headers`); what later stages need of it is stored on each
 message's row. Reading it, hashing the message and the decisions that need nothing but the message
-(automatic mail, sender authentication) run off the event loop (`_read`), so a hostile header (each read
-of it is bounded, see `mail.headers`) never holds the loop that serves every other SMTP session: on one
+(automatic mail, sender authentication) run off the event loop (`_read`) unless the message is small
+(`INLINE_HEADER`, `INLINE_MESSAGE`: an ordinary mail is read faster than a thread hop), so a hostile
+header (each read of it is bounded, see `mail.headers`) never holds the loop that serves every other
+SMTP session: on one
 thread of their own (`_header_thread`), one message after another, because that work is pure Python and
 several threads running it at once take the interpreter lock from the loop for long stretches; hashing
 and DKIM verification (DNS look-ups) run on the default pool. `Admission` speaks to the store and to the pure
@@ -60,6 +62,10 @@ HOUR = 3600.0
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
 BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
 BAD_BOUNCE = "5.1.1 This return path is not valid (altered or unknown)"
+# A message this small, with a header block this small, is read and hashed on the event loop: ~0.2 ms,
+# less than the hops to the header thread and the pool cost the loop (bench/sustained_accept.py).
+INLINE_HEADER = 8 * 1024
+INLINE_MESSAGE = 128 * 1024
 IGNORED_BODY_KEPT = 64 * 1024  # bytes of an ignored message's body stored after its header block
 
 
@@ -176,17 +182,22 @@ class Admission:
         return row
 
     async def _read_off_loop(
-        self, raw: bytes, mail_from: str, splits: Sequence[tuple[str, str | None]] | None
+        self, raw: bytes, mail_from: str, splits: Sequence[tuple[str, str | None]] | None, head: int
     ) -> _Read:
         """`_read` on the header thread, the digest meanwhile on the default pool (hashing lets go of the
         interpreter lock: a 40 MB message does not hold up the next one's header); then
         (MAILGATE_AUTH=dkim) DKIM on the default pool."""
-        loop = asyncio.get_running_loop()
-        read, digest = await asyncio.gather(
-            loop.run_in_executor(_header_thread(), functools.partial(self._read, raw, mail_from, splits)),
-            asyncio.to_thread(_sha256, raw),
-        )
-        read = replace(read, digest=digest)
+        if head <= INLINE_HEADER and len(raw) <= INLINE_MESSAGE:
+            # an ordinary message: reading its header here costs less than the two hops to threads
+            # (and the interpreter-lock hand-offs) would; its read is bounded by its small size
+            read = replace(self._read(raw, mail_from, splits), digest=_sha256(raw))
+        else:
+            loop = asyncio.get_running_loop()
+            read, digest = await asyncio.gather(
+                loop.run_in_executor(_header_thread(), functools.partial(self._read, raw, mail_from, splits)),
+                asyncio.to_thread(_sha256, raw),
+            )
+            read = replace(read, digest=digest)
         if read.judged is not None and read.judged.automatic is None and self.settings.auth == "dkim":
             verdict = await asyncio.to_thread(authn.verify_dkim, raw, read.signals, dnsfunc=self.dkim_dns)
             read = replace(read, verdict=verdict)
@@ -198,9 +209,10 @@ class Admission:
         Nothing is refused for who sent it (a bounce comes from MAILER-DAEMON, or from nobody); it is
         recorded before the policy that ignores automatic mail could say anything else of it.
         """
-        if header_size(raw, self.settings.max_header_size) > self.settings.max_header_size:
+        head = header_size(raw, self.settings.max_header_size)
+        if head > self.settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large")
-        read = await self._read_off_loop(raw, mail_from, None)
+        read = await self._read_off_loop(raw, mail_from, None, head)
         facts, digest = read.facts, read.digest
         now = self.clock()
         raw_id = str(ULID())
@@ -261,9 +273,10 @@ class Admission:
         settings = self.settings
         # The header read once, the policy's decisions and who sent it, off the loop (`_read`): plain
         # values from here on.
-        if header_size(raw, settings.max_header_size) > settings.max_header_size:
+        head = header_size(raw, settings.max_header_size)
+        if head > settings.max_header_size:
             raise MessageRejected(552, "5.3.4", "Message header too large", why="header_too_large")
-        read = await self._read_off_loop(raw, mail_from, splits)
+        read = await self._read_off_loop(raw, mail_from, splits, head)
         assert read.judged is not None
         facts, digest, judged = read.facts, read.digest, read.judged
         reason = judged.automatic
