@@ -141,6 +141,7 @@ class Settings:
     max_replies_per_address_per_hour: int = 30  # answers and notices to one address (the loop breaker)
     max_replies_per_minute: int = 120  # the whole gateway; over it, notices pause
     unknown_senders: str = "refuse"  # or "hold": an authenticated sender not allowed waits for approval
+    max_held: int = 1000  # held messages at once (all senders); over it, new strangers' mail gets 452
     max_recipients: int = 20
     max_connections: int = 200
     max_connections_per_client: int = 20
@@ -297,6 +298,7 @@ def load_settings(env_file: str | Path | None = None, environ: Mapping[str, str]
         or 30,
         max_replies_per_minute=p.get("MAILGATE_MAX_REPLIES_PER_MINUTE", _positive_int, 120) or 120,
         unknown_senders=p.get("MAILGATE_UNKNOWN_SENDERS", _choice("refuse", "hold"), "refuse") or "refuse",
+        max_held=p.get("MAILGATE_MAX_HELD", _positive_int, 1000) or 1000,
         max_recipients=p.get("MAILGATE_MAX_RECIPIENTS", _positive_int, 20) or 20,
         max_connections=p.get("MAILGATE_MAX_CONNECTIONS", _positive_int, 200) or 200,
         max_connections_per_client=p.get("MAILGATE_MAX_CONNECTIONS_PER_CLIENT", _positive_int, 20) or 20,

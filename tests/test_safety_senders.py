@@ -178,6 +178,28 @@ async def test_held_mail_is_dropped_after_seven_days_with_a_log_line(
     assert sandbox.state.requests == []
 
 
+@both_stores
+async def test_past_max_held_a_strangers_new_mail_gets_452_and_a_retry_still_gets_its_250(
+    make_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MAILGATE_MAX_HELD bounds the mail waiting for an operator: the next stranger's new mail gets
+    452 4.3.1 (kept by its MTA) with a `held_full` warning; a retry of a held one still gets its 250
+    (already queued); once one is denied there is room again."""
+    caplog.set_level(logging.WARNING, logger="mailgate")
+    async with make_gateway(**HOLD, MAILGATE_MAX_HELD="2") as gw:
+        first = from_stranger("One")
+        held = [queue_id(await smtp_send(gw.smtp_port, first, mail_from=STRANGER))]
+        held.append(queue_id(await smtp_send(gw.smtp_port, from_stranger("Two"), mail_from=STRANGER)))
+        full = await smtp_send(gw.smtp_port, from_stranger("Three"), mail_from=STRANGER)
+        assert full.data == (452, "4.3.1 Too many messages are waiting for approval; try again later")
+        again = await smtp_send(gw.smtp_port, first, mail_from=STRANGER)
+        assert again.data is not None and f"already queued as {held[0]}" in str(again.data[1])
+        assert await gw.store.deny_held(held[1])
+        third = await smtp_send(gw.smtp_port, from_stranger("Three"), mail_from=STRANGER)
+        assert await state_of(gw, queue_id(third)) == "held"
+    assert [r.getMessage() for r in caplog.records].count("held_full") == 1
+
+
 # --- 5. the sender steers the task from the thread ------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ import concurrent.futures
 import functools
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,8 @@ from mailgate.mail import dsn
 from mailgate.mail.headers import Headers, header_block, header_size, read_facts, read_signals
 from mailgate.models import BUDGETS, HeaderFacts, HeaderSignals, InboundState, SmtpReply
 from mailgate.store import AdmissionFacts, Admitted, NewBounce, NewMessage, NewTask, OutboxRow, Store
+
+log = logging.getLogger("mailgate.admission")
 
 HOUR = 3600.0
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
@@ -331,6 +334,8 @@ class Admission:
             max_turns=settings.max_turns_per_thread_per_hour,
             max_new_tasks=settings.max_new_tasks_per_hour,
         )
+        if held and any(known.duplicates.get(key) is None for key in keys):
+            await self._room_to_hold()
 
         plans: list[_Plan] = []
         new_tasks_here = 0
@@ -466,6 +471,17 @@ class Admission:
                 )
             )
         return _Judged(automatic, from_allowed, people, tuple(budgets))
+
+    async def _room_to_hold(self) -> None:
+        """Held mail waits for an operator, who may be away for days: past MAILGATE_MAX_HELD messages
+        waiting, a new one gets 452 (its MTA keeps it and retries) rather than strangers filling the
+        store and the disk that every allowed sender's mail needs."""
+        limit = self.settings.max_held
+        if await self.store.count_held(limit) >= limit:
+            log.warning("held_full", extra={"held": limit, "hint": "mailgate messages --state held"})
+            raise MessageRejected(
+                452, "4.3.1", "Too many messages are waiting for approval; try again later", why="held_full"
+            )
 
     def _plan_task(
         self,

@@ -303,6 +303,9 @@ class Store(Protocol):
     async def held_untold(self, limit: int = 50) -> list[InboundRow]:
         """`held` messages whose sender was not told yet that they wait for approval, oldest first."""
 
+    async def count_held(self, limit: int) -> int:
+        """`held` messages, counted up to `limit`."""
+
     async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
         """The sender of a held message was told (`replies`: the notice, queued in the same transaction);
         False when it is no longer held or was told already (by another gateway)."""

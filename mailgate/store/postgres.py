@@ -947,6 +947,12 @@ class PostgresStore:
         )
         return rows_of(InboundRow, rows)
 
+    async def count_held(self, limit: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM (SELECT 1 FROM inbound WHERE state = 'held' LIMIT %s) AS h", [limit]
+        )
+        return int(row["n"]) if row is not None else 0
+
     async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
         """One gateway tells: the row is marked first (the one that marks it queues the notice)."""
         try:

@@ -843,6 +843,11 @@ class SqliteStore:
         )
         return [row_of(InboundRow, r) for r in rows]
 
+    async def count_held(self, limit: int) -> int:
+        sql = "SELECT count(*) FROM (SELECT 1 FROM inbound WHERE state='held' LIMIT ?)"
+        row = await self._one(sql, (limit,))
+        return int(row[0]) if row is not None else 0
+
     async def tell_held(self, inbound_id: str, replies: Sequence[NewReply] = ()) -> bool:
         """Remember that the sender of the held message was told (queueing `replies`, the notice, if any,
         in the same transaction). False when it is no longer held or was told already."""
