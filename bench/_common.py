@@ -520,10 +520,6 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def run_py(script: str) -> int:
-    return subprocess.call([sys.executable, str(ROOT / "bench" / script)], cwd=ROOT)
-
-
 @contextlib.contextmanager
 def profiled(pid: int, out: str | None, *, idle: bool = False) -> Iterator[None]:
     """With `out`: py-spy samples `pid` (all threads) meanwhile and writes collapsed stacks to `out`."""
