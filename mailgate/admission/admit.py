@@ -65,9 +65,11 @@ HOUR = 3600.0
 MAX_ON_MESSAGE = 100  # To/Cc addresses kept on the row (candidates for the reply's Cc)
 BAD_TOKEN = "5.1.1 This reply address is not valid (altered or unknown); write to the worker"  # noqa: S105
 BAD_BOUNCE = "5.1.1 This return path is not valid (altered or unknown)"
-# A message this small, with a header block this small, is read and hashed on the event loop: ~0.2 ms,
-# less than the hops to the header thread and the pool cost the loop (bench/sustained_accept.py).
-INLINE_HEADER = 8 * 1024
+# A message this small, with a header block this small, is read and hashed on the event loop: ~0.1 ms
+# for an ordinary one, less than the hops to the header thread and the pool cost the loop
+# (bench/sustained_accept.py); 2-3 ms at worst for 4 KiB of encoded words or quoted names, no more than
+# the header thread holds the interpreter lock in one switch interval (5 ms).
+INLINE_HEADER = 4 * 1024
 INLINE_MESSAGE = 128 * 1024
 IGNORED_BODY_KEPT = 64 * 1024  # bytes of an ignored message's body stored after its header block
 
