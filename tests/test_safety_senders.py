@@ -178,6 +178,28 @@ async def test_held_mail_is_dropped_after_seven_days_with_a_log_line(
     assert sandbox.state.requests == []
 
 
+async def test_in_a_reply_storm_a_held_sender_is_told_after_it_not_never(
+    make_gateway: Any, relay: RecordingRelay
+) -> None:
+    """Notices pause in a reply storm; a held message's sender is not marked told meanwhile (that would
+    be never), and is told once the storm is over."""
+    async with make_gateway(**HOLD, MAILGATE_MAX_REPLIES_PER_MINUTE="1") as gw:
+        assert (await smtp_send(gw.smtp_port, make_mail())).accepted
+        await relay.wait_for(1, timeout=15)  # one reply in the last minute: the limit, a storm
+        held = queue_id(await smtp_send(gw.smtp_port, from_stranger("Waiting"), mail_from=STRANGER))
+        limits = gw.held_mail.replies.limits
+        for _ in range(3):
+            await gw.held_mail.tick()
+        row = await gw.store.inbound(held)
+        assert row is not None and row.told_at is None and limits.storming
+        limits.clock = lambda: time.time() + 120  # a minute later: the storm is over
+        limits._counted = (float("-inf"), 0)
+        gw.held_mail.clock = limits.clock
+        await gw.held_mail.tick()
+        [(_, rcpts, told)] = (await relay.wait_for(2, timeout=15))[1:]
+    assert rcpts == [STRANGER] and "waiting for approval" in body_text(parse(told))
+
+
 @both_stores
 async def test_past_max_held_a_strangers_new_mail_gets_452_and_a_retry_still_gets_its_250(
     make_gateway: Any, caplog: pytest.LogCaptureFixture

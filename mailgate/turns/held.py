@@ -5,7 +5,8 @@ SENDERS, the stored one) as `held` and answers 250. This loop, beside the schedu
 
 - tells the sender once that the message waits for approval: a `held` notice (through the notice
   limits), unless one already went to that sender within HELD_DAYS; the row remembers it (`told_at`) in
-  the transaction that queues the notice, so neither a restart nor a second gateway tells again;
+  the transaction that queues the notice, so neither a restart nor a second gateway tells again. In a
+  reply storm nobody is told (nor marked told) until it is over;
 - every minute drops held mail older than HELD_DAYS (`ignored`, one WARNING `held_dropped` line each),
   and forgets the loop breaker's record of replies older than a day.
 
@@ -81,6 +82,8 @@ class HeldMail:
             await self.store.forget_replies(now - DAY)
         if self.settings.unknown_senders != "hold":
             return  # nothing new is held; what an earlier configuration held waits for the operator
+        if await self.replies.limits.storm():
+            return  # notices pause in a reply storm: the senders are told after it, not marked told now
         for row in await self.store.held_untold():
             assert row.sender is not None
             told = await self.store.count_notices(row.sender, now - HELD_DAYS * DAY, HELD)
