@@ -25,7 +25,8 @@ What the two share, and how:
 - **Its life.** The runner dies with the listener (`PR_SET_PDEATHSIG`, and the control socket's end):
   a killed gateway is a killed gateway, whatever process was hit. A runner that exits on its own is
   logged (ERROR `runner_exited`) and started again with back-off; meanwhile `/readyz` says so and
-  accepted mail waits in the store.
+  accepted mail waits in the store. One that does not say `ready` within START_TIMEOUT is killed (and
+  so started again the same way).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger("mailgate.runner")
 FD_ENV = "MAILGATE_RUNNER_FD"
 WAKE, STATUS, QUIT = b"w", b"s", b"q"
 STATUS_TIMEOUT = 5.0
+START_TIMEOUT = 60.0  # seconds a new runner has to say `ready` (it opens the store the listener opened)
 
 
 class RunnerProcess:
@@ -65,6 +67,7 @@ class RunnerProcess:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._late = 0  # status answers still owed by the runner after a timeout (read and dropped)
+        self.command = [sys.executable, "-m", "mailgate.runner_main"]
 
     @property
     def pid(self) -> int | None:
@@ -85,9 +88,7 @@ class RunnerProcess:
             fds = [theirs.fileno(), *([self.lock_fd] if self.lock_fd is not None else [])]
             env = {**os.environ, FD_ENV: str(theirs.fileno())}
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "mailgate.runner_main",
+                *self.command,
                 pass_fds=fds,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -98,7 +99,14 @@ class RunnerProcess:
         self._late = 0
         frame = pickle.dumps(self.settings)
         self._writer.write(struct.pack("!I", len(frame)) + frame)
-        line = await self._reader.readline()
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await self._reader.readline()
+        except TimeoutError:  # hung while starting: killed, and (from `_supervise`) started again
+            self._writer.close()
+            self._proc.kill()
+            await self._proc.wait()
+            raise RuntimeError(f"the runner process did not say ready within {START_TIMEOUT:g} s") from None
         if line.strip() != b"ready":
             self._writer.close()
             code = await self._proc.wait()

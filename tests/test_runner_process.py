@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate import runner
 from mailgate.config import load_settings, usable_cpus
 from mailgate.errors import ConfigError
 from mailgate.metrics import Metrics
@@ -107,6 +108,22 @@ async def test_mail_is_answered_by_a_runner_process_and_metrics_count_both(
         assert "event=stopped" in serve.text()
     finally:
         await serve.close()
+
+
+async def test_a_runner_that_never_says_ready_is_killed_and_the_start_fails(
+    tmp_path: Path, sandbox: RunningSandbox, relay: RecordingRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner hung while starting (here a process that never answers) is killed after START_TIMEOUT
+    and the start fails with the reason (`_supervise` then tries again with back-off), instead of the
+    listener waiting for it for ever."""
+    monkeypatch.setattr(runner, "START_TIMEOUT", 0.5)
+    settings = load_settings(env_for(tmp_path, sandbox, relay))
+    process = runner.RunnerProcess(settings, None, shutdown_deadline=1.0)
+    process.command = ["sleep", "30"]
+    with pytest.raises(RuntimeError, match=r"did not say ready within 0\.5 s"):
+        await process.start()
+    assert process._proc is not None and process._proc.returncode is not None
+    assert process.pid is None and not process.running
 
 
 @pytest.mark.timeout(60)
