@@ -9,6 +9,7 @@ processes' work once; and the event loop is the one MAILGATE_EVENT_LOOP names.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import re
@@ -213,3 +214,30 @@ def test_metrics_of_two_processes_are_summed_series_by_series() -> None:
     assert 'mailgate_smtp_replies_total{class="2xx",reason="accepted",stage="data"} 5.0' in text
     assert text.count("# TYPE mailgate_turns_total counter") == 1
     assert text.count("# HELP mailgate_ready ") == 1
+
+
+async def test_the_runner_freezes_what_outlives_a_full_collection_and_walks_it_again_later() -> None:
+    """`freeze_old_objects`: startup's objects are frozen at once; objects that outlive a later full
+    collection are frozen after it; once `unfreeze_every` has passed, a full collection unfreezes all."""
+    from mailgate import runner_main
+
+    gc.unfreeze()
+    freezer = asyncio.create_task(runner_main.freeze_old_objects(every=0.01, unfreeze_every=3600))
+    try:
+        await until(lambda: gc.get_freeze_count() > 0, what="startup's objects frozen")
+        startup = gc.get_freeze_count()
+        kept = [[n] for n in range(10_000)]  # tracked objects that outlive the next full collection
+        gc.collect()
+        await until(lambda: gc.get_freeze_count() >= startup + len(kept), what="survivors frozen")
+        freezer.cancel()
+        await asyncio.gather(freezer, return_exceptions=True)
+        gc.unfreeze()
+        freezer = asyncio.create_task(runner_main.freeze_old_objects(every=0.01, unfreeze_every=0))
+        await until(lambda: gc.get_freeze_count() > 0, what="frozen again")
+        gc.collect()
+        await until(lambda: gc.get_freeze_count() == 0, what="all unfrozen after a full collection")
+        assert kept[-1] == [9_999]
+    finally:
+        freezer.cancel()
+        await asyncio.gather(freezer, return_exceptions=True)
+        gc.unfreeze()
