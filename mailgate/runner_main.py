@@ -36,31 +36,41 @@ def _die_with_parent() -> None:
 UNFREEZE_EVERY = 600.0  # seconds between full collections that walk the frozen objects too
 
 
-async def freeze_old_objects(every: float = 1.0, unfreeze_every: float = UNFREEZE_EVERY) -> None:
-    """Until cancelled: keep the objects that outlived a full garbage collection out of the next ones.
+class SurvivorFreezer:
+    """Keeps the objects that outlived a full garbage collection out of the next ones.
 
     A full collection walks every tracked object while holding the interpreter: with 1,000 streams open
-    ~250,000 of them, 90-300 ms of loop stall each time (bench/loop_stall.py), and CPython runs one
-    whenever a quarter more objects have outlived the younger collections (every ~25 s while turns
-    come and go). Objects that outlived one are mostly what lives as long as a stream or the process;
-    frozen (`gc.freeze`), they are still freed by reference counting, only not walked. What freezing
-    costs: a reference cycle among frozen objects that becomes garbage stays until the frozen objects
-    are walked again, every `unfreeze_every` seconds (one long collection then, as before).
+    ~250,000 of them, 90-180 ms of CPU and of loop stall each time (bench/loop_stall.py), and CPython
+    runs one whenever a quarter more objects have outlived the younger collections (4 times in the ramp
+    to 1,000 streams; every ~25 s while turns come and go). Objects that outlived one are mostly what
+    lives as long as a stream or the process; frozen (`gc.freeze`, right after the collection), they
+    are still freed by reference counting, only not walked, so the next full collection walks what
+    appeared since. What it costs: a reference cycle among frozen objects that becomes garbage stays
+    until they are all walked again, by the first full collection after `unfreeze_every` seconds (one
+    long collection then, as before). Startup's objects (modules, classes, templates: ~50,000) are
+    frozen by `install`, after collecting startup's garbage."""
 
-    Startup's objects (modules, classes, templates: ~50,000) are frozen at once, after collecting
-    startup's garbage."""
-    gc.collect()
-    gc.freeze()
-    full = gc.get_stats()[2]["collections"]
-    walked = time.monotonic()
-    while True:
-        await asyncio.sleep(every)
-        if gc.get_stats()[2]["collections"] == full:
-            continue
-        full = gc.get_stats()[2]["collections"]
-        if time.monotonic() - walked >= unfreeze_every:
+    def __init__(self, unfreeze_every: float = UNFREEZE_EVERY) -> None:
+        self.unfreeze_every = unfreeze_every
+        self._walked = time.monotonic()
+
+    def install(self) -> None:
+        gc.collect()
+        gc.freeze()
+        self._walked = time.monotonic()
+        gc.callbacks.append(self._after)
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._after)
+
+    def _after(self, phase: str, info: dict[str, int]) -> None:
+        """A gc callback (in whichever thread collected): after a full collection, freeze."""
+        if phase != "stop" or info["generation"] != 2:
+            return
+        if time.monotonic() - self._walked >= self.unfreeze_every:
             gc.unfreeze()  # the next full collection walks them all: garbage cycles among them go
-            walked = time.monotonic()
+            self._walked = time.monotonic()
         else:
             gc.freeze()
 
@@ -94,7 +104,8 @@ async def _serve(sock: socket.socket, settings: Settings) -> None:
         writer.write(f"failed: {exc}\n".encode())
         await writer.drain()
         raise
-    freezer = asyncio.create_task(freeze_old_objects(), name="gc-freeze")
+    freezer = SurvivorFreezer()
+    freezer.install()
     writer.write(b"ready\n")
 
     async def control() -> None:
@@ -113,7 +124,7 @@ async def _serve(sock: socket.socket, settings: Settings) -> None:
         await stop.wait()
     finally:
         commands.cancel()
-        freezer.cancel()
+        freezer.remove()
         await gateway.stop()
         writer.close()
 

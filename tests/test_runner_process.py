@@ -216,28 +216,26 @@ def test_metrics_of_two_processes_are_summed_series_by_series() -> None:
     assert text.count("# HELP mailgate_ready ") == 1
 
 
-async def test_the_runner_freezes_what_outlives_a_full_collection_and_walks_it_again_later() -> None:
-    """`freeze_old_objects`: startup's objects are frozen at once; objects that outlive a later full
-    collection are frozen after it; once `unfreeze_every` has passed, a full collection unfreezes all."""
-    from mailgate import runner_main
+def test_the_runner_freezes_what_outlives_a_full_collection_and_walks_it_again_later() -> None:
+    """`SurvivorFreezer`: startup's objects are frozen at once; objects that outlive a later full
+    collection are frozen right after it; after `unfreeze_every`, a full collection unfreezes all."""
+    from mailgate.runner_main import SurvivorFreezer
 
     gc.unfreeze()
-    freezer = asyncio.create_task(runner_main.freeze_old_objects(every=0.01, unfreeze_every=3600))
+    freezer = SurvivorFreezer(unfreeze_every=3600)
     try:
-        await until(lambda: gc.get_freeze_count() > 0, what="startup's objects frozen")
+        freezer.install()
         startup = gc.get_freeze_count()
+        assert startup > 0
         kept = [[n] for n in range(10_000)]  # tracked objects that outlive the next full collection
+        gc.collect(1)
+        assert gc.get_freeze_count() == startup  # a younger collection freezes nothing
         gc.collect()
-        await until(lambda: gc.get_freeze_count() >= startup + len(kept), what="survivors frozen")
-        freezer.cancel()
-        await asyncio.gather(freezer, return_exceptions=True)
-        gc.unfreeze()
-        freezer = asyncio.create_task(runner_main.freeze_old_objects(every=0.01, unfreeze_every=0))
-        await until(lambda: gc.get_freeze_count() > 0, what="frozen again")
+        assert gc.get_freeze_count() >= startup + len(kept)
+        freezer.unfreeze_every = 0
         gc.collect()
-        await until(lambda: gc.get_freeze_count() == 0, what="all unfrozen after a full collection")
+        assert gc.get_freeze_count() == 0
         assert kept[-1] == [9_999]
     finally:
-        freezer.cancel()
-        await asyncio.gather(freezer, return_exceptions=True)
+        freezer.remove()
         gc.unfreeze()
