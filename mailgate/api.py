@@ -32,7 +32,7 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
-from mailgate import __version__, egress
+from mailgate import __version__, egress, slicedjson
 from mailgate.config import OutputHost
 from mailgate.errors import ApiRejected, ApiUnauthorized, ApiUnavailable, DownloadRefused, TooLarge
 from mailgate.metrics import Metrics
@@ -321,7 +321,7 @@ class HandingerClient:
             return None
         if not response.is_success:
             _raise_for_status(response, response.content[:_ERROR_BODY_MAX])
-        body = _json(response.content)
+        body = await _json_async(response.content)
         if not isinstance(body, dict):
             raise ApiUnavailable(f"{method} {path}: the answer is not a JSON object", maybe_sent=True)
         return body
@@ -334,7 +334,7 @@ async def _read_run(response: httpx.Response, on_progress: Progress) -> RunResul
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             await _read_events(response, result, on_progress)
         else:
-            body = _json(await response.aread())
+            body = await _json_async(await response.aread())
             if isinstance(body, dict):
                 result = _run_from_json(body)
     except httpx.HTTPError as exc:
@@ -356,7 +356,9 @@ async def _read_events(response: httpx.Response, result: RunResult, on_progress:
     try:
         async with aclosing(EventSource(response).aiter_sse()) as events:
             async for sse in events:
-                if _apply_event(sse, result, parts):
+                done = sse.data.strip() == "[DONE]"
+                event = None if done else await _json_async(sse.data)
+                if _apply_event(sse, event, result, parts):
                     return
                 if on_progress is not None and time.monotonic() - last >= _PROGRESS_INTERVAL:
                     last = time.monotonic()
@@ -366,12 +368,12 @@ async def _read_events(response: httpx.Response, result: RunResult, on_progress:
         result.text = "".join(parts)
 
 
-def _apply_event(sse: ServerSentEvent, result: RunResult, parts: list[str]) -> bool:
-    """Fold one event into `result`; True at the done marker. Unknown events and bad JSON are skipped."""
+def _apply_event(sse: ServerSentEvent, event: Any, result: RunResult, parts: list[str]) -> bool:
+    """Fold one event (`event`: its data parsed) into `result`; True at the done marker. Unknown events
+    and bad JSON are skipped."""
     if sse.data.strip() == "[DONE]":
         result.done = True
         return True
-    event = _json(sse.data)
     if not isinstance(event, dict):
         return False
     kind = event.get("type") or sse.event
@@ -457,6 +459,15 @@ def _json(raw: str | bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError:  # includes UnicodeDecodeError
+        return None
+
+
+async def _json_async(raw: str | bytes) -> Any:
+    """`_json` for what may be big (a task with a 10 MB answer, a stream's event): parsed a slice at a
+    time, the event loop running in between (`slicedjson`)."""
+    try:
+        return await slicedjson.loads(raw)
+    except ValueError:
         return None
 
 

@@ -9,6 +9,7 @@ processes' work once; and the event loop is the one MAILGATE_EVENT_LOOP names.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import re
@@ -230,3 +231,28 @@ def test_metrics_of_two_processes_are_summed_series_by_series() -> None:
     assert 'mailgate_smtp_replies_total{class="2xx",reason="accepted",stage="data"} 5.0' in text
     assert text.count("# TYPE mailgate_turns_total counter") == 1
     assert text.count("# HELP mailgate_ready ") == 1
+
+
+def test_the_runner_freezes_what_outlives_a_full_collection_and_walks_it_again_later() -> None:
+    """`SurvivorFreezer`: startup's objects are frozen at once; objects that outlive a later full
+    collection are frozen right after it; after `unfreeze_every`, a full collection unfreezes all."""
+    from mailgate.runner_main import SurvivorFreezer
+
+    gc.unfreeze()
+    freezer = SurvivorFreezer(unfreeze_every=3600)
+    try:
+        freezer.install()
+        startup = gc.get_freeze_count()
+        assert startup > 0
+        kept = [[n] for n in range(10_000)]  # tracked objects that outlive the next full collection
+        gc.collect(1)
+        assert gc.get_freeze_count() == startup  # a younger collection freezes nothing
+        gc.collect()
+        assert gc.get_freeze_count() >= startup + len(kept)
+        freezer.unfreeze_every = 0
+        gc.collect()
+        assert gc.get_freeze_count() == 0
+        assert kept[-1] == [9_999]
+    finally:
+        freezer.remove()
+        gc.unfreeze()

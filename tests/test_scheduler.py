@@ -15,6 +15,7 @@ import pytest
 
 from mailgate.models import InboundState
 from mailgate.sandbox import RunningSandbox
+from mailgate.turns import steps
 from tests.components import TurnStack, turn_stack
 from tests.conftest import DOMAIN
 from tests.mail import make_mail, until
@@ -83,6 +84,24 @@ async def test_concurrency_bounds_how_many_tasks_run_at_once(
     else:
         assert posts[1].started < at(slow_turn.completed_at)  # posted while the slow one ran
         assert quick_row.updated_at < slow_row.updated_at  # and answered first
+
+
+async def test_a_burst_starts_a_few_at_a_time_and_every_turn_runs_at_once(
+    tmp_path: Path, sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages are prepared and posted a few at a time (`steps.STARTING`, 2 here), and a slot is given
+    back once the API has taken the turn: five slow turns all run at the same time."""
+    monkeypatch.setattr(steps, "STARTING", 2)
+    async with turn_stack(tmp_path, sandbox, run=False, MAILGATE_CONCURRENCY="10") as stack:
+        ids = [await admit(stack, f"Burst {i}", "Take your time [sandbox:slow=1.5]") for i in range(5)]
+        stack.start_scheduler()
+        rows = [await stack.reached(i, InboundState.ANSWERED) for i in ids]
+    posts = [c for c in stack.api_log.calls if c.method == "POST"]
+    ended = min(at(t.completed_at) for row in rows for t in sandbox.state.turns_of(row.task_id or ""))
+    assert len(posts) == 5
+    assert all(p.answered < ended for p in posts)  # every turn was taken before the first one ended
+    most = max(sum(1 for q in posts if q.started <= p.started < q.answered) for p in posts)
+    assert most <= 2  # never more POSTs awaiting their answer than slots
 
 
 async def test_a_401_holds_every_message_until_the_key_works(tmp_path: Path, sandbox: RunningSandbox) -> None:

@@ -57,6 +57,11 @@ FAILED_STATUSES = {"error", "failed", "aborted", "cancelled", "canceled"}
 # A POST whose answer was lost (the process died, or the connection dropped without a response) may
 # still be on its way through the API; it is looked for again after this long before anything is re-sent.
 SETTLE_SECONDS = 5.0
+# Messages prepared or posted at once, until the API has taken their turn (its stream then runs with no
+# slot). A burst of mail otherwise starts every job in the same loop pass: 1,000 first steps of ~0.5 ms
+# each held the runner's loop 200-500 ms (bench/loop_stall.py). A slot is a few commits and one POST
+# (tens of ms), so 16 start several hundred turns a second.
+STARTING = 16
 
 
 # --- outcomes ----------------------------------------------------------------------------------------
@@ -168,11 +173,13 @@ class TurnSteps:
         self.spool = spool
         self.timing = timing
         self.metrics = metrics if metrics is not None else Metrics()
+        self._starting = asyncio.Semaphore(STARTING)
 
     async def advance(self, row: InboundRow, streamed: RunResult | None = None) -> Outcome:
         try:
             if row.state == InboundState.RECEIVED:
-                return await self._prepare(row)
+                async with self._starting:
+                    return await self._prepare(row)
             if row.state in (InboundState.QUEUED, InboundState.SUBMITTING):
                 return await self._submit(row)
             return await self._await_end(row, streamed)
@@ -267,6 +274,22 @@ class TurnSteps:
     # --- queued/submitting -> running ---------------------------------------------------------------
 
     async def _submit(self, row: InboundRow) -> Outcome:
+        """`_post` in one of the `STARTING` slots, given back once the API has taken the turn."""
+        await self._starting.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._starting.release()
+
+        try:
+            return await self._post(row, release)
+        finally:
+            release()
+
+    async def _post(self, row: InboundRow, release: Callable[[], None]) -> Outcome:
         assert row.task_id is not None and row.input is not None
         task = await self.store.task_row(row.task_id)
         assert task is not None
@@ -315,6 +338,7 @@ class TurnSteps:
         async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
             await self.store.mark_running(row.id)
             self.metrics.accept_to_post_seconds.observe(max(0.0, time.time() - row.received_at))
+            release()  # the stream runs on without a slot
 
         try:
             result = await self.api.create_turn(
