@@ -55,7 +55,7 @@ from mailgate.models import (
 )
 from mailgate.replies import wire
 from mailgate.replies.limits import ReplyLimits
-from mailgate.replies.output_files import OutputFiles
+from mailgate.replies.output_files import OutputFiles, Prefetch
 from mailgate.replies.render import Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
@@ -89,12 +89,14 @@ class Replies:
         self.signer = signer
         self.limits = ReplyLimits(settings, store)
 
-    async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
-        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked).
-        Its footer names the task's budget; the first answer of a task also says when the budget the
-        address asked for was capped."""
+    async def answer(
+        self, row: InboundRow, answer: TurnAnswer, prefetched: Prefetch | None = None
+    ) -> list[NewReply]:
+        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked;
+        `prefetched`: those already on their way, see `output_files`). Its footer names the task's
+        budget; the first answer of a task also says when the budget the address asked for was capped."""
         headers, recipients, task = await self._headers(row)
-        attached, linked = await self.output_files.collect(answer.files)
+        attached, linked = await self.output_files.collect(answer.files, prefetched)
         draft = _Draft(
             headers,
             answer,

@@ -174,9 +174,14 @@ class TurnSteps:
         self.timing = timing
         self.metrics = metrics if metrics is not None else Metrics()
         self._starting = asyncio.Semaphore(STARTING)
+        # inbound id -> the `running` commit made when the API took its turn, still on its way (see
+        # `_submit`); the next step of that row waits for it before it decides anything
+        self._running: dict[str, asyncio.Task[None]] = {}
 
     async def advance(self, row: InboundRow, streamed: RunResult | None = None) -> Outcome:
         try:
+            if row.state != InboundState.RUNNING:
+                await self._running_committed(row)
             if row.state == InboundState.RECEIVED:
                 async with self._starting:
                     return await self._prepare(row)
@@ -335,10 +340,16 @@ class TurnSteps:
             extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)},
         )
 
-        async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
+        async def committed() -> None:
             await self.store.mark_running(row.id)
             self.metrics.accept_to_post_seconds.observe(max(0.0, time.time() - row.received_at))
             release()  # the stream runs on without a slot
+
+        async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
+            # committed while the stream is read and the final GET is on its way (`_await_end` waits
+            # for it before it decides anything): until it is, the row says `submitting`, which after
+            # a crash looks for the turn before any re-POST, so nothing is posted twice meanwhile
+            self._running[row.id] = asyncio.create_task(committed(), name=f"running-{row.id}")
 
         try:
             result = await self.api.create_turn(
@@ -374,7 +385,7 @@ class TurnSteps:
 
     async def _await_end(self, row: InboundRow, streamed: RunResult | None) -> Outcome:
         assert row.task_id is not None
-        snapshot = await self.api.get_task(row.task_id)
+        snapshot = await self._get_task_committed(row, row.task_id)
         if snapshot is None:
             raise ApiRejected(404, "the task no longer exists")
         turn = find_turn(snapshot, row)
@@ -412,6 +423,27 @@ class TurnSteps:
             task_url=snapshot.url or result.url,
         )
         return Answer(answer, turn_seq=turn.seq, task_turns=len(snapshot.turns))
+
+    async def _running_committed(self, row: InboundRow) -> None:
+        """Wait for the `running` commit of `row` still on its way, if any (a failure raises here)."""
+        pending = self._running.pop(row.id, None)
+        if pending is not None:
+            await asyncio.shield(pending)  # a cancelled job leaves the commit to end by itself
+
+    async def _get_task_committed(self, row: InboundRow, task_id: str) -> TaskSnapshot | None:
+        """GET the task while the `running` commit of `row` ends, if one is on its way; the commit is
+        waited for first, so whatever follows (a retry that reads the row, the answer's commit) comes
+        after it."""
+        if row.id not in self._running:
+            return await self.api.get_task(task_id)
+        get = asyncio.create_task(self.api.get_task(task_id), name=f"get-{row.id}")
+        try:
+            await self._running_committed(row)
+        except BaseException:
+            get.cancel()
+            await asyncio.gather(get, return_exceptions=True)
+            raise
+        return await get
 
     def _poll_later(self, row: InboundRow) -> Outcome:
         """The turn is still running: look again later (sooner for young turns), up to the horizon."""
