@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.policy import SMTP
 
 from ulid import ULID
 
@@ -56,7 +55,7 @@ from mailgate.models import (
 from mailgate.replies import wire
 from mailgate.replies.limits import ReplyLimits
 from mailgate.replies.output_files import OutputFiles, Prefetch
-from mailgate.replies.render import Renderer
+from mailgate.replies.render import SMTP, Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 

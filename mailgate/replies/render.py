@@ -1,7 +1,8 @@
 """Turn a worker's answer, or a notice, into a reply email. Pure: no network, no disk writes.
 
 `Renderer.answer` and `Renderer.notice` return an `EmailMessage` (text/plain + text/html alternatives, in
-multipart/mixed when files are attached) that serialises with `email.policy.SMTP` whatever the input.
+multipart/mixed when files are attached) that serialises with `SMTP` (`email.policy.SMTP`, see below)
+whatever the input.
 Templates in `templates_dir` take precedence over the packaged ones, file by file.
 
 - Header text (subject, names, filenames, reasons) has control characters (CR, LF, NUL, C1, U+2028/9)
@@ -26,9 +27,10 @@ import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.headerregistry import Address
+from email import policy as email_policy
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.policy import SMTP, Policy
+from email.policy import Policy
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,29 @@ _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
 ]
 
+
+class _Headers(HeaderRegistry):
+    """The email package's header registry, making each header's class once: the stock one makes a new
+    class (`type(...)`) for every header field set or folded, about a quarter of the CPU time of an
+    answer's reply (bench/turn_overhead.py). Same classes, same bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = super().__getitem__(name)
+            if len(self._made) < 200:  # our replies' own fields: a handful
+                self._made[key] = made
+        return made
+
+
+_REGISTRY = _Headers()
+POLICY = email_policy.default.clone(header_factory=_REGISTRY)  # what replies are built with
+SMTP = email_policy.SMTP.clone(header_factory=_REGISTRY)  # what they are serialised with
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
@@ -148,7 +173,7 @@ def _msg_id(value: str | None) -> str | None:
 def _copy_headers(head: EmailMessage) -> EmailMessage:
     """A new message with the header fields of `head` (made by `_headers`), not parsed again: each
     layout `Renderer.answer_plan` tries, and the fallback, has the same fields (Date included)."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     for name, value in head.raw_items():
         msg.set_raw(name, value)
     return msg
@@ -168,7 +193,7 @@ def _references(chain: Sequence[str], in_reply_to: str | None, own_id: str) -> l
 def _headers(h: ReplyHeaders) -> EmailMessage:
     if (message_id := _msg_id(h.message_id)) is None:
         raise ValueError(f"not a usable Message-ID: {h.message_id!r}")
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     msg["From"] = _address(h.from_addr, h.from_name)
     for name, addrs in (("To", h.to), ("Cc", h.cc)):
         if addrs:
