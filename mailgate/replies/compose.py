@@ -95,6 +95,26 @@ class Replies:
         `prefetched`: those already on their way, see `output_files`). Its footer names the task's
         budget; the first answer of a task also says when the budget the address asked for was capped."""
         headers, recipients, task = await self._headers(row)
+        # its place under the hourly limit is taken (a commit) while the files come and it is rendered
+        placing = asyncio.create_task(self.limits.answer_at(row, recipients, outbox_id=headers.outbox_id))
+        try:
+            data, fallback = await self._answer_data(row, answer, headers, task, prefetched)
+        except BaseException:
+            placing.cancel()
+            await asyncio.gather(placing, return_exceptions=True)
+            raise
+        at = await placing
+        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
+
+    async def _answer_data(
+        self,
+        row: InboundRow,
+        answer: TurnAnswer,
+        headers: ReplyHeaders,
+        task: TaskRow | None,
+        prefetched: Prefetch | None,
+    ) -> tuple[bytes, bytes | None]:
+        """The answer's reply as bytes, and its links-only version (see `_answer_bytes`)."""
         attached, linked = await self.output_files.collect(answer.files, prefetched)
         draft = _Draft(
             headers,
@@ -118,8 +138,7 @@ class Replies:
                 "render_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        at = await self.limits.answer_at(row, recipients, outbox_id=headers.outbox_id)
-        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
+        return data, fallback
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version
