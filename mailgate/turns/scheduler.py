@@ -73,7 +73,6 @@ from mailgate.loops import Pause, backoff, drain, storage_trouble, wait_event
 from mailgate.metrics import Metrics
 from mailgate.models import InboundState, RunResult
 from mailgate.replies.compose import Replies
-from mailgate.replies.output_files import Prefetch
 from mailgate.store import InboundRow, NewReply, Store
 from mailgate.store.spool import Spool
 from mailgate.turns.commands import Command
@@ -206,23 +205,20 @@ class Scheduler:
             await self._quarantine(row, "its processing kept failing")
             return
         streamed: RunResult | None = None
-        prefetched: Prefetch | None = None  # the files the stream announced, fetched during the final GET
+        while True:
+            outcome: Outcome = await self._advance(row, streamed)
+            if outcome.api_ok:
+                await self._resumed()
+            if not isinstance(outcome, Continue):
+                break
+            row, streamed = outcome.row, outcome.streamed
         try:
-            while True:
-                outcome: Outcome = await self._advance(row, streamed)
-                if outcome.api_ok:
-                    await self._resumed()
-                if not isinstance(outcome, Continue):
-                    await self._conclude(row, outcome, prefetched)
-                    return
-                row, streamed = outcome.row, outcome.streamed
-                if streamed is not None and streamed.files and prefetched is None:
-                    prefetched = self.replies.output_files.prefetch(streamed.files)
+            await self._conclude(row, outcome)
         finally:
-            if prefetched is not None:
-                prefetched.cancel()
+            if isinstance(outcome, Answer) and outcome.prefetched is not None:
+                outcome.prefetched.cancel()  # what the reply did not take
 
-    async def _conclude(self, row: InboundRow, outcome: Outcome, prefetched: Prefetch | None) -> None:
+    async def _conclude(self, row: InboundRow, outcome: Outcome) -> None:
         """Act on the last outcome of a job's steps (anything but `Continue`) and commit it."""
         ended = isinstance(outcome, Answer) or (isinstance(outcome, Notice) and outcome.turn_status)
         if ended and row.state == InboundState.RUNNING:  # `updated_at`: when the API took the turn
@@ -247,7 +243,7 @@ class Scheduler:
         elif isinstance(outcome, WorkerUnknown):
             await self._worker_unknown(row, outcome)
         elif isinstance(outcome, Answer):
-            replies = await self.replies.answer(row, outcome.answer, prefetched)
+            replies = await self.replies.answer(row, outcome.answer, outcome.prefetched)
             await self._finish(
                 row,
                 InboundState.ANSWERED,
