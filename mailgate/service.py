@@ -236,10 +236,19 @@ class Gateway:
             eight_bit=partial(getattr, delivery, "eight_bit"),  # the transport's flag, read at each reply
             signer=make_signer(s),
         )
+        steps = TurnSteps(
+            s,
+            self.store,
+            self.api,
+            spool,
+            self._timing,
+            metrics=metrics,
+            prefetch=replies.output_files.prefetch,
+        )
         self.scheduler = Scheduler(
             s,
             self.store,
-            TurnSteps(s, self.store, self.api, spool, self._timing, metrics=metrics),
+            steps,
             replies,
             spool,
             on_outbox=self.outbox.wake,

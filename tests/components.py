@@ -141,7 +141,7 @@ async def turn_stack(
         scheduler = Scheduler(
             settings,
             store,
-            TurnSteps(settings, store, api, spool, timing),
+            TurnSteps(settings, store, api, spool, timing, prefetch=replies.output_files.prefetch),
             replies,
             spool,
             hold_seconds=hold_seconds,

@@ -94,7 +94,9 @@ class RelayDelivery:
             raise ValueError("deliver() needs at least one recipient")
         relay = self.relay
         where = f"relay {relay.host}:{relay.port}"
-        wire = await asyncio.to_thread(_Wire.of, message)
+        # a small message is prepared on the loop (a few scans of <= 64 KiB): the hop to a thread and back
+        # costs more than that
+        wire = _Wire.of(message) if len(message) <= _ON_LOOP else await asyncio.to_thread(_Wire.of, message)
         kept = self._kept()
         if kept is not None:
             stage = _Stage()
@@ -272,6 +274,7 @@ class _Wire:
 
 
 _DATA_SLICE = 1024 * 1024
+_ON_LOOP = 64 * 1024  # messages up to this size are prepared on the event loop (~0.05-0.2 ms)
 
 
 async def _data(smtp: aiosmtplib.SMTP, wire: _Wire) -> aiosmtplib.SMTPResponse:

@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.policy import SMTP
 
 from ulid import ULID
 
@@ -55,8 +54,8 @@ from mailgate.models import (
 )
 from mailgate.replies import wire
 from mailgate.replies.limits import ReplyLimits
-from mailgate.replies.output_files import OutputFiles
-from mailgate.replies.render import Renderer
+from mailgate.replies.output_files import OutputFiles, Prefetch
+from mailgate.replies.render import SMTP, Renderer
 from mailgate.replies.signing import DkimSigner
 from mailgate.store import InboundRow, NewReply, Store, TaskRow
 
@@ -89,12 +88,34 @@ class Replies:
         self.signer = signer
         self.limits = ReplyLimits(settings, store)
 
-    async def answer(self, row: InboundRow, answer: TurnAnswer) -> list[NewReply]:
-        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked).
-        Its footer names the task's budget; the first answer of a task also says when the budget the
-        address asked for was capped."""
+    async def answer(
+        self, row: InboundRow, answer: TurnAnswer, prefetched: Prefetch | None = None
+    ) -> list[NewReply]:
+        """The reply carrying a turn's answer, its sources, and the worker's files (attached or linked;
+        `prefetched`: those already on their way, see `output_files`). Its footer names the task's
+        budget; the first answer of a task also says when the budget the address asked for was capped."""
         headers, recipients, task = await self._headers(row)
-        attached, linked = await self.output_files.collect(answer.files)
+        # its place under the hourly limit is taken (a commit) while the files come and it is rendered
+        placing = asyncio.create_task(self.limits.answer_at(row, recipients, outbox_id=headers.outbox_id))
+        try:
+            data, fallback = await self._answer_data(row, answer, headers, task, prefetched)
+        except BaseException:
+            placing.cancel()
+            await asyncio.gather(placing, return_exceptions=True)
+            raise
+        at = await placing
+        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
+
+    async def _answer_data(
+        self,
+        row: InboundRow,
+        answer: TurnAnswer,
+        headers: ReplyHeaders,
+        task: TaskRow | None,
+        prefetched: Prefetch | None,
+    ) -> tuple[bytes, bytes | None]:
+        """The answer's reply as bytes, and its links-only version (see `_answer_bytes`)."""
+        attached, linked = await self.output_files.collect(answer.files, prefetched)
         draft = _Draft(
             headers,
             answer,
@@ -117,8 +138,7 @@ class Replies:
                 "render_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        at = await self.limits.answer_at(row, recipients, outbox_id=headers.outbox_id)
-        return [await self._reply(row, data, headers, recipients, "answer", None, fallback, at=at)]
+        return data, fallback
 
     def _answer_bytes(self, draft: _Draft) -> tuple[bytes, bytes | None]:
         """In a worker thread: the reply's bytes under the size limit, and its links-only version

@@ -1,7 +1,8 @@
 """Turn a worker's answer, or a notice, into a reply email. Pure: no network, no disk writes.
 
 `Renderer.answer` and `Renderer.notice` return an `EmailMessage` (text/plain + text/html alternatives, in
-multipart/mixed when files are attached) that serialises with `email.policy.SMTP` whatever the input.
+multipart/mixed when files are attached) that serialises with `SMTP` (`email.policy.SMTP`, see below)
+whatever the input.
 Templates in `templates_dir` take precedence over the packaged ones, file by file.
 
 - Header text (subject, names, filenames, reasons) has control characters (CR, LF, NUL, C1, U+2028/9)
@@ -26,9 +27,10 @@ import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.headerregistry import Address
+from email import policy as email_policy
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.policy import SMTP, Policy
+from email.policy import Policy
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,69 @@ _TEMPLATES = [
     f"{name}.{ext}" for name in ("answer", *(f"notice_{k}" for k in NOTICE_KINDS)) for ext in ("txt", "html")
 ]
 
+
+class _FoldOnce(BaseHeader):
+    """A header field that folds once per kind of policy: a field of a reply is folded again for each
+    layout tried and for the links-only version, and one made by `_Headers` for another reply too."""
+
+    def fold(self, *, policy: Policy) -> str:
+        key = (policy.max_line_length, policy.linesep, getattr(policy, "utf8", False))
+        folds: dict[tuple[object, ...], str] = self.__dict__.setdefault("_folds", {})
+        folded = folds.get(key)
+        if folded is None:
+            folded = folds[key] = super().fold(policy=policy)
+        return folded
+
+
+class _Headers(HeaderRegistry):
+    """The email package's header registry, with the work it repeats for every reply done once (same
+    classes, same fields, same bytes; about half the CPU time of an answer's reply, bench/
+    turn_overhead.py):
+
+    - each header's class is made once: the stock registry makes a new class (`type(...)`) for every
+      field set or folded;
+    - the MIME fields every reply has (`Content-Type: text/plain; charset="utf-8"`, `Content-Transfer-
+      Encoding: 7bit`, `MIME-Version: 1.0`, ...) are parsed once and shared, and folded once (`_FoldOnce`);
+      header objects are never changed after they are made (a new value is a new object). Fields with a
+      boundary (random per message) and long values are made afresh, and both caches are bounded.
+    """
+
+    MAX_SHARED = 256
+
+    def __init__(self) -> None:
+        super().__init__(base_class=_FoldOnce)
+        self._made: dict[str, type[BaseHeader]] = {}
+        self._shared: dict[tuple[str, str], BaseHeader] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = super().__getitem__(name)
+            if len(self._made) < self.MAX_SHARED:
+                self._made[key] = made
+        return made
+
+    def __call__(self, name: str, value: Any) -> BaseHeader:
+        key = (name, value)  # the name as given: the field is written with its spelling
+        shared = self._shared.get(key) if isinstance(value, str) else None
+        if shared is not None:
+            return shared
+        header = super().__call__(name, value)
+        if (
+            isinstance(value, str)
+            and name.lower().startswith(("content-", "mime-"))
+            and len(value) < 100
+            and "boundary" not in value.lower()
+            and len(self._shared) < self.MAX_SHARED
+        ):
+            self._shared[key] = header
+        return header
+
+
+_REGISTRY = _Headers()
+POLICY = email_policy.default.clone(header_factory=_REGISTRY)  # what replies are built with
+SMTP = email_policy.SMTP.clone(header_factory=_REGISTRY)  # what they are serialised with
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
@@ -148,7 +213,7 @@ def _msg_id(value: str | None) -> str | None:
 def _copy_headers(head: EmailMessage) -> EmailMessage:
     """A new message with the header fields of `head` (made by `_headers`), not parsed again: each
     layout `Renderer.answer_plan` tries, and the fallback, has the same fields (Date included)."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     for name, value in head.raw_items():
         msg.set_raw(name, value)
     return msg
@@ -168,7 +233,7 @@ def _references(chain: Sequence[str], in_reply_to: str | None, own_id: str) -> l
 def _headers(h: ReplyHeaders) -> EmailMessage:
     if (message_id := _msg_id(h.message_id)) is None:
         raise ValueError(f"not a usable Message-ID: {h.message_id!r}")
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     msg["From"] = _address(h.from_addr, h.from_name)
     for name, addrs in (("To", h.to), ("Cc", h.cc)):
         if addrs:

@@ -209,59 +209,60 @@ class Scheduler:
             outcome: Outcome = await self._advance(row, streamed)
             if outcome.api_ok:
                 await self._resumed()
-            if isinstance(outcome, Continue):
-                row, streamed = outcome.row, outcome.streamed
-                continue
-            ended = isinstance(outcome, Answer) or (isinstance(outcome, Notice) and outcome.turn_status)
-            if ended and row.state == InboundState.RUNNING:  # `updated_at`: when the API took the turn
-                self.metrics.turn_seconds.observe(max(0.0, self.clock() - row.updated_at))
-            if isinstance(outcome, Later):
-                at = outcome.at
-                due = self._ack_due(row)
-                if (
-                    due is not None
-                    and row.state == InboundState.RUNNING
-                    and outcome.state in (None, row.state)
-                ):
-                    at = min(at, max(due, self.clock()))  # a polled turn: look again when the ack is due
-                if outcome.error is not None:
-                    self.metrics.retries.labels("api").inc()
-                await self.store.reschedule(row.id, at, state=outcome.state, error=outcome.error)
-            elif isinstance(outcome, Hold):
-                self.metrics.turns.labels("held").inc()
-                await self._hold(outcome.error)
-                await self.store.reschedule(
-                    row.id,
-                    self.clock() + self.hold_seconds,
-                    state=outcome.state,
-                    error="401: the API key was refused; held until it works again",
-                )
-            elif isinstance(outcome, WorkerUnknown):
-                await self._worker_unknown(row, outcome)
-            elif isinstance(outcome, Answer):
-                replies = await self.replies.answer(row, outcome.answer)
-                await self._finish(
-                    row,
-                    InboundState.ANSWERED,
-                    None,
-                    replies,
-                    turn_seq=outcome.turn_seq,
-                    task_turns=outcome.task_turns,
-                    task_url=outcome.answer.task_url,
-                    turn_status="completed",
-                )
-                self.metrics.turns.labels("answered").inc()
-                log.info(
-                    "turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq}
-                )
-            elif isinstance(outcome, Command):
-                self.metrics.turns.labels("command").inc()
-                await self._command(row, outcome)
-            else:
-                self.metrics.turns.labels(outcome.kind).inc()
-                await self._notify(row, outcome)
-            self.storage.clear()  # the outcome is committed: the store takes writes
-            return
+            if not isinstance(outcome, Continue):
+                break
+            row, streamed = outcome.row, outcome.streamed
+        try:
+            await self._conclude(row, outcome)
+        finally:
+            if isinstance(outcome, Answer) and outcome.prefetched is not None:
+                outcome.prefetched.cancel()  # what the reply did not take
+
+    async def _conclude(self, row: InboundRow, outcome: Outcome) -> None:
+        """Act on the last outcome of a job's steps (anything but `Continue`) and commit it."""
+        ended = isinstance(outcome, Answer) or (isinstance(outcome, Notice) and outcome.turn_status)
+        if ended and row.state == InboundState.RUNNING:  # `updated_at`: when the API took the turn
+            self.metrics.turn_seconds.observe(max(0.0, self.clock() - row.updated_at))
+        if isinstance(outcome, Later):
+            at = outcome.at
+            due = self._ack_due(row)
+            if due is not None and row.state == InboundState.RUNNING and outcome.state in (None, row.state):
+                at = min(at, max(due, self.clock()))  # a polled turn: look again when the ack is due
+            if outcome.error is not None:
+                self.metrics.retries.labels("api").inc()
+            await self.store.reschedule(row.id, at, state=outcome.state, error=outcome.error)
+        elif isinstance(outcome, Hold):
+            self.metrics.turns.labels("held").inc()
+            await self._hold(outcome.error)
+            await self.store.reschedule(
+                row.id,
+                self.clock() + self.hold_seconds,
+                state=outcome.state,
+                error="401: the API key was refused; held until it works again",
+            )
+        elif isinstance(outcome, WorkerUnknown):
+            await self._worker_unknown(row, outcome)
+        elif isinstance(outcome, Answer):
+            replies = await self.replies.answer(row, outcome.answer, outcome.prefetched)
+            await self._finish(
+                row,
+                InboundState.ANSWERED,
+                None,
+                replies,
+                turn_seq=outcome.turn_seq,
+                task_turns=outcome.task_turns,
+                task_url=outcome.answer.task_url,
+                turn_status="completed",
+            )
+            self.metrics.turns.labels("answered").inc()
+            log.info("turn_answered", extra={"inbound": row.id, "task": row.task_id, "seq": outcome.turn_seq})
+        elif isinstance(outcome, Command):
+            self.metrics.turns.labels("command").inc()
+            await self._command(row, outcome)
+        elif isinstance(outcome, Notice):
+            self.metrics.turns.labels(outcome.kind).inc()
+            await self._notify(row, outcome)
+        self.storage.clear()  # the outcome is committed: the store takes writes
 
     async def _advance(self, row: InboundRow, streamed: RunResult | None) -> Outcome:
         """One step of `row`; if it lasts until the turn's acknowledgement is due, acknowledge it (once)

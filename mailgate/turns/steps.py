@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from mailgate.api import HandingerClient
@@ -39,12 +39,14 @@ from mailgate.metrics import Metrics
 from mailgate.models import (
     InboundState,
     MailBody,
+    OutputFile,
     RunResult,
     SkippedFile,
     TaskSnapshot,
     Turn,
     TurnAnswer,
 )
+from mailgate.replies.output_files import Prefetch
 from mailgate.store import InboundRow, Store
 from mailgate.store.spool import Spool
 from mailgate.turns.commands import Command, answer_command, find_command
@@ -104,6 +106,7 @@ class Answer:
     turn_seq: int
     task_turns: int
     api_ok: bool = True
+    prefetched: Prefetch | None = None  # the files the stream announced, on their way (`prefetch`)
 
 
 @dataclass(frozen=True)
@@ -166,17 +169,24 @@ class TurnSteps:
         timing: Timing,
         *,
         metrics: Metrics | None = None,
+        prefetch: Callable[[Sequence[OutputFile]], Prefetch] | None = None,
     ) -> None:
         self.settings = settings
+        self.prefetch = prefetch  # starts fetching a stream's announced files (`OutputFiles.prefetch`)
         self.store = store
         self.api = api
         self.spool = spool
         self.timing = timing
         self.metrics = metrics if metrics is not None else Metrics()
         self._starting = asyncio.Semaphore(STARTING)
+        # inbound id -> the `running` commit made when the API took its turn, still on its way (see
+        # `_submit`); the next step of that row waits for it before it decides anything
+        self._running: dict[str, asyncio.Task[None]] = {}
 
     async def advance(self, row: InboundRow, streamed: RunResult | None = None) -> Outcome:
         try:
+            if row.state != InboundState.RUNNING:
+                await self._running_committed(row)
             if row.state == InboundState.RECEIVED:
                 async with self._starting:
                     return await self._prepare(row)
@@ -335,10 +345,16 @@ class TurnSteps:
             extra={"inbound": row.id, "task": row.task_id, "seq": expected, "files": len(uploads)},
         )
 
-        async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
+        async def committed() -> None:
             await self.store.mark_running(row.id)
             self.metrics.accept_to_post_seconds.observe(max(0.0, time.time() - row.received_at))
             release()  # the stream runs on without a slot
+
+        async def accepted() -> None:  # the API answered 2xx: the turn exists and runs
+            # committed while the stream is read and the final GET is on its way (`_await_end` waits
+            # for it before it decides anything): until it is, the row says `submitting`, which after
+            # a crash looks for the turn before any re-POST, so nothing is posted twice meanwhile
+            self._running[row.id] = asyncio.create_task(committed(), name=f"running-{row.id}")
 
         try:
             result = await self.api.create_turn(
@@ -373,8 +389,33 @@ class TurnSteps:
     # --- running -> answered -------------------------------------------------------------------------
 
     async def _await_end(self, row: InboundRow, streamed: RunResult | None) -> Outcome:
+        """GET the task; meanwhile the `running` commit ends (if on its way: it is waited for first, so
+        whatever follows, a retry that reads the row or the answer's commit, comes after it) and the
+        files the stream announced are fetched (handed on with the `Answer`, else dropped)."""
         assert row.task_id is not None
-        snapshot = await self.api.get_task(row.task_id)
+        get = asyncio.create_task(self.api.get_task(row.task_id), name=f"get-{row.id}")
+        files = streamed.files if streamed is not None else []
+        prefetched = self.prefetch(files) if self.prefetch is not None and files else None
+        try:
+            await self._running_committed(row)
+            outcome = await self._ended(row, streamed, await get)
+        except BaseException:
+            get.cancel()
+            await asyncio.gather(get, return_exceptions=True)
+            if prefetched is not None:
+                prefetched.cancel()
+            raise
+        if isinstance(outcome, Answer) and prefetched is not None:
+            return replace(outcome, prefetched=prefetched)
+        if prefetched is not None:
+            prefetched.cancel()
+        return outcome
+
+    async def _ended(
+        self, row: InboundRow, streamed: RunResult | None, snapshot: TaskSnapshot | None
+    ) -> Outcome:
+        """What the task's snapshot says of the turn of `row`: still running, ended with an answer, failed."""
+        assert row.task_id is not None
         if snapshot is None:
             raise ApiRejected(404, "the task no longer exists")
         turn = find_turn(snapshot, row)
@@ -412,6 +453,12 @@ class TurnSteps:
             task_url=snapshot.url or result.url,
         )
         return Answer(answer, turn_seq=turn.seq, task_turns=len(snapshot.turns))
+
+    async def _running_committed(self, row: InboundRow) -> None:
+        """Wait for the `running` commit of `row` still on its way, if any (a failure raises here)."""
+        pending = self._running.pop(row.id, None)
+        if pending is not None:
+            await asyncio.shield(pending)  # a cancelled job leaves the commit to end by itself
 
     def _poll_later(self, row: InboundRow) -> Outcome:
         """The turn is still running: look again later (sooner for young turns), up to the horizon."""
