@@ -45,12 +45,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Write a file until the disk is full; return it (deleting it gives the space back)."""
     filler = disk / "filler"
-    with filler.open("wb") as f:
+    with filler.open("wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) at close
         chunk = b"\0" * 65536
         while True:
             try:
                 f.write(chunk)
-                f.flush()
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
