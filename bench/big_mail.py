@@ -39,6 +39,8 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout: `python bench/big_mail.py`
 
+from _common import verdict  # noqa: E402
+
 from mailgate.sandbox import SandboxOptions, run_sandbox  # noqa: E402
 
 MB = 1_000_000
@@ -244,13 +246,17 @@ async def bench(
                 ("to the upload", peak_upload),
                 ("to the reply", peak_reply),
             )
+            worst = 0.0
             for name, idle in idles.items():
                 for label, peak in peaks:
                     growth = peak[name] - idle
+                    worst = max(worst, growth / len(raw))
                     print(
                         f"peak RSS growth of the {name} {label}: {growth / MB:.1f} MB = "
                         f"{growth / len(raw):.2f}x the message size"
                     )
+            ok = verdict(worst <= 1.5)
+            print(f"largest peak RSS growth: {worst:.2f}x the message size (target <= 1.5x): {ok}")
             if sessions:
                 await unfinished(port, pid, sessions, unfinished_size, workdir / "spool")
         finally:

@@ -32,6 +32,7 @@ from _common import (
     header,
     make_mail,
     pct,
+    verdict,
     workdir,
 )
 from _loopprobe import SmtpNoopProbe
@@ -234,7 +235,7 @@ def main() -> int:
     ok = huge["noop_max"] < 0.1 and huge["reply"] <= 10 * MiB and after - before < 50 * MiB
     print(
         f"   targets (huge): NOOP max < 100 ms while rendering, reply <= 10 MiB, RSS after within 50 MB: "
-        f"{'met' if ok else 'NOT met'}"
+        f"{verdict(ok)}"
     )
     return 0 if ok else 1
 
