@@ -458,7 +458,7 @@ def _message(error: object) -> str | None:  # the API's error: a string, or an o
 def _json(raw: str | bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nesting too deep to read
         return None
 
 
@@ -467,7 +467,7 @@ async def _json_async(raw: str | bytes) -> Any:
     time, the event loop running in between (`slicedjson`)."""
     try:
         return await slicedjson.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

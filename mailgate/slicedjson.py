@@ -62,7 +62,10 @@ async def loads(raw: bytes | str) -> Any:
         if value is None:
             return json.loads(text)
         values[f"{marker}{index}"] = value
-    return _put_back(skeleton, values)
+    try:
+        return _put_back(skeleton, values)
+    except RecursionError:  # nested deeper than this stack allows: as `json.loads` does (or fails) it
+        return json.loads(text)
 
 
 async def _decode(raw: bytes) -> str:

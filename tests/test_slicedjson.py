@@ -83,3 +83,15 @@ async def test_a_sandbox_answer_of_a_megabyte_reads_whole() -> None:
     answer = long_answer("tsk_1", 0, 1_000_000)
     raw = json.dumps({"turns": [{"outputText": answer}]}, ensure_ascii=False).encode()
     assert await slicedjson.loads(raw) == {"turns": [{"outputText": answer}]}
+
+
+async def test_nesting_deeper_than_the_stack_is_bad_json_for_the_api_client_not_a_crash() -> None:
+    """A document nested deeper than Python's stack (json.loads raises RecursionError) reads as bad JSON
+    (None: the event is skipped, the answer is "not a JSON object"); one nested as deep as json.loads
+    takes, with a long string inside, gives json.loads's value."""
+    from mailgate import api
+
+    assert await api._json_async("[" * 100_000 + "]" * 100_000) is None
+    assert api._json("[" * 100_000 + "]" * 100_000) is None
+    deep = "[" * 400 + json.dumps("x" * 1000) + "]" * 400
+    assert await slicedjson.loads(deep) == json.loads(deep)
