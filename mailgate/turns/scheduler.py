@@ -259,7 +259,8 @@ class Scheduler:
         elif isinstance(outcome, Command):
             self.metrics.turns.labels("command").inc()
             await self._command(row, outcome)
-        elif isinstance(outcome, Notice):
+        else:
+            assert isinstance(outcome, Notice), outcome  # every other outcome is handled above
             self.metrics.turns.labels(outcome.kind).inc()
             await self._notify(row, outcome)
         self.storage.clear()  # the outcome is committed: the store takes writes
