@@ -47,7 +47,7 @@ class Prefetch:
         fetched = 0
         try:
             for url, result in list(self._results.items()):
-                if fetched > total_max:  # no room left: not fetched ahead (`collect` decides)
+                if fetched >= total_max:  # no room left: not fetched ahead (`collect` decides)
                     self._results.pop(url).cancel()
                     continue
                 try:
